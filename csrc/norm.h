@@ -1,0 +1,93 @@
+// Shared contract between the op front end (ops.cpp) and the device kernels.
+//
+// One normalization covers every normpass op: LayerNorm is `center = true`,
+// RMSNorm is `center = false`, pRMSNorm takes its statistics over the first
+// `stat_cols` columns only. The residual-add variants also write
+// `sum = x + residual` and normalize that sum.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <optional>
+
+namespace normpass {
+
+struct NormParams {
+  bool center = false;        // subtract the mean (LayerNorm) or not (RMSNorm)
+  double eps = 0.0;           // added to the variance / mean square, inside the root
+  double weight_offset = 0.0; // y = xhat * (weight + weight_offset) + bias (Gemma: 1)
+  int64_t stat_cols = 0;      // columns the statistics are taken over (pRMSNorm); <= cols
+};
+
+// Every tensor below is a 2-D (rows, cols) view with unit column stride; the
+// row stride is free (the front end makes anything else contiguous first).
+// weight and bias are 1-D, contiguous, of length cols, and either of x's dtype
+// or fp32 (fp64 for fp64 input); the front end casts any other dtype.
+// Statistics and arithmetic are in fp32 (fp64 for fp64 input).
+
+// out: (rows, cols), out dtype. sum (only with residual): input dtype; the
+// kernel normalizes the rounded sum, exactly as `norm(x + residual)` would.
+using NormForwardFn = void (*)(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const NormParams& params,
+    at::Tensor& out,
+    std::optional<at::Tensor>& sum);
+
+// Recomputes the row statistics from x (no saved mean/rstd), then writes
+// grad_input = d(out)/dx . grad_out (+ grad_sum when given, the gradient that
+// flows into `sum` directly), and, when defined, grad_weight / grad_bias
+// (fp32 buffers of length cols; the front end casts them to the parameter
+// dtype). Reductions over rows must be deterministic.
+using NormBackwardFn = void (*)(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& grad_sum,
+    const NormParams& params,
+    at::Tensor& grad_input,
+    std::optional<at::Tensor>& grad_weight,
+    std::optional<at::Tensor>& grad_bias);
+
+void norm_forward_cpu(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const NormParams& params,
+    at::Tensor& out,
+    std::optional<at::Tensor>& sum);
+
+void norm_backward_cpu(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& grad_sum,
+    const NormParams& params,
+    at::Tensor& grad_input,
+    std::optional<at::Tensor>& grad_weight,
+    std::optional<at::Tensor>& grad_bias);
+
+#ifdef NORMPASS_WITH_CUDA
+void norm_forward_cuda(
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const NormParams& params,
+    at::Tensor& out,
+    std::optional<at::Tensor>& sum);
+
+void norm_backward_cuda(
+    const at::Tensor& grad_out,
+    const at::Tensor& x,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& grad_sum,
+    const NormParams& params,
+    at::Tensor& grad_input,
+    std::optional<at::Tensor>& grad_weight,
+    std::optional<at::Tensor>& grad_bias);
+#endif
+
+} // namespace normpass

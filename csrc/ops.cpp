@@ -1,0 +1,259 @@
+// The normpass op library: schemas, argument checks and the device-neutral
+// front end. Device kernels live in cpu/ and cuda/ behind norm.h.
+#include <ATen/ATen.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "norm.h"
+
+// Importing normpass._C runs the static TORCH_LIBRARY registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace normpass {
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+int64_t stat_cols_for(double p, int64_t cols) {
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(p * static_cast<double>(cols))));
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return at::isFloatingType(t) && !at::isFloat8Type(t);
+}
+
+void check_param(const char* op, const char* name, const optional<Tensor>& t,
+                 const Tensor& input, int64_t ndim) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(is_float_dtype(t->scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(),
+              " but input is on ", input.device());
+  auto expected = input.sizes().slice(input.dim() - ndim);
+  TORCH_CHECK(t->sizes() == expected, op, ": ", name, " has shape ", t->sizes(),
+              " but the normalized shape (the last ", ndim, " dims of input) is ", expected);
+}
+
+// Checks everything a user can get wrong; returns the normalized size.
+void check_like_input(const char* op, const char* name, const Tensor& t, const Tensor& input) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " has shape ", t.sizes(),
+              " but input has shape ", input.sizes());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+int64_t check_args(const char* op, const Tensor& input, const optional<Tensor>& residual,
+                   const optional<Tensor>& weight, const optional<Tensor>& bias,
+                   int64_t ndim, double eps, double p) {
+  TORCH_CHECK(is_float_dtype(input.scalar_type()), op,
+              ": input must be a floating-point tensor, got ", input.scalar_type());
+  TORCH_CHECK(ndim >= 1, op, ": normalized_ndim must be >= 1, got ", ndim);
+  TORCH_CHECK(ndim <= input.dim(), op, ": normalized_ndim (", ndim,
+              ") is larger than input.dim() (", input.dim(), ")");
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  TORCH_CHECK(p > 0 && p <= 1, op, ": p must be in (0, 1], got ", p);
+  TORCH_CHECK(input.device().is_cpu() || input.scalar_type() != at::kDouble, op,
+              ": float64 input is supported on CPU only, got it on ", input.device());
+  if (residual.has_value()) check_like_input(op, "residual", *residual, input);
+  check_param(op, "weight", weight, input, ndim);
+  check_param(op, "bias", bias, input, ndim);
+  return c10::multiply_integers(input.sizes().slice(input.dim() - ndim));
+}
+
+// A (rows, cols) view with unit column stride, copying only when the layout
+// has no such view.
+Tensor as_rows(const Tensor& t, int64_t cols) {
+  const int64_t rows = cols == 0 ? 0 : t.numel() / cols;
+  Tensor v = t.reshape({rows, cols});
+  return (cols <= 1 || v.stride(1) == 1) ? v : v.contiguous();
+}
+
+// Weight and bias reach the kernels flat, sharing one dtype: x's when both
+// have it, else the accumulation dtype.
+std::pair<optional<Tensor>, optional<Tensor>> kernel_params(
+    const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& input) {
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto dtype_of = [](const optional<Tensor>& t) {
+    return t.has_value() ? std::optional(t->scalar_type()) : std::nullopt;
+  };
+  auto w = dtype_of(weight), b = dtype_of(bias);
+  at::ScalarType dtype = input.scalar_type();
+  if ((w && *w != dtype) || (b && *b != dtype)) dtype = acc;
+  auto flat = [&](const optional<Tensor>& t) -> optional<Tensor> {
+    if (!t.has_value()) return t;
+    return t->reshape({-1}).to(dtype).contiguous();
+  };
+  return {flat(weight), flat(bias)};
+}
+
+NormForwardFn forward_kernel(const Tensor& input) {
+#ifdef NORMPASS_WITH_CUDA
+  if (input.is_cuda()) return norm_forward_cuda;
+#endif
+  TORCH_CHECK(input.is_cpu(), "normpass: no kernel for device ", input.device());
+  return norm_forward_cpu;
+}
+
+NormBackwardFn backward_kernel(const Tensor& input) {
+#ifdef NORMPASS_WITH_CUDA
+  if (input.is_cuda()) return norm_backward_cuda;
+#endif
+  TORCH_CHECK(input.is_cpu(), "normpass: no kernel for device ", input.device());
+  return norm_backward_cpu;
+}
+
+std::tuple<Tensor, Tensor> norm_forward(
+    const char* op, const Tensor& input, const optional<Tensor>& residual,
+    const optional<Tensor>& weight, const optional<Tensor>& bias, bool center, double eps,
+    int64_t ndim, double weight_offset, double p, optional<at::ScalarType> out_dtype) {
+  const int64_t cols = check_args(op, input, residual, weight, bias, ndim, eps, p);
+  TORCH_CHECK(!residual.has_value() || residual->scalar_type() == input.scalar_type(), op,
+              ": residual has dtype ", residual->scalar_type(), " but input has dtype ",
+              input.scalar_type());
+  if (out_dtype.has_value()) {
+    TORCH_CHECK(is_float_dtype(*out_dtype), op,
+                ": out_dtype must be a floating-point dtype, got ", *out_dtype);
+  }
+  Tensor out = at::empty(input.sizes(), input.options().dtype(out_dtype.value_or(input.scalar_type())));
+  Tensor sum = residual.has_value() ? at::empty(input.sizes(), input.options()) : Tensor();
+  if (input.numel() == 0) return {out, sum};
+
+  NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
+  Tensor out2d = out.view({-1, cols});
+  optional<Tensor> sum2d;
+  optional<Tensor> residual2d;
+  if (residual.has_value()) {
+    sum2d = sum.view({-1, cols});
+    residual2d = as_rows(*residual, cols);
+  }
+  auto [w, b] = kernel_params(weight, bias, input);
+  forward_kernel(input)(as_rows(input, cols), residual2d, w, b, params, out2d, sum2d);
+  return {out, sum};
+}
+
+std::tuple<Tensor, Tensor, Tensor> norm_backward(
+    const char* op, const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
+    bool center, double eps, bool has_bias, int64_t ndim, double weight_offset, double p,
+    const optional<Tensor>& grad_sum) {
+  const int64_t cols = check_args(op, input, std::nullopt, weight, std::nullopt, ndim, eps, p);
+  check_like_input(op, "grad_out", grad_out, input);
+  if (grad_sum.has_value()) check_like_input(op, "grad_sum", *grad_sum, input);
+
+  const auto param_sizes = input.sizes().slice(input.dim() - ndim);
+  const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
+  const auto acc = input.options().dtype(
+      input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  Tensor grad_input = at::empty(input.sizes(), input.options());
+  optional<Tensor> grad_weight, grad_bias;
+  if (weight.has_value()) grad_weight = at::zeros({cols}, acc);
+  if (has_bias) grad_bias = at::zeros({cols}, acc);
+
+  if (input.numel() > 0) {
+    NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
+    Tensor grad_input2d = grad_input.view({-1, cols});
+    optional<Tensor> grad_sum2d;
+    if (grad_sum.has_value()) grad_sum2d = as_rows(grad_sum->to(input.scalar_type()), cols);
+    auto w = kernel_params(weight, std::nullopt, input).first;
+    backward_kernel(input)(as_rows(grad_out.to(input.scalar_type()), cols), as_rows(input, cols),
+                           w, grad_sum2d, params, grad_input2d, grad_weight, grad_bias);
+  }
+  auto finish = [&](const optional<Tensor>& g) {
+    return g.has_value() ? g->view(param_sizes).to(param_dtype)
+                         : at::empty({0}, input.options().dtype(param_dtype));
+  };
+  return {grad_input, finish(grad_weight), finish(grad_bias)};
+}
+
+Tensor rms_norm(const Tensor& input, const optional<Tensor>& weight, double eps,
+                const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset,
+                double p, optional<at::ScalarType> out_dtype) {
+  return std::get<0>(norm_forward("normpass.rms_norm", input, std::nullopt, weight, bias, false,
+                                  eps, normalized_ndim, weight_offset, p, out_dtype));
+}
+
+Tensor layer_norm(const Tensor& input, const optional<Tensor>& weight,
+                  const optional<Tensor>& bias, double eps, int64_t normalized_ndim,
+                  double weight_offset, optional<at::ScalarType> out_dtype) {
+  return std::get<0>(norm_forward("normpass.layer_norm", input, std::nullopt, weight, bias, true,
+                                  eps, normalized_ndim, weight_offset, 1.0, out_dtype));
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm(
+    const Tensor& input, const Tensor& residual, const optional<Tensor>& weight, double eps,
+    const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset, double p,
+    optional<at::ScalarType> out_dtype) {
+  return norm_forward("normpass.add_rms_norm", input, residual, weight, bias, false, eps,
+                      normalized_ndim, weight_offset, p, out_dtype);
+}
+
+std::tuple<Tensor, Tensor> add_layer_norm(
+    const Tensor& input, const Tensor& residual, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, double eps, int64_t normalized_ndim, double weight_offset,
+    optional<at::ScalarType> out_dtype) {
+  return norm_forward("normpass.add_layer_norm", input, residual, weight, bias, true, eps,
+                      normalized_ndim, weight_offset, 1.0, out_dtype);
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(
+    const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& grad_sum, double eps, bool has_bias, int64_t normalized_ndim,
+    double weight_offset, double p) {
+  return norm_backward("normpass.rms_norm_backward", grad_out, input, weight, false, eps,
+                       has_bias, normalized_ndim, weight_offset, p, grad_sum);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
+    const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
+    const optional<Tensor>& grad_sum, double eps, bool has_bias, int64_t normalized_ndim,
+    double weight_offset) {
+  return norm_backward("normpass.layer_norm_backward", grad_out, input, weight, true, eps,
+                       has_bias, normalized_ndim, weight_offset, 1.0, grad_sum);
+}
+
+} // namespace
+
+// Keep in sync with normpass/_schemas.py (a test compares them).
+TORCH_LIBRARY(normpass, m) {
+  m.def("rms_norm(Tensor input, Tensor? weight, float eps, Tensor? bias=None, *, "
+        "int normalized_ndim=1, float weight_offset=0., float p=1., "
+        "ScalarType? out_dtype=None) -> Tensor");
+  m.def("layer_norm(Tensor input, Tensor? weight, Tensor? bias, float eps, *, "
+        "int normalized_ndim=1, float weight_offset=0., ScalarType? out_dtype=None) -> Tensor");
+  m.def("add_rms_norm(Tensor input, Tensor residual, Tensor? weight, float eps, "
+        "Tensor? bias=None, *, int normalized_ndim=1, float weight_offset=0., float p=1., "
+        "ScalarType? out_dtype=None) -> (Tensor, Tensor)");
+  m.def("add_layer_norm(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
+        "*, int normalized_ndim=1, float weight_offset=0., ScalarType? out_dtype=None) "
+        "-> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, "
+        "float eps, *, bool has_bias, int normalized_ndim, float weight_offset, float p) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, "
+        "float eps, *, bool has_bias, int normalized_ndim, float weight_offset) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+#define NORMPASS_IMPL(dispatch_key)                              \
+  TORCH_LIBRARY_IMPL(normpass, dispatch_key, m) {                \
+    m.impl("rms_norm", &rms_norm);                               \
+    m.impl("layer_norm", &layer_norm);                           \
+    m.impl("add_rms_norm", &add_rms_norm);                       \
+    m.impl("add_layer_norm", &add_layer_norm);                   \
+    m.impl("rms_norm_backward", &rms_norm_backward);             \
+    m.impl("layer_norm_backward", &layer_norm_backward);         \
+  }
+
+NORMPASS_IMPL(CPU)
+#ifdef NORMPASS_WITH_CUDA
+NORMPASS_IMPL(CUDA)
+#endif
+
+} // namespace normpass
