@@ -1,0 +1,75 @@
+"""Loads the C++ op library, or registers the pure-PyTorch reference ops in its place.
+
+Either way `torch.ops.normpass.*` exists after import, with the same schemas.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from normpass import reference
+from normpass._schemas import SCHEMAS
+
+# Why the compiled kernels are not in use, or None when they are.
+FALLBACK_REASON: str | None = None
+
+
+def _load() -> str | None:
+    if os.environ.get("NORMPASS_FORCE_REFERENCE") == "1":
+        return "NORMPASS_FORCE_REFERENCE=1 is set"
+    try:
+        from normpass import _C  # noqa: F401  (registers the ops)
+    except (ImportError, OSError) as e:
+        return f"the C++ extension normpass._C failed to load: {e}"
+    return None
+
+
+def _register_reference_ops() -> None:
+    lib = torch.library.Library("normpass", "DEF")  # noqa: TOR901
+    for name, schema in SCHEMAS.items():
+        lib.define(name + schema)
+
+    def forward(input, residual, weight, bias, eps, *, center, normalized_ndim=1, weight_offset=0.0, p=1.0,
+                out_dtype=None):
+        reference.check_args("normpass", input, residual, weight, bias, normalized_ndim, eps, p)
+        x = input if residual is None else input + residual
+        y = reference.norm(
+            x, weight, bias, eps, center=center, normalized_ndim=normalized_ndim,
+            weight_offset=weight_offset, p=p, out_dtype=out_dtype,
+        )
+        return y if residual is None else (y, x)
+
+    def rms_norm(input, weight, eps, bias=None, **kw):
+        return forward(input, None, weight, bias, eps, center=False, **kw)
+
+    def layer_norm(input, weight, bias, eps, **kw):
+        return forward(input, None, weight, bias, eps, center=True, **kw)
+
+    def add_rms_norm(input, residual, weight, eps, bias=None, **kw):
+        return forward(input, residual, weight, bias, eps, center=False, **kw)
+
+    def add_layer_norm(input, residual, weight, bias, eps, **kw):
+        return forward(input, residual, weight, bias, eps, center=True, **kw)
+
+    def rms_norm_backward(grad_out, input, weight, grad_sum, eps, **kw):
+        return reference.norm_backward(grad_out, input, weight, grad_sum, eps, center=False, **kw)
+
+    def layer_norm_backward(grad_out, input, weight, grad_sum, eps, **kw):
+        return reference.norm_backward(grad_out, input, weight, grad_sum, eps, center=True, **kw)
+
+    for fn in (rms_norm, layer_norm, add_rms_norm, add_layer_norm, rms_norm_backward, layer_norm_backward):
+        lib.impl(fn.__name__, fn, "CompositeExplicitAutograd")
+    _register_reference_ops.lib = lib  # keep the registrations alive
+
+
+FALLBACK_REASON = _load()
+if FALLBACK_REASON is not None:
+    warnings.warn(
+        f"normpass: using the pure-PyTorch reference ops, not the fused kernels, because {FALLBACK_REASON}. "
+        "Rebuild with `pip install --no-build-isolation -e .` to get them.",
+        stacklevel=2,
+    )
+    _register_reference_ops()

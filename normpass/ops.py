@@ -1,0 +1,157 @@
+"""Fake (meta) impls and autograd for the normpass ops.
+
+The ops themselves are defined in C++ (csrc/ops.cpp) or, without the extension, by
+normpass._extension. Forward ops save only their input (or the residual sum they return) and the
+weight; the fused backward kernels recompute the row statistics, so no mean/rstd is kept alive.
+
+Example:
+    >>> x, w = torch.randn(4, 8, requires_grad=True), torch.randn(8)
+    >>> y = torch.ops.normpass.rms_norm(x, w, 1e-6)
+    >>> y.sum().backward()                        # runs normpass::rms_norm_backward
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from normpass import _extension, reference  # noqa: F401  (_extension registers the ops)
+
+ops = torch.ops.normpass
+
+
+# ---- fake impls: same checks as the kernels, contiguous outputs like the kernels ----------------------
+
+
+def _fake_forward(op, input, residual, weight, bias, eps, normalized_ndim, p, out_dtype):
+    reference.check_args(op, input, residual, weight, bias, normalized_ndim, eps, p)
+    torch._check(
+        out_dtype is None or out_dtype.is_floating_point,
+        lambda: f"{op}: out_dtype must be a floating-point dtype, got {out_dtype}",
+    )
+    out = input.new_empty(input.shape, dtype=out_dtype or input.dtype)
+    return out if residual is None else (out, input.new_empty(input.shape))
+
+
+@torch.library.register_fake("normpass::rms_norm")
+def _(input, weight, eps, bias=None, *, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None):
+    return _fake_forward("normpass.rms_norm", input, None, weight, bias, eps, normalized_ndim, p, out_dtype)
+
+
+@torch.library.register_fake("normpass::layer_norm")
+def _(input, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.0, out_dtype=None):
+    return _fake_forward("normpass.layer_norm", input, None, weight, bias, eps, normalized_ndim, 1.0, out_dtype)
+
+
+@torch.library.register_fake("normpass::add_rms_norm")
+def _(input, residual, weight, eps, bias=None, *, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None):
+    return _fake_forward("normpass.add_rms_norm", input, residual, weight, bias, eps, normalized_ndim, p, out_dtype)
+
+
+@torch.library.register_fake("normpass::add_layer_norm")
+def _(input, residual, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.0, out_dtype=None):
+    return _fake_forward(
+        "normpass.add_layer_norm", input, residual, weight, bias, eps, normalized_ndim, 1.0, out_dtype
+    )
+
+
+def _fake_backward(op, grad_out, input, weight, grad_sum, eps, has_bias, normalized_ndim, p):
+    reference.check_args(op, input, None, weight, None, normalized_ndim, eps, p)
+    torch._check(
+        grad_out.shape == input.shape,
+        lambda: f"{op}: grad_out has shape {tuple(grad_out.shape)} but input has shape {tuple(input.shape)}",
+    )
+    param_shape = input.shape[input.dim() - normalized_ndim :]
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    empty = input.new_empty(0, dtype=param_dtype)
+    grad_weight = input.new_empty(param_shape, dtype=param_dtype) if weight is not None else empty
+    grad_bias = input.new_empty(param_shape, dtype=param_dtype) if has_bias else empty
+    return input.new_empty(input.shape), grad_weight, grad_bias
+
+
+@torch.library.register_fake("normpass::rms_norm_backward")
+def _(grad_out, input, weight, grad_sum, eps, *, has_bias, normalized_ndim, weight_offset, p):
+    return _fake_backward(
+        "normpass.rms_norm_backward", grad_out, input, weight, grad_sum, eps, has_bias, normalized_ndim, p
+    )
+
+
+@torch.library.register_fake("normpass::layer_norm_backward")
+def _(grad_out, input, weight, grad_sum, eps, *, has_bias, normalized_ndim, weight_offset):
+    return _fake_backward(
+        "normpass.layer_norm_backward", grad_out, input, weight, grad_sum, eps, has_bias, normalized_ndim, 1.0
+    )
+
+
+# ---- autograd: one formula for the four forward ops --------------------------------------------------
+
+
+def _norm_grads(ctx, grad_out: Tensor, grad_sum: Tensor | None):
+    """(grad_input, grad_weight, grad_bias) through the fused backward op.
+
+    Under create_graph (double backward) it goes through the differentiable reference instead.
+    """
+    x, weight = ctx.saved_tensors
+    kw = dict(has_bias=ctx.has_bias, normalized_ndim=ctx.normalized_ndim, weight_offset=ctx.weight_offset)
+    if ctx.center:
+        backward_op = ops.layer_norm_backward
+    else:
+        backward_op, kw["p"] = ops.rms_norm_backward, ctx.p
+    if torch.is_grad_enabled():
+        dx, dw, db = reference.norm_backward(
+            grad_out, x, weight, grad_sum, ctx.eps, center=ctx.center, create_graph=True, **kw
+        )
+    else:
+        dx, dw, db = backward_op(grad_out, x, weight, grad_sum, ctx.eps, **kw)
+    dw = dw if weight is not None else None
+    db = db.to(ctx.bias_dtype) if ctx.has_bias else None
+    return dx, dw, db
+
+
+def _setup(center: bool, residual: bool):
+    def setup_context(ctx, inputs, keyword_only_inputs, output):
+        args = list(inputs)
+        input = args.pop(0)
+        if residual:
+            args.pop(0)
+        if center:
+            weight, bias, eps = args
+        else:
+            weight, eps, bias = args
+        ctx.center, ctx.eps = center, eps
+        ctx.normalized_ndim = keyword_only_inputs.get("normalized_ndim", 1)
+        ctx.weight_offset = keyword_only_inputs.get("weight_offset", 0.0)
+        ctx.p = keyword_only_inputs.get("p", 1.0)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        # The residual ops normalize the sum they return: save that instead of recomputing it.
+        ctx.save_for_backward(output[1] if residual else input, weight)
+
+    return setup_context
+
+
+def _reorder(center: bool, grads):
+    dx, dw, db = grads
+    return (dx, dw, db, None) if center else (dx, dw, None, db)
+
+
+torch.library.register_autograd(
+    "normpass::rms_norm",
+    lambda ctx, g: _reorder(False, _norm_grads(ctx, g, None)),
+    setup_context=_setup(center=False, residual=False),
+)
+torch.library.register_autograd(
+    "normpass::layer_norm",
+    lambda ctx, g: _reorder(True, _norm_grads(ctx, g, None)),
+    setup_context=_setup(center=True, residual=False),
+)
+torch.library.register_autograd(
+    "normpass::add_rms_norm",
+    lambda ctx, g, gs: (lambda dx, *rest: (dx, dx, *rest))(*_reorder(False, _norm_grads(ctx, g, gs))),
+    setup_context=_setup(center=False, residual=True),
+)
+torch.library.register_autograd(
+    "normpass::add_layer_norm",
+    lambda ctx, g, gs: (lambda dx, *rest: (dx, dx, *rest))(*_reorder(True, _norm_grads(ctx, g, gs))),
+    setup_context=_setup(center=True, residual=True),
+)

@@ -1,0 +1,133 @@
+"""Pure-PyTorch normalization: the ground truth in tests and the fallback when _C is missing.
+
+Every function here is differentiable with ordinary autograd, which also makes it the double-backward
+path of the fused ops.
+
+Example:
+    >>> x, w = torch.randn(4, 8), torch.randn(8)
+    >>> y = norm(x, w, None, 1e-6, center=False)   # RMSNorm
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def stat_cols(p: float, n: int) -> int:
+    """Columns the statistics are taken over: ceil(p * n), at least 1 (pRMSNorm; all when p == 1)."""
+    return max(1, math.ceil(p * n))
+
+
+def _check_like_input(op: str, name: str, t: Tensor, input: Tensor) -> None:
+    torch._check(t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}")
+    torch._check(
+        t.shape == input.shape,
+        lambda: f"{op}: {name} has shape {tuple(t.shape)} but input has shape {tuple(input.shape)}",
+    )
+    torch._check(t.is_floating_point(), lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
+def check_args(
+    op: str,
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    normalized_ndim: int,
+    eps: float,
+    p: float = 1.0,
+) -> None:
+    """The checks csrc/ops.cpp makes, with the same messages, for fake and reference impls."""
+    torch._check(
+        input.is_floating_point(), lambda: f"{op}: input must be a floating-point tensor, got {input.dtype}"
+    )
+    torch._check(normalized_ndim >= 1, lambda: f"{op}: normalized_ndim must be >= 1, got {normalized_ndim}")
+    torch._check(
+        normalized_ndim <= input.dim(),
+        lambda: f"{op}: normalized_ndim ({normalized_ndim}) is larger than input.dim() ({input.dim()})",
+    )
+    torch._check(eps >= 0, lambda: f"{op}: eps must be >= 0, got {eps}")
+    torch._check(0 < p <= 1, lambda: f"{op}: p must be in (0, 1], got {p}")
+    torch._check(
+        input.device.type != "cuda" or input.dtype != torch.float64,
+        lambda: f"{op}: float64 input is supported on CPU only, got it on {input.device}",
+    )
+    if residual is not None:
+        _check_like_input(op, "residual", residual, input)
+        torch._check(
+            residual.dtype == input.dtype,
+            lambda: f"{op}: residual has dtype {residual.dtype} but input has dtype {input.dtype}",
+        )
+    expected = tuple(input.shape[input.dim() - normalized_ndim :])
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        torch._check(t.is_floating_point(), lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+        torch._check(t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}")
+        torch._check(
+            tuple(t.shape) == expected,
+            lambda: f"{op}: {name} has shape {list(t.shape)} but the normalized shape (the last "
+            f"{normalized_ndim} dims of input) is {list(expected)}",
+        )
+
+
+def norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    *,
+    center: bool,
+    normalized_ndim: int = 1,
+    weight_offset: float = 0.0,
+    p: float = 1.0,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """LayerNorm (center=True) or (partial) RMSNorm over the last normalized_ndim dims, in fp32 (fp64)."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    h = input.to(acc).flatten(input.dim() - normalized_ndim)
+    stats = h[..., : stat_cols(p, h.shape[-1])]
+    mean = stats.mean(-1, keepdim=True) if center else 0.0
+    var = (stats - mean).square().mean(-1, keepdim=True)
+    y = ((h - mean) * torch.rsqrt(var + eps)).view(input.shape)
+    if weight is not None:
+        y = y * (weight.to(acc) + weight_offset)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(out_dtype or input.dtype)
+
+
+def norm_backward(
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    grad_sum: Tensor | None,
+    eps: float,
+    *,
+    center: bool,
+    has_bias: bool,
+    normalized_ndim: int,
+    weight_offset: float,
+    p: float = 1.0,
+    create_graph: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias) of `norm`, as the *_backward ops return them."""
+    param_shape = input.shape[input.dim() - normalized_ndim :]
+    param_dtype = weight.dtype if weight is not None else input.dtype
+    with torch.enable_grad():
+        x = input if create_graph else input.detach().requires_grad_()
+        w = weight if create_graph or weight is None else weight.detach().requires_grad_()
+        b = input.new_zeros(param_shape, dtype=param_dtype, requires_grad=True) if has_bias else None
+        y = norm(x, w, b, eps, center=center, normalized_ndim=normalized_ndim, weight_offset=weight_offset, p=p)
+        wrt = [t for t in (x, w, b) if t is not None and t.requires_grad]
+        grads = dict(zip(map(id, wrt), torch.autograd.grad(y, wrt, grad_out.to(y.dtype), create_graph=create_graph)))
+    empty = input.new_empty(0, dtype=param_dtype)
+    dx = grads.get(id(x), torch.zeros_like(input))
+    if grad_sum is not None:
+        dx = dx + grad_sum
+    dw = grads.get(id(w), torch.zeros_like(w)) if w is not None else empty
+    db = grads[id(b)].to(param_dtype) if b is not None else empty
+    return dx.to(input.dtype), dw, db
