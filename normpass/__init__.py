@@ -1,6 +1,11 @@
 """normpass: find normalization in PyTorch graphs and rewrite it into fused kernels."""
 
-from normpass import ops  # noqa: F401  (registers the torch.ops.normpass ops, fake impls and autograd)
-from normpass._extension import FALLBACK_REASON
+__version__ = "0.1.0"
 
-__all__ = ["FALLBACK_REASON"]
+from normpass import ops  # noqa: F401, E402  (registers the torch.ops.normpass ops, fake impls and autograd)
+from normpass._extension import FALLBACK_REASON  # noqa: E402
+
+# `normpass.backend` is the factory; the module stays importable as `from normpass.backend import ...`.
+from normpass.backend import NormpassBackend, backend  # noqa: E402
+
+__all__ = ["FALLBACK_REASON", "NormpassBackend", "__version__", "backend"]
