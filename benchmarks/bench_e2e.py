@@ -1,0 +1,155 @@
+"""End-to-end training step: eager vs inductor vs normpass (over inductor and over eager).
+
+bf16 forward + backward of transformers models with random weights (ANCHORS.md's two models by
+default). Prints tokens/s, peak memory and compile time, and writes a markdown table.
+
+    python benchmarks/bench_e2e.py --out results/          # GPU, the ANCHORS.md sizes
+    python benchmarks/bench_e2e.py --tiny --device cpu     # a quick check that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import normpass
+
+MODELS = {
+    # name: (config class, full-size kwargs, tiny kwargs)
+    "llama": (
+        "LlamaConfig",
+        dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096),
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, vocab_size=256, max_position_embeddings=256),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=1280, n_layer=12, n_head=20, n_positions=4096, vocab_size=50257),
+        dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=256),
+    ),
+}
+
+
+def build(name: str, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    import transformers
+
+    cls_name, full, small = MODELS[name]
+    config = getattr(transformers, cls_name)(**(small if tiny else full))
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
+
+
+def variants() -> dict[str, object]:
+    return {
+        "eager": None,
+        "inductor": "inductor",
+        "normpass+inductor": normpass.backend(compiler="inductor"),
+        "normpass+eager": normpass.backend(compiler="eager"),
+    }
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_variant(model, backend, ids, device: str, steps: int, warmup: int) -> dict[str, float]:
+    torch._dynamo.reset()
+    fn = model if backend is None else torch.compile(model, backend=backend)
+
+    def step():
+        loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return loss
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    step()
+    sync(device)
+    first = time.perf_counter() - t0
+    for _ in range(warmup):
+        step()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    return {
+        "step_ms": step_s * 1e3,
+        "tokens_per_s": ids.numel() / step_s,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
+        "compile_s": max(0.0, first - step_s) if backend is not None else 0.0,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="llama,gpt2")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="tiny models and shapes, for a quick check")
+    ap.add_argument("--variants", default=",".join(variants()))
+    ap.add_argument("--out", default=None, help="folder for e2e.md")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.batch, args.seq, args.steps, args.warmup = 2, 64, 3, 1
+    dtype = torch.bfloat16
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    header = (
+        f"{device_name}, torch {torch.__version__}, normpass {normpass.__version__}, "
+        f"{datetime.date.today()}; bf16 training step, batch {args.batch} x {args.seq} tokens"
+    )
+    print(header, flush=True)
+    lines = [
+        header, "",
+        "| model | variant | step ms | tokens/s | vs eager | vs inductor | peak GiB | compile s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    chosen = {k: v for k, v in variants().items() if k in args.variants.split(",")}
+    for name in args.models.split(","):
+        model = build(name, args.tiny, args.device, dtype)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
+        results = {}
+        for i, (variant, backend) in enumerate(chosen.items(), 1):
+            print(f"[{name} {i}/{len(chosen)}] {variant} ...", end=" ", file=sys.stderr, flush=True)
+            try:
+                results[variant] = r = run_variant(model, backend, ids, args.device, args.steps, args.warmup)
+                print(f"{r['step_ms']:.1f} ms", file=sys.stderr, flush=True)
+            except Exception as e:  # report the cell, keep benchmarking the rest
+                print(f"failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        for variant, r in results.items():
+            rel = lambda base: f"{r['tokens_per_s'] / results[base]['tokens_per_s']:.3f}x" if base in results else "-"  # noqa: E731
+            lines.append(
+                f"| {name} | {variant} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {rel('eager')} | "
+                f"{rel('inductor')} | {r['peak_gib']:.2f} | {r['compile_s']:.1f} |"
+            )
+        del model
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "e2e.md"), "w") as f:
+            f.write(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

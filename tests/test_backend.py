@@ -1,0 +1,227 @@
+"""torch.compile(backend="normpass"): options, the inner compilers, and real models trained through it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
+
+import normpass
+from normpass.backend import BackendOptions
+
+import tiny_models as models
+
+FORWARD_OPS = {"rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm"}
+BACKWARD_OPS = {"rms_norm_backward", "layer_norm_backward"}
+
+
+def normpass_ops(gm: torch.fx.GraphModule) -> list[str]:
+    return [
+        n.target._opname
+        for n in gm.graph.nodes
+        if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "normpass"
+    ]
+
+
+class Recorder:
+    """Inner compiler: AOT autograd that keeps the forward/backward/inference graphs (no inductor)."""
+
+    def __init__(self) -> None:
+        self.graphs: dict[str, list[torch.fx.GraphModule]] = {"forward": [], "backward": [], "inference": []}
+
+    def _keep(self, kind):
+        def compiler(gm, example_inputs):
+            self.graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    def __call__(self, gm, example_inputs):
+        kinds = {"fw_compiler": "forward", "bw_compiler": "backward", "inference_compiler": "inference"}
+        return aot_autograd(**{k: self._keep(v) for k, v in kinds.items()})(gm, example_inputs)
+
+    def count(self, kind: str, names: set[str]) -> int:
+        return sum(op in names for gm in self.graphs[kind] for op in normpass_ops(gm))
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+# ---- options ------------------------------------------------------------------------------------------
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['polcy'\]; valid options are \['policy'"):
+        normpass.backend(polcy="fuse")
+    with pytest.raises(ValueError, match="unknown policy 'fast'"):
+        torch.compile(torch.nn.LayerNorm(8), backend="normpass", options={"policy": "fast"})(torch.randn(2, 8))
+
+
+def test_options_merge_over_configured_backend():
+    base = BackendOptions.from_dict({"policy": "rmsnorm", "compiler": "eager"})
+    merged = BackendOptions.from_dict({"p": 0.25}, base=base)
+    assert (merged.policy, merged.compiler, merged.p) == ("rmsnorm", "eager", 0.25)
+    with pytest.raises(ValueError, match="inductor_options need compiler='inductor'"):
+        BackendOptions.from_dict({"compiler": "eager", "inductor_options": {"max_autotune": True}})
+
+
+def test_mode_is_for_inductor_only():
+    be = normpass.backend(compiler="eager")
+    with pytest.raises(Exception, match="mode='max-autotune' is an inductor setting"):
+        torch.compile(torch.nn.LayerNorm(8), backend=be, mode="max-autotune")(torch.randn(2, 8))
+
+
+def test_mode_reaches_inductor(monkeypatch):
+    seen = {}
+
+    def fake_compile_fx(gm, example_inputs, config_patches):
+        seen.update(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", fake_compile_fx)
+    be = normpass.backend(inductor_options={"fallback_random": True})
+    torch.compile(torch.nn.LayerNorm(8), backend=be, mode="max-autotune-no-cudagraphs")(torch.randn(2, 8))
+    assert seen["max_autotune"] is True and seen["fallback_random"] is True
+
+
+def test_backend_name_works_without_importing_normpass():
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        ln = torch.nn.LayerNorm(16)
+        x = torch.randn(4, 16)
+        y = torch.compile(ln, backend="normpass", options={"compiler": "eager"})(x)
+        torch.testing.assert_close(y, ln(x))
+        assert "normpass" in sys.modules
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("ok")
+
+
+# ---- real models: training through the backend ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(models.CONFIGS))
+def test_training_matches_eager_and_fuses_every_norm(name):
+    model = models.build(name)
+    batch = models.example_batch(name)
+    reference = models.build(name, dtype=torch.float64)
+    ref_loss, ref_grads = loss_and_grads(reference, {k: v.double() if v.is_floating_point() else v
+                                                     for k, v in batch.items()})
+    eager_loss, eager_grads = loss_and_grads(model, batch)
+
+    recorder = Recorder()
+    compiled = torch.compile(model, backend=normpass.backend(compiler=recorder))
+    np_loss, np_grads = loss_and_grads(compiled, batch)
+
+    norms = models.count_norm_modules(model)
+    assert recorder.count("forward", FORWARD_OPS) == norms
+    assert recorder.count("backward", BACKWARD_OPS) == norms
+    margin = 1e-5
+    assert rel_err(np_loss, ref_loss) <= rel_err(eager_loss, ref_loss) + margin
+    assert np_grads.keys() == eager_grads.keys()
+    for key, ref in ref_grads.items():
+        assert rel_err(np_grads[key], ref) <= rel_err(eager_grads[key], ref) + margin, key
+
+
+def test_autocast_bf16_training_matches_eager():
+    model = models.build("llama")
+    batch = models.example_batch("llama")
+    ref_loss, ref_grads = loss_and_grads(models.build("llama", dtype=torch.float64), batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager_loss, eager_grads = loss_and_grads(model, batch)
+        recorder = Recorder()
+        np_loss, np_grads = loss_and_grads(torch.compile(model, backend=normpass.backend(compiler=recorder)), batch)
+    assert recorder.count("forward", FORWARD_OPS) == models.count_norm_modules(model)
+    assert rel_err(np_loss, ref_loss) <= 1.5 * rel_err(eager_loss, ref_loss) + 1e-3
+    for key, ref in ref_grads.items():
+        assert rel_err(np_grads[key], ref) <= 1.5 * rel_err(eager_grads[key], ref) + 1e-3, key
+
+
+def test_no_grad_inference_uses_forward_ops_only():
+    model = models.build("gpt2")
+    batch = models.example_batch("gpt2")
+    recorder = Recorder()
+    with torch.no_grad():
+        expected = model(**batch).logits
+        got = torch.compile(model, backend=normpass.backend(compiler=recorder))(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert recorder.count("inference", FORWARD_OPS) == models.count_norm_modules(model)
+    assert recorder.count("inference", BACKWARD_OPS) == 0
+
+
+@pytest.mark.parametrize("how", ["dynamic=True", "mark_dynamic"])
+def test_dynamic_sequence_length_compiles_once(how):
+    model = models.build("llama")
+    be = normpass.backend(compiler="eager")
+    compiled = torch.compile(model, backend=be, dynamic=True if how == "dynamic=True" else None)
+    for seq in (8, 12, 16):
+        ids = torch.randint(0, 128, (2, seq))
+        if how == "mark_dynamic":
+            torch._dynamo.mark_dynamic(ids, 1)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits,
+                                       rtol=1e-4, atol=1e-4)
+    assert len(be.reports) == 1
+
+
+class TwoBlocks(torch.nn.Module):
+    def __init__(self, n: int = 16) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(n), torch.nn.RMSNorm(n, eps=1e-6)
+        self.proj = torch.nn.Linear(n, n)
+
+    def forward(self, x, graph_break: bool = False):
+        h = self.ln1(x)
+        if graph_break:
+            torch._dynamo.graph_break()
+        return self.ln2(self.proj(h) + x)
+
+
+def test_graph_breaks_rewrite_every_graph():
+    module, x = TwoBlocks(), torch.randn(3, 16, requires_grad=True)
+    recorder = Recorder()
+    y = torch.compile(module, backend=normpass.backend(compiler=recorder))(x, graph_break=True)
+    torch.testing.assert_close(y, module(x, graph_break=True))
+    assert len(recorder.graphs["forward"]) == 2
+    assert [normpass_ops(gm) for gm in recorder.graphs["forward"]] == [["layer_norm"], ["rms_norm"]]
+
+
+def test_fullgraph_with_inductor_and_cache_hit(tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    module, x = TwoBlocks(), torch.randn(3, 16, requires_grad=True)
+    expected = module(x)
+
+    for attempt in range(2):
+        torch._dynamo.reset()
+        counters.clear()
+        be = normpass.backend()
+        y = torch.compile(module, backend=be, fullgraph=True)(x)
+        torch.testing.assert_close(y, expected)
+        y.sum().backward()
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 1, dict(counters["inductor"])
