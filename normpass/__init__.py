@@ -9,3 +9,16 @@ from normpass._extension import FALLBACK_REASON  # noqa: E402
 from normpass.backend import NormpassBackend, backend  # noqa: E402
 
 __all__ = ["FALLBACK_REASON", "NormpassBackend", "__version__", "backend"]
+
+from normpass.modules import FusedLayerNorm, FusedRMSNorm, PartialRMSNorm  # noqa: E402
+from normpass.surgery import (  # noqa: E402
+    Replacement,
+    apply_fused_rms_norm,
+    apply_low_precision_layernorm,
+    apply_partial_rms_norm,
+    apply_rms_norm,
+)
+
+__all__ += ["FusedLayerNorm", "FusedRMSNorm", "PartialRMSNorm", "Replacement"]
+__all__ += ["apply_fused_rms_norm", "apply_low_precision_layernorm", "apply_partial_rms_norm"]
+__all__ += ["apply_rms_norm"]
