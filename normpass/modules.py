@@ -42,6 +42,59 @@ def _check_param(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has shape {list(t.shape)} but normalized_shape is {list(shape)}")
 
 
+def _check_input(layer: str, input: Tensor, normalized_shape: tuple[int, ...]) -> None:
+    # The op checks weight/bias against the input, but a layer without them must check itself.
+    k = len(normalized_shape)
+    if input.dim() < k or tuple(input.shape[input.dim() - k :]) != normalized_shape:
+        raise RuntimeError(
+            f"{layer}: expected input with trailing shape {list(normalized_shape)}, got {list(input.shape)}"
+        )
+
+
+# The layers' forward bodies. torch.fx.wrap keeps each one a single call in symbolic_trace graphs
+# (checks and autocast decisions then happen when the graph runs, as in nn.LayerNorm's leaf call);
+# Dynamo traces through them.
+def rms_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float | None,
+    normalized_shape: tuple[int, ...],
+    p: float = 1.0,
+) -> Tensor:
+    """`FusedRMSNorm`/`PartialRMSNorm` as a function; eps=None means the input dtype's machine epsilon."""
+    _check_input("normpass rms_norm", input, normalized_shape)
+    eps = torch.finfo(input.dtype).eps if eps is None else eps  # nn.RMSNorm's eps=None
+    return torch.ops.normpass.rms_norm(input, weight, eps, bias, normalized_ndim=len(normalized_shape), p=p)
+
+
+def layer_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    normalized_shape: tuple[int, ...],
+    low_precision: bool = False,
+) -> Tensor:
+    """`FusedLayerNorm` as a function (see its docstring for what autocast does)."""
+    _check_input("normpass layer_norm", input, normalized_shape)
+    out_dtype = None
+    device_type = input.device.type
+    if torch.is_autocast_enabled(device_type):
+        if low_precision:
+            out_dtype = torch.get_autocast_dtype(device_type)
+            input = input.to(out_dtype)
+        elif device_type != "cpu":  # torch's autocast runs layer_norm in fp32 except on CPU
+            out_dtype = torch.float32
+    return torch.ops.normpass.layer_norm(
+        input, weight, bias, eps, normalized_ndim=len(normalized_shape), out_dtype=out_dtype
+    )
+
+
+torch.fx.wrap("rms_norm")
+torch.fx.wrap("layer_norm")
+
+
 class _FusedNorm(nn.Module):
     """Shared state of the normpass norm layers: normalized_shape, eps, optional weight and bias."""
 
@@ -79,21 +132,6 @@ class _FusedNorm(nn.Module):
         self.weight, self.bias = weight, bias
         self.elementwise_affine = weight is not None or bias is not None
         return self
-
-    def _eps_for(self, input: Tensor) -> float:
-        # eps=None follows nn.RMSNorm: the machine epsilon of the input dtype, chosen at call time.
-        return torch.finfo(input.dtype).eps if self.eps is None else self.eps
-
-    def _check_input(self, input: Tensor) -> None:
-        k = len(self.normalized_shape)
-        # The op checks weight/bias against the input, but a layer without them must check itself.
-        torch._check(
-            input.dim() >= k and tuple(input.shape[input.dim() - k :]) == self.normalized_shape,
-            lambda: (
-                f"{type(self).__name__}: expected input with trailing shape {list(self.normalized_shape)}, "
-                f"got {list(input.shape)}"
-            ),
-        )
 
     def extra_repr(self) -> str:
         return (
@@ -137,11 +175,7 @@ class FusedRMSNorm(_FusedNorm):
         return cls._adopt(rms.normalized_shape, rms.weight, getattr(rms, "bias", None), eps=rms.eps, **kw)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        return torch.ops.normpass.rms_norm(
-            input, self.weight, self._eps_for(input), self.bias,
-            normalized_ndim=len(self.normalized_shape), p=self.p,
-        )  # fmt: skip
+        return rms_norm(input, self.weight, self.bias, self.eps, self.normalized_shape, self.p)
 
 
 class PartialRMSNorm(FusedRMSNorm):
@@ -214,23 +248,7 @@ class FusedLayerNorm(_FusedNorm):
         return cls._adopt(ln.normalized_shape, ln.weight, ln.bias, eps=ln.eps, low_precision=low_precision)
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
-        out_dtype = None
-        device_type = input.device.type
-        if torch.is_autocast_enabled(device_type):
-            if self.low_precision:
-                out_dtype = torch.get_autocast_dtype(device_type)
-                input = input.to(out_dtype)
-            elif device_type != "cpu":
-                out_dtype = torch.float32
-        return torch.ops.normpass.layer_norm(
-            input,
-            self.weight,
-            self.bias,
-            self.eps,
-            normalized_ndim=len(self.normalized_shape),
-            out_dtype=out_dtype,
-        )
+        return layer_norm(input, self.weight, self.bias, self.eps, self.normalized_shape, self.low_precision)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, low_precision={self.low_precision}"
