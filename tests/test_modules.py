@@ -46,11 +46,10 @@ def assert_no_worse(normpass_fn, original_fn, x, params, dtype):
     ours = run(normpass_fn, x.to(dtype), [p.to(dtype) for p in params])
     theirs = run(original_fn, x.to(dtype), [p.to(dtype) for p in params])
     ref_orig = run(original_fn, x.double(), [p.double() for p in params])
-    for r, r2 in zip(ref, ref_orig):  # the two functions agree in float64: same math
+    for r, r2 in zip(ref, ref_orig, strict=True):  # the two functions agree in float64: same math
         torch.testing.assert_close(r, r2, rtol=1e-9, atol=1e-9)
-    for name, a, b, r in zip(
-        ["out", "grad_input", *[f"grad_param{i}" for i in range(len(params))]], ours, theirs, ref
-    ):
+    names = ["out", "grad_input", *[f"grad_param{i}" for i in range(len(params))]]
+    for name, a, b, r in zip(names, ours, theirs, ref, strict=True):
         assert a.dtype == b.dtype, name
         assert rel_err(a, r) <= rel_err(b, r) + MARGIN[dtype], (name, rel_err(a, r), rel_err(b, r))
 
