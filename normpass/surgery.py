@@ -108,14 +108,14 @@ def _swap(model: nn.Module, convert: Converter, optimizers: Optimizers, what: st
 
     new_for: dict[int, nn.Module | None] = {}  # id(old) -> its replacement; shared layers convert once
     sites: list[tuple[nn.Module, str, str, nn.Module]] = []
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if child is None:
-                continue
-            if id(child) not in new_for:
-                new_for[id(child)] = convert(child)
-            if new_for[id(child)] is not None:
-                sites.append((parent, attr, f"{parent_name}.{attr}" if parent_name else attr, child))
+    for name, child in model.named_modules(remove_duplicate=False):  # pre-order: the order of the model
+        if child is model:
+            continue
+        if id(child) not in new_for:
+            new_for[id(child)] = convert(child)
+        if new_for[id(child)] is not None:
+            parent_name, _, attr = name.rpartition(".")
+            sites.append((model.get_submodule(parent_name), attr, name, child))
 
     if in_optimizers is not None:
         missing = [
