@@ -1,0 +1,103 @@
+"""The pass: one walk over each graph, trying the patterns anchored at each node's canonical op.
+
+Matching and rewriting interleave: a site is rewritten as soon as it is found, so later anchors see
+the graph as it now is (the nodes a rewrite removed are gone, the view forgets what changed). Each node
+is canonicalized once and each pattern looks at a bounded neighbourhood of its anchor, so the pass
+is linear in the graph's size.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from normpass.passes import meta
+from normpass.passes.canonical import View
+from normpass.passes.match import Matcher, NoMatch, Reject, Site, is_check, real_users
+from normpass.passes.registry import Pattern, PatternRegistry
+from normpass.passes.report import Report, Row, locate
+from normpass.passes.rewriter import POLICIES, Rewriter
+
+
+def _escape(site: Site) -> str | None:
+    """Why the site cannot be replaced: an intermediate it removes is used elsewhere, or None."""
+    inside = site.nodes | site.keep
+    for node in site.nodes:
+        if node is site.output or node in site.keep:
+            continue
+        for user in real_users(node):
+            if user not in inside:
+                return (
+                    f"intermediate {node.name} is also used by {user.name}; the fused op would not produce it"
+                )
+    for arg in (site.input, site.weight, site.bias, site.eps, site.low_precision_input):
+        if isinstance(arg, fx.Node) and arg in site.nodes:
+            return f"{arg.name} is both an input of the norm and part of it"
+    return None
+
+
+def _graphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
+    """The root graph and subgraphs (higher-order ops such as export's autocast regions)."""
+    return [(name, mod) for name, mod in gm.named_modules() if isinstance(mod, fx.GraphModule)]
+
+
+def run(gm: fx.GraphModule, policy: str, p: float, registry: PatternRegistry) -> Report:
+    if policy not in POLICIES:
+        raise ValueError(f"normpass: unknown policy {policy!r}; valid policies are {POLICIES}")
+    if not (0 < p <= 1):
+        raise ValueError(f"normpass: p must be in (0, 1], got {p}")
+    report = Report(policy)
+    for name, sub in _graphs(gm):
+        _run_graph(sub, policy, p, registry, report, prefix=f"{name}/" if name else "")
+        sub.recompile()
+    return report
+
+
+def _run_graph(
+    gm: fx.GraphModule, policy: str, p: float, registry: PatternRegistry, report: Report, prefix: str
+) -> None:
+    view = View(gm)
+    rewriter = Rewriter(gm, view, policy, p)
+    for node in list(gm.graph.nodes):
+        if node in rewriter.erased or node.op in ("placeholder", "output", "get_attr") or is_check(node):
+            continue
+        term = view[node]
+        rejected: tuple[Reject, Pattern] | None = None
+        for pattern in registry.for_anchor(term.op):
+            m = Matcher(view)
+            try:
+                site = pattern.match(term, m)
+            except NoMatch:
+                continue
+            except Reject as r:
+                rejected = rejected or (r, pattern)
+                continue
+            if site is None:
+                continue
+            site.anchor = node
+            where, source = locate(site.output, prefix)
+            reason = _escape(site) or next((r for c in pattern.checks if (r := c(site))), None)
+            if reason is not None:
+                report.rows.append(Row(where, source, site.form, "left alone", None, reason, node.name))
+                break
+            op = rewriter.apply(site, pattern.replacement)
+            why = "custom replacement" if pattern.replacement else _why(site, op, rewriter, policy, p)
+            report.rows.append(Row(where, source, site.form, "rewritten", op, why, node.name))
+            break
+        else:
+            if rejected is not None:
+                r, _ = rejected
+                where, source = locate(node, prefix)
+                report.rows.append(Row(where, source, r.form, "left alone", None, r.reason, node.name))
+
+
+def _why(site: Site, op: str, rewriter: Rewriter, policy: str, p: float) -> str:
+    from normpass.passes.rewriter import plan
+
+    reason = plan(site, policy, p).reason
+    if op.startswith("normpass.add_"):
+        reason += "; residual add fused (h = x + r used downstream takes the op's sum)"
+    if not isinstance(site.eps, float):
+        reason += "; eps passed through as a runtime scalar"
+    if meta.resolve(site.out_dtype) is None and site.out_dtype != meta.DtypeOf(site.input):
+        reason += "; output dtype computed at run time"
+    return reason

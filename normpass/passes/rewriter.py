@@ -1,0 +1,200 @@
+"""Replacing one matched site by the normpass op its policy picks."""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+from torch import fx
+
+from normpass.passes import meta
+from normpass.passes.match import Site, is_check, real_users
+
+ops = torch.ops.normpass
+POLICIES = ("fuse", "low_precision", "rmsnorm", "prmsnorm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a site becomes: which op, with which p, and why that is allowed."""
+
+    center: bool
+    p: float
+    low_precision: bool
+    reason: str
+
+
+def plan(site: Site, policy: str, p: float) -> Plan:
+    layer = site.kind == "layer"
+    if policy == "rmsnorm" and layer:
+        return Plan(
+            False,
+            1.0,
+            False,
+            "policy rmsnorm: LayerNorm -> RMSNorm (no mean-centering; same weight and bias)",
+        )
+    if policy == "prmsnorm":
+        what = "LayerNorm" if layer else "RMSNorm"
+        return Plan(False, p, False, f"policy prmsnorm: {what} -> partial RMSNorm (p={p:g})")
+    if policy == "low_precision" and site.low_precision_input is not None:
+        dt = str(meta.dtype(site.low_precision_input)).removeprefix("torch.")
+        return Plan(
+            layer, 1.0, True, f"policy low_precision: autocast LayerNorm with {dt} IO instead of fp32"
+        )
+    return Plan(layer, site.p, False, "same function, fp32 accumulation")
+
+
+def _default_out(site: Site, input: fx.Node, out: meta.DtypeExpr) -> bool:
+    """Whether the op's default output dtype (its input's) is `out`."""
+    known_out, known_in = meta.resolve(out), meta.dtype(input)
+    if known_out is not None and known_in is not None:
+        return known_out == known_in
+    return out == meta.DtypeOf(input)
+
+
+def _fake(node: fx.Node, key: str) -> None:
+    """Record the node's example value under `key`, computed with the graph's fake mode."""
+    args = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+    vals = [meta.value(a) for a in args]
+    if any(v is None for v in vals):
+        return
+    leaves = torch.utils._pytree.tree_leaves(vals)
+    modes = {getattr(v, "fake_mode", None) for v in leaves if isinstance(v, torch.Tensor)}
+    mode = modes.pop() if len(modes) == 1 else None
+    if mode is None:
+        return  # no single fake mode (e.g. real parameters next to fake activations): leave no value
+
+    def val(a: Any) -> Any:
+        return meta.value(a) if isinstance(a, fx.Node) else a
+
+    with mode:
+        node.meta[key] = node.target(
+            *torch.fx.node.map_aggregate(node.args, val), **torch.fx.node.map_aggregate(node.kwargs, val)
+        )
+
+
+class Rewriter:
+    """Applies sites to one graph, keeping the graph's node order known for the residual check."""
+
+    def __init__(self, gm: fx.GraphModule, view, policy: str, p: float) -> None:
+        self.gm, self.graph, self.view, self.policy, self.p = gm, gm.graph, view, policy, p
+        self.order: dict[fx.Node, float] = {n: float(i) for i, n in enumerate(self.graph.nodes)}
+        self.erased: set[fx.Node] = set()
+        self.aten = any(
+            isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "aten"
+            for n in self.graph.nodes
+        )
+
+    def _insert(self, target, args, kwargs=None, *, like: fx.Node, key: str | None) -> fx.Node:
+        node = self.graph.call_function(target, tuple(args), kwargs or {})
+        self.order[node] = self.order[like] - 0.5
+        for k in ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node"):
+            if k in like.meta:
+                node.meta[k] = like.meta[k]
+        if key is not None:
+            _fake(node, key)
+        return node
+
+    def apply(self, site: Site, replacement=None) -> str:
+        """Rewrite the site; returns the name of the op now computing it."""
+        from normpass.patterns.residual import match_residual
+
+        pl = plan(site, self.policy, self.p)
+        out_node = site.output
+        key = next((k for k in ("val", "example_value") if k in out_node.meta), None)
+        with self.graph.inserting_before(out_node):
+            if replacement is not None:
+                new = replacement(self.graph, site)
+                self._replace(site, new, None)
+                return getattr(new.target, "__name__", str(new.target))
+            weight = self.graph.get_attr(site.weight) if isinstance(site.weight, str) else site.weight
+            bias = self.graph.get_attr(site.bias) if isinstance(site.bias, str) else site.bias
+            input = site.low_precision_input if pl.low_precision else site.input
+            out_dtype = None
+            if not pl.low_precision and not _default_out(site, input, site.out_dtype):
+                out_dtype = meta.emit(self.graph, site.out_dtype)
+            kw: dict[str, Any] = {}
+            if site.normalized_ndim != 1:
+                kw["normalized_ndim"] = site.normalized_ndim
+            if site.weight_offset:
+                kw["weight_offset"] = site.weight_offset
+            if not pl.center and pl.p != 1.0:
+                kw["p"] = pl.p
+            if out_dtype is not None:
+                kw["out_dtype"] = out_dtype
+            residual = match_residual(site, self.view, self.order)
+            if residual is not None:
+                target = ops.add_layer_norm.default if pl.center else ops.add_rms_norm.default
+                params = (weight, bias, site.eps) if pl.center else (weight, site.eps, bias)
+                fused = self._insert(target, (*residual, *params), kw, like=out_node, key=key)
+                new = self._insert(operator.getitem, (fused, 0), like=out_node, key=key)
+                total = self._insert(operator.getitem, (fused, 1), like=out_node, key=key)
+            else:
+                target = ops.layer_norm.default if pl.center else ops.rms_norm.default
+                params = (weight, bias, site.eps) if pl.center else (weight, site.eps, bias)
+                if not pl.center and bias is None:
+                    params = params[:2]
+                new = self._insert(target, (input, *params), kw, like=out_node, key=key)
+                total = None
+        if pl.low_precision and self.aten:
+            self._keep_fp32_users(site, new, key)
+        self._replace(site, new, total)
+        return str(target.overloadpacket)
+
+    def _keep_fp32_users(self, site: Site, new: fx.Node, key: str | None) -> None:
+        """ATen graphs spell dtypes out: users that cast to the low dtype take the op's output
+        directly, others get it cast back to fp32 (the policy lowers the norm's IO, not theirs)."""
+        low = meta.dtype(site.low_precision_input)
+        up = None
+        for user in list(real_users(site.output)):
+            t = self.view[user]
+            if t.op == "cast" and t.attrs["dtype"] == low:
+                user.replace_all_uses_with(new)
+                self._forget_users(new)
+                site.nodes.add(user)
+                continue
+            if up is None:
+                with self.graph.inserting_after(new):
+                    up = self._insert(
+                        torch.ops.aten._to_copy.default,
+                        (new,),
+                        {"dtype": torch.float32},
+                        like=site.output,
+                        key=key,
+                    )
+            user.replace_input_with(site.output, up)
+
+    def _forget_users(self, node: fx.Node) -> None:
+        for u in node.users:
+            self.view.forget(u)
+
+    def _replace(self, site: Site, new: fx.Node, total: fx.Node | None) -> None:
+        site.output.replace_all_uses_with(new)
+        self._forget_users(new)
+        if total is not None:
+            for check in [u for u in site.input.users if is_check(u)]:  # they precede `total`
+                self.graph.erase_node(check)
+                self.erased.add(check)
+            site.input.replace_all_uses_with(total)
+            self._forget_users(total)
+            site.nodes.add(site.input)
+        self._erase_dead(site.nodes | site.keep)
+
+    def _erase_dead(self, nodes: set[fx.Node]) -> None:
+        for node in sorted(nodes, key=lambda n: self.order.get(n, 0.0), reverse=True):
+            if node in self.erased or node.op in ("placeholder", "output", "get_attr"):
+                continue
+            for check in [u for u in node.users if is_check(u)]:
+                self.graph.erase_node(check)
+                self.erased.add(check)
+            if not node.users:
+                inputs = node.all_input_nodes
+                self.graph.erase_node(node)
+                self.erased.add(node)
+                for a in inputs:  # `x.dtype` nodes that fed a removed cast (symbolic_trace)
+                    if not a.users and self.view[a].op == "dtype_of":
+                        self.graph.erase_node(a)
+                        self.erased.add(a)
+                self.view.forget(node)

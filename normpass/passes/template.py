@@ -1,0 +1,184 @@
+"""User patterns written as plain torch functions (templates), matched over the canonical view.
+
+The template is traced with symbolic_trace and canonicalized exactly like a graph, so it matches every
+spelling of the same math. Its arguments `x`/`input`, `weight`, `bias` and `eps` bind to the site's
+input, parameters and eps; any other argument binds to any value (consistently).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import fx
+
+from normpass.passes import meta
+from normpass.passes.canonical import Term, View
+from normpass.passes.match import Matcher, NoMatch, Reject, Site
+from normpass.passes.registry import Pattern
+
+_COMMUTATIVE = ("add", "mul")
+_IGNORED_ATTRS = ("target",)
+_INPUT_NAMES = ("x", "input")
+
+
+class _Template:
+    def __init__(self, name: str, fn: Callable, kind: str) -> None:
+        if kind not in ("rms", "layer"):
+            raise ValueError(f"normpass.register_pattern: kind must be 'rms' or 'layer', got {kind!r}")
+        params = list(inspect.signature(fn).parameters)
+        if not any(p in params for p in _INPUT_NAMES):
+            raise ValueError(
+                f"normpass.register_pattern: template {name!r} needs an argument named x or input"
+            )
+        self.name, self.kind = name, kind
+        self.gm = fx.symbolic_trace(fn)
+        view = View(self.gm)
+        out = next(n for n in self.gm.graph.nodes if n.op == "output")
+        self.root = view[out.args[0]]
+        if self.root.op == "leaf":
+            raise ValueError(
+                f"normpass.register_pattern: template {name!r} computes nothing normpass can match"
+            )
+        self.k = _reduced_ndim(self.root)
+
+    def match(self, t: Term, m: Matcher) -> Site | None:
+        binding: dict[str, Any] = {}
+        if not _unify(self.root, t, binding, m):
+            raise NoMatch
+        x = next((binding[n] for n in _INPUT_NAMES if n in binding), None)
+        x = m.upcast_root(x)
+        xnode = Matcher.node_of(x)
+        out = Matcher.node_of(t)
+        out_dtype = meta.dtype(out)
+        if out_dtype is None:
+            raise Reject(self.name, "the graph does not record the output dtype; pass example_inputs")
+
+        def param(name: str):
+            v = binding.get(name)
+            return None if v is None else Matcher.node_of(m.unalias(v))
+
+        eps = binding.get("eps", 0.0)
+        return Site(
+            kind=self.kind,
+            form=self.name,
+            input=xnode,
+            output=out,
+            weight=param("weight"),
+            bias=param("bias"),
+            eps=m.eps(eps),
+            normalized_ndim=self.k,
+            out_dtype=out_dtype,
+            nodes=set(m.nodes) | {out},
+            keep=set(m.keep),
+        )
+
+
+def _reduced_ndim(t: Any) -> int:
+    stack, seen = [t], set()
+    while stack:
+        t = stack.pop()
+        if not isinstance(t, Term) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.op in ("mean", "var", "var_mean") and t.attrs.get("dims"):
+            k = Matcher.trailing_dims(t.attrs["dims"], None)
+            if k is None:
+                raise ValueError(
+                    "normpass.register_pattern: templates must reduce trailing dims, spelled negative"
+                )
+            return k
+        stack.extend(t.args)
+    raise ValueError("normpass.register_pattern: the template has no mean/var reduction over trailing dims")
+
+
+def _placeholder(t: Term) -> str | None:
+    return (
+        t.node.target
+        if t.op in ("leaf", "scalar") and t.node is not None and t.node.op == "placeholder"
+        else None
+    )
+
+
+def _unify(tpl: Any, t: Any, binding: dict[str, Any], m: Matcher) -> bool:
+    if isinstance(tpl, Term):
+        name = _placeholder(tpl)
+        if name is not None:
+            t = m.unalias(t)
+            if name in binding:
+                return binding[name] is t or (not isinstance(t, Term) and binding[name] == t)
+            if name == "eps":
+                try:
+                    m.eps(t)
+                except NoMatch:
+                    return False
+            binding[name] = t
+            return True
+        t = m.unalias(t)
+        tpl = _skip_alias(tpl)
+        if not isinstance(t, Term) or t.op != tpl.op or len(t.args) != len(tpl.args):
+            return False
+        if not _same_attrs(tpl, t, binding):
+            return False
+        orders = [t.args]
+        if tpl.op in _COMMUTATIVE:
+            orders.append(t.args[::-1])
+        for args in orders:
+            trial, sub = dict(binding), Matcher(m.view)
+            if all(_unify(a, b, trial, sub) for a, b in zip(tpl.args, args, strict=True)):
+                binding.update(trial)
+                m.nodes.update(sub.nodes | set(t.nodes))
+                m.keep.update(sub.keep)
+                return True
+        return False
+    if isinstance(tpl, (int, float)) and isinstance(t, (int, float)):
+        return float(tpl) == float(t)
+    return tpl == t
+
+
+def _skip_alias(t: Term) -> Term:
+    while t.op == "alias":
+        t = t.args[0]
+    return t
+
+
+def _same_attrs(tpl: Term, t: Term, binding: dict[str, Any]) -> bool:
+    for key, want in tpl.attrs.items():
+        if key in _IGNORED_ATTRS:
+            continue
+        got = t.attrs.get(key)
+        if key == "dtype" and isinstance(want, meta.DtypeOf):
+            bound = binding.get(want.node.target)
+            if not isinstance(bound, Term) or bound.node is None:
+                return False
+            if not (
+                got == meta.DtypeOf(bound.node) or meta.resolve(got) == meta.dtype(bound.node) is not None
+            ):
+                return False
+        elif key == "dims" and want is not None and got is not None:
+            ndim = (
+                meta.ndim(t.args[0].node)
+                if isinstance(t.args[0], Term) and t.args[0].node is not None
+                else None
+            )
+            if Matcher.trailing_dims(want, None) != Matcher.trailing_dims(got, ndim):
+                return False
+        elif want != got:
+            return False
+    return True
+
+
+_TEMPLATES: dict[tuple, _Template] = {}
+
+
+def template_pattern(
+    name: str, fn: Callable, *, kind: str, checks: tuple = (), replacement: Any = None
+) -> Pattern:
+    """A Pattern matching the math of `fn` (see module docstring). The same (name, fn, kind) gives an equal
+    Pattern, so registering it twice is a no-op."""
+    key = (name, fn, kind)
+    tpl = _TEMPLATES.get(key)
+    if tpl is None:
+        tpl = _TEMPLATES[key] = _Template(name, fn, kind)
+    return Pattern(name, tpl.match, (tpl.root.op,), "user", checks, replacement)

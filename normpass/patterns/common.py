@@ -1,0 +1,161 @@
+"""What every hand-written norm shares once its statistics are matched: the affine epilogue.
+
+After `normalized = (x - mean) * rsqrt(var + eps)` a model may cast, multiply by a weight (or by
+`1 + w`), add a bias and cast again, in any of the orders seen in PATTERNS.md. `finish` walks those
+steps forward from the normalized value, one single-use node at a time, and stops at the first step
+that is not one of them; whatever it stops on stays in the graph, so a normalized value that is also
+used elsewhere is kept (the op then computes that value, without the affine part).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from normpass.passes import meta
+from normpass.passes.canonical import Term
+from normpass.passes.match import Matcher, NoMatch, Reject, Site, real_users
+
+
+def dtype_expr(t: Any) -> meta.DtypeExpr:
+    """The dtype of a term's value: from metadata, else from the cast that made it, else DtypeOf."""
+    if isinstance(t, Term) and t.node is not None:
+        known = meta.dtype(t.node)
+        if known is not None:
+            return known
+        if t.op == "cast":
+            return t.attrs["dtype"]
+        return meta.DtypeOf(t.node)
+    raise NoMatch
+
+
+def check_dims(form: str, dims: tuple | None, keepdim: bool, x: Term) -> int:
+    """k, when `dims` are the last k dims of x reduced with keepdim; else Reject with the reason."""
+    ndim = meta.ndim(x.node) if x.node is not None else None
+    k = Matcher.trailing_dims(dims, ndim)
+    if k is None:
+        norm = tuple(d % ndim for d in dims) if dims and ndim else dims
+        if not dims:
+            raise Reject(f"look-alike: {form}", "statistics over all dims, not the trailing dims")
+        if norm and 0 in norm and ndim and ndim > 1:
+            raise Reject(
+                f"look-alike: {form}", f"statistics over dims {dims} include the batch dim 0 (BatchNorm-like)"
+            )
+        if norm == (1,) and ndim == 4:
+            raise Reject(
+                "L4 channels-first",
+                "statistics over dim 1 of an NCHW tensor; normpass ops normalize "
+                "trailing dims, and a movedim round trip would cost two copies (left alone)",
+            )
+        raise Reject(f"look-alike: {form}", f"statistics over dims {dims}, not the trailing dims")
+    if not keepdim:
+        raise Reject(f"look-alike: {form}", "statistics reduced without keepdim broadcast over other dims")
+    return k
+
+
+def _param(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple[fx.Node, Any] | None:
+    """(node, multiplied term) when t is a weight/bias of the normalized shape, else None."""
+    t = m.unalias(t)
+    if not isinstance(t, Term) or t.node is None or t.node in seen or meta.is_tensor(t.node) is False:
+        return None
+    dt = meta.dtype(t.node)
+    if dt is not None and not dt.is_floating_point:
+        return None
+    shape, xshape = meta.shape(t.node), meta.shape(x)
+    if shape is None or len(shape) != k:
+        return None
+    if xshape is not None:
+        if not meta.same_shape(shape, xshape[len(xshape) - k :]):
+            return None
+    elif not all(isinstance(s, int) and s > 1 for s in shape):  # no metadata: the op checks at run time
+        return None
+    return t.node, t
+
+
+def _weight(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple[fx.Node, float, Any] | None:
+    """A weight factor: w, an exact upcast of w, or `w + c` (Gemma's 1 + w) -> (w, c, factor term)."""
+    factor = m.unalias(t)
+    offset, base = 0.0, factor
+    if isinstance(factor, Term) and factor.op == "add" and factor.node is not None:
+        a, b = factor.args
+        if isinstance(b, (int, float)) and isinstance(a, Term):
+            offset, base = float(b), a
+        elif isinstance(a, (int, float)) and isinstance(b, Term):
+            offset, base = float(a), b
+    inner = Matcher(m.view)
+    root = inner.upcast_root(base)
+    found = _param(inner, root, k, x, seen)
+    if found is None and root is not base:  # an upcast we cannot prove exact: keep it as the weight
+        found = _param(inner, base, k, x, seen)
+    if found is None:
+        return None
+    return found[0], offset, factor
+
+
+def finish(
+    m: Matcher,
+    *,
+    kind: str,
+    form: str,
+    normalized: Term,
+    x: Any,
+    k: int,
+    eps: float | fx.Node,
+    core_dtype: meta.DtypeExpr,
+) -> Site:
+    """The Site for a matched core `normalized` (a node) over input term `x`, with its epilogue."""
+    x = m.upcast_root(x)
+    xnode = Matcher.node_of(x)
+    cur = Matcher.node_of(normalized)
+    dt: meta.DtypeExpr = core_dtype
+    weight = bias = None
+    offset = 0.0
+    steps: list[str] = []
+    while True:
+        users = real_users(cur)
+        if len(users) != 1:
+            break
+        t = m.view[users[0]]
+        if t.op == "alias" or (t.op == "cast" and isinstance(t.attrs["dtype"], (torch.dtype, meta.DtypeOf))):
+            if t.op == "cast":
+                dt, steps = t.attrs["dtype"], [*steps, "cast"]
+        elif t.op in ("mul", "add") and len(t.args) == 2:
+            others = [a for a in t.args if not (isinstance(a, Term) and a.node is cur)]
+            if len(others) != 1:
+                break
+            seen = m.nodes | {users[0]}
+            if t.op == "mul" and weight is None and bias is None:
+                found = _weight(m, others[0], k, xnode, seen)
+                if found is None:
+                    break
+                weight, offset, factor = found
+                dt, steps = meta.Promote(dt, dtype_expr(factor)), [*steps, "weight"]
+            elif t.op == "add" and bias is None:
+                found = _param(m, others[0], k, xnode, seen)
+                if found is None:
+                    break
+                bias, term = found
+                dt, steps = meta.Promote(dt, dtype_expr(term)), [*steps, "bias"]
+            else:
+                break
+        else:
+            break
+        m.nodes.update(t.nodes)
+        cur = users[0]
+    out_dtype = meta.dtype(cur) or dt
+    return Site(
+        kind=kind,
+        form=form,
+        input=xnode,
+        output=cur,
+        weight=weight,
+        bias=bias,
+        eps=eps,
+        normalized_ndim=k,
+        out_dtype=out_dtype,
+        nodes=set(m.nodes) | {cur},
+        keep=set(m.keep),
+        weight_offset=offset,
+    )

@@ -1,0 +1,96 @@
+"""Hand-written LayerNorm (PATTERNS.md L1-L4), one pattern over the canonical view.
+
+    y = (x - mean(x)) * rsqrt(var(x) + eps)     [then casts, weight, bias]
+
+where the biased variance is spelled `mean((x - u)^2)` (L1), `var_mean(..., correction=0)` (L2) or
+`var(..., unbiased=False)` (L3). Mean and variance must reduce the same trailing dims; an unbiased
+variance, or statistics over other dims (L4 channels-first, BatchNorm-like), are left alone with the
+reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normpass.passes import meta
+from normpass.passes.canonical import Term
+from normpass.passes.match import Matcher, NoMatch, Reject, Site
+from normpass.patterns.common import check_dims, dtype_expr, finish
+from normpass.patterns.rmsnorm import stat_and_eps
+
+
+def _same(m: Matcher, a: Any, b: Any) -> bool:
+    """Same value, up to exact upcasts and repeated `x - u` nodes."""
+    a, b = m.upcast_root(a), m.upcast_root(b)
+    if a is b:
+        return True
+    if isinstance(a, Term) and isinstance(b, Term) and a.op == b.op == "sub":
+        m.nodes.update(a.nodes + b.nodes)
+        return _same(m, a.args[0], b.args[0]) and m.unalias(a.args[1]) is m.unalias(b.args[1])
+    return False
+
+
+def match_layernorm(t: Term, m: Matcher) -> Site | None:
+    """Anchor: mul(x - u, rsqrt(var + eps)) with u the mean and var the biased variance of x."""
+    rsqrt, centered = m.split(t, "rsqrt")
+    centered = m.take(centered, "sub")
+    h, u = centered.args
+    stat, eps = stat_and_eps(m, rsqrt)
+    stat = m.unalias(stat)
+    if stat.op == "getitem":  # L2: var_mean(h)[0], and u = var_mean(h)[1]
+        vm = m.take(m.take(stat, "getitem").args[0], "var_mean")
+        if stat.attrs["index"] != 0 or not (m.is_op(u, "getitem") and m.unalias(u).args[0] is vm):
+            raise NoMatch
+        m.take(u, "getitem")
+        form, hv, dims, keepdim, correction = (
+            "L2 var_mean",
+            vm.args[0],
+            vm.attrs["dims"],
+            vm.attrs["keepdim"],
+            vm.attrs["correction"],
+        )
+        mean_dims = dims
+    else:
+        mean = m.take(u, "mean")
+        mean_dims = mean.attrs["dims"]
+        if not _same(m, mean.args[0], h):
+            raise NoMatch
+        if not mean.attrs["keepdim"]:
+            raise Reject("look-alike: mean without keepdim", "the mean is reduced without keepdim")
+        if stat.op == "var":  # L3
+            m.take(stat, "var")
+            form, hv, dims, keepdim, correction = (
+                "L3 var",
+                stat.args[0],
+                stat.attrs["dims"],
+                stat.attrs["keepdim"],
+                stat.attrs["correction"],
+            )
+        else:  # L1: mean((h - u)^2)
+            var = m.take(stat, "mean")
+            sq = m.take(var.args[0], "square")
+            if not _same(m, sq.args[0], centered):
+                raise NoMatch
+            form, hv, dims, keepdim, correction = "L1 two-pass", h, var.attrs["dims"], var.attrs["keepdim"], 0
+    if not _same(m, hv, h):
+        raise NoMatch
+    if correction != 0:
+        raise Reject(
+            "look-alike: unbiased var",
+            f"unbiased variance (correction={correction}); LayerNorm divides by n, not n - 1",
+        )
+    if _dim_set(mean_dims, m.unalias(h)) != _dim_set(dims, m.unalias(h)):
+        raise Reject(
+            "look-alike: mismatched dims", f"mean over dims {mean_dims} but variance over dims {dims}"
+        )
+    k = check_dims(form, dims, keepdim, m.unalias(h))
+    m.nodes.add(t.node)
+    core = meta.Promote(dtype_expr(m.unalias(h)), dtype_expr(m.unalias(u)))
+    return finish(m, kind="layer", form=form, normalized=t, x=h, k=k, eps=eps, core_dtype=core)
+
+
+def _dim_set(dims: tuple | None, x: Term) -> frozenset | None:
+    ndim = meta.ndim(x.node) if x.node is not None else None
+    if dims is None or (ndim is None and any(d >= 0 for d in dims)):
+        return frozenset(dims or ())
+    return frozenset(d % ndim if ndim else d for d in dims)

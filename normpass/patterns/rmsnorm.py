@@ -1,0 +1,65 @@
+"""Hand-written RMSNorm (PATTERNS.md R1-R6), one pattern over the canonical view.
+
+    y = x * rsqrt(mean(x^2, trailing dims, keepdim) + eps)     [then casts, weight or (1 + w), bias]
+
+The canonical view already folds the spellings (pow/square/x*x, sqrt+div vs rsqrt+mul, .to/.float/
+.type_as, methods vs functions), so R1 (Llama upcast/downcast), R2 (T5: statistics on the fp32 copy,
+product with the original), R3 (Gemma's 1 + w in fp32), R4 (no casts), R5 (no weight, or a bias) and
+R6 (per-head norms on a view) are all this one walk; the form label says which one was seen.
+"""
+
+from __future__ import annotations
+
+from normpass.passes import meta
+from normpass.passes.canonical import Term
+from normpass.passes.match import Matcher, NoMatch, Site
+from normpass.patterns.common import check_dims, dtype_expr, finish
+
+
+def stat_and_eps(m: Matcher, rsqrt: Term) -> tuple[Term, float | object]:
+    """(statistic, eps) from rsqrt(stat + eps) or rsqrt(stat)."""
+    arg = m.unalias(rsqrt.args[0])
+    if isinstance(arg, Term) and arg.op == "add":
+        a, b = arg.args
+        for stat, eps in ((a, b), (b, a)):
+            if isinstance(stat, Term) and m.is_op(stat, "mean", "var", "getitem"):
+                try:
+                    e = m.eps(eps)
+                except NoMatch:
+                    continue
+                m.take(arg, "add")
+                return stat, e
+        raise NoMatch
+    return arg, 0.0
+
+
+def match_rmsnorm(t: Term, m: Matcher) -> Site | None:
+    """Anchor: mul(h, rsqrt(mean(square(h)) + eps))."""
+    rsqrt, h = m.split(t, "rsqrt")
+    stat, eps = stat_and_eps(m, rsqrt)
+    mean = m.take(stat, "mean")
+    sq = m.take(mean.args[0], "square")
+    hs = sq.args[0]
+    if not isinstance(h, Term) or m.is_op(h, "sub"):
+        raise NoMatch  # centered: the LayerNorm pattern's
+    upcast_h, upcast_stats = m.is_op(h, "cast"), m.is_op(hs, "cast")
+    core = meta.Promote(dtype_expr(m.unalias(h)), dtype_expr(m.unalias(hs)))
+    if m.upcast_root(h) is not m.upcast_root(hs):
+        raise NoMatch
+    k = check_dims("RMS-like", mean.attrs["dims"], mean.attrs["keepdim"], m.unalias(hs))
+    m.nodes.add(t.node)
+    site = finish(m, kind="rms", form="", normalized=t, x=hs, k=k, eps=eps, core_dtype=core)
+    site.form = _form(site, upcast_h=upcast_h, upcast_stats=upcast_stats)
+    return site
+
+
+def _form(site: Site, *, upcast_h: bool, upcast_stats: bool) -> str:
+    if site.weight is not None and site.weight_offset:
+        return "R3 gemma 1+w"
+    if upcast_stats and not upcast_h:
+        return "R2 t5 fp32 stats"
+    if site.bias is not None:
+        return "R5 weight+bias"
+    if upcast_stats:
+        return "R1 llama upcast"
+    return "R4 no casts" if site.weight is not None else "R5 no weight"
