@@ -1,0 +1,98 @@
+// Host helpers shared by the CUDA entry points: dtype dispatch onto the CUDA
+// storage types, the 16-byte vector test, and the (cluster) launch.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+
+#include "norm_kernels.cuh"
+
+namespace normpass {
+namespace cuda {
+
+template <typename T> struct Tag { using type = T; };
+
+// Calls f(Tag<T>{}) with T the CUDA storage type of `t`.
+template <typename F>
+void dispatch_float(at::ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(Tag<float>{});
+    case at::kHalf: return f(Tag<__half>{});
+    case at::kBFloat16: return f(Tag<__nv_bfloat16>{});
+    default: TORCH_CHECK(false, "normpass CUDA: unsupported ", what, " dtype ", t);
+  }
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); }
+template <typename T>
+T* mut_ptr(at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); }
+template <typename T>
+const T* ptr(const std::optional<at::Tensor>& t) { return t ? ptr<T>(*t) : nullptr; }
+
+// True when every row of `t` starts on a 16-byte boundary and holds whole
+// vectors of `vec` elements, so the kernels may use 16-byte accesses.
+inline bool vector_ok(const at::Tensor& t, int vec) {
+  const auto addr = reinterpret_cast<uintptr_t>(t.const_data_ptr());
+  if (addr % 16 != 0) return false;
+  if (t.dim() == 2 && t.size(1) % vec != 0) return false;
+  if (t.dim() == 2 && t.size(0) > 1 && t.stride(0) % vec != 0) return false;
+  return t.dim() != 1 || t.size(0) % vec == 0;
+}
+inline bool vector_ok(const std::optional<at::Tensor>& t, int vec) {
+  return !t || vector_ok(*t, vec);
+}
+
+inline int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
+// Largest cluster the device can run (thread block clusters are sm_90+).
+inline int max_cluster() {
+  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 ? 8 : 1;
+}
+
+// The current stream (the same as at::cuda::getCurrentCUDAStream()).
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), int64_t ctas, int threads, size_t smem, int cluster,
+            Args&&... args) {
+  TORCH_CHECK(ctas > 0 && ctas <= INT32_MAX, "normpass CUDA: grid of ", ctas, " CTAs");
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = current_stream();
+  cudaLaunchAttribute attr[1];
+  if (cluster > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// CTAs of `kernel` that fit on the whole device at once (at least one).
+template <typename... KArgs>
+int64_t resident_ctas(void (*kernel)(KArgs...), int threads, size_t smem) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, reinterpret_cast<const void*>(kernel), threads, smem));
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
+  return std::max<int64_t>(1, int64_t(per_sm) * sms);
+}
+
+} // namespace cuda
+} // namespace normpass

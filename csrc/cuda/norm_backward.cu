@@ -1,0 +1,111 @@
+// CUDA backward: normpass::norm_backward_cuda (contract in ../norm.h).
+#include "../norm.h"
+#include "launch.h"
+
+namespace normpass {
+namespace {
+
+using at::Tensor;
+using std::optional;
+using namespace normpass::cuda;
+
+template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD>
+void backward_launch(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
+                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
+                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
+  const int64_t cols = x.size(1);
+  const auto shape = choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC, BIAS_GRAD>(),
+                                   max_cluster());
+  const RowLayout& L = shape.layout;
+  const size_t smem = (L.rows_per_cta > 1 && L.tiles == 1)
+                          ? sizeof(float) * L.rows_per_cta * static_cast<size_t>(cols)
+                          : 0;
+  auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD>;
+  // Persistent grid: as many clusters as fit at once, each accumulating one
+  // dweight/dbias partial row over the rows it visits.
+  const int64_t fit = resident_ctas(kernel, shape.threads, smem) / L.cluster;
+  const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(fit, L.row_blocks));
+
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor dw_part, db_part;
+  if (grad_weight) dw_part = at::empty({clusters, cols}, f32);
+  if (BIAS_GRAD) db_part = at::empty({clusters, cols}, f32);
+
+  BwdArgs<T, W> a{};
+  a.dy = ptr<T>(grad_out);
+  a.x = ptr<T>(x);
+  a.weight = ptr<W>(weight);
+  a.grad_sum = ptr<T>(grad_sum);
+  a.dx = mut_ptr<T>(grad_input);
+  a.dw_part = grad_weight ? mut_ptr<float>(dw_part) : nullptr;
+  a.db_part = BIAS_GRAD ? mut_ptr<float>(db_part) : nullptr;
+  a.dy_stride = grad_out.stride(0);
+  a.x_stride = x.stride(0);
+  a.ds_stride = grad_sum ? grad_sum->stride(0) : 0;
+  a.eps = static_cast<float>(p.eps);
+  a.weight_offset = static_cast<float>(p.weight_offset);
+  a.layout = L;
+  launch(kernel, clusters * L.cluster, shape.threads, smem, L.cluster, a);
+
+  if (grad_weight || BIAS_GRAD) {
+    const dim3 grid(static_cast<unsigned>((cols + 31) / 32), 2);
+    sum_partials_kernel<<<grid, dim3(32, 16), 0, current_stream()>>>(
+        a.dw_part, a.db_part, clusters, cols,
+        grad_weight ? mut_ptr<float>(*grad_weight) : nullptr,
+        BIAS_GRAD ? mut_ptr<float>(*grad_bias) : nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename T, typename W>
+void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
+                    const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
+                    optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
+                   vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
+  auto go = [&](auto vec_tag, auto center_tag, auto bias_tag) {
+    backward_launch<T, W, decltype(vec_tag)::value, decltype(center_tag)::value,
+                    decltype(bias_tag)::value>(grad_out, x, weight, grad_sum, p, grad_input,
+                                               grad_weight, grad_bias);
+  };
+  using std::integral_constant;
+  auto with_vec = [&](auto center_tag, auto bias_tag) {
+    if (vec) go(integral_constant<int, kVec>{}, center_tag, bias_tag);
+    else go(integral_constant<int, 1>{}, center_tag, bias_tag);
+  };
+  auto with_bias = [&](auto center_tag) {
+    if (grad_bias) with_vec(center_tag, std::true_type{});
+    else with_vec(center_tag, std::false_type{});
+  };
+  if (p.center) with_bias(std::true_type{});
+  else with_bias(std::false_type{});
+}
+
+} // namespace
+
+void norm_backward_cuda(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
+                        const optional<Tensor>& grad_sum, const NormParams& p,
+                        Tensor& grad_input, optional<Tensor>& grad_weight,
+                        optional<Tensor>& grad_bias) {
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() &&
+                  (!grad_sum || grad_sum->scalar_type() == x.scalar_type()),
+              "normpass CUDA: grad_out and grad_sum must have x's dtype");
+  TORCH_CHECK(!weight || weight->scalar_type() == x.scalar_type() ||
+                  weight->scalar_type() == at::kFloat,
+              "normpass CUDA: weight must be of x's dtype or fp32, got ", weight->scalar_type());
+  TORCH_CHECK(!grad_weight || grad_weight->scalar_type() == at::kFloat, "normpass CUDA: fp32 dweight");
+  TORCH_CHECK(!grad_bias || grad_bias->scalar_type() == at::kFloat, "normpass CUDA: fp32 dbias");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool fp32_weight = weight && weight->scalar_type() != x.scalar_type();
+  dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
+    using T = typename decltype(t_tag)::type;
+    if (fp32_weight) {
+      backward_typed<T, float>(grad_out, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+    } else {
+      backward_typed<T, T>(grad_out, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+    }
+  });
+}
+
+} // namespace normpass

@@ -1,0 +1,95 @@
+// CUDA forward: normpass::norm_forward_cuda (contract in ../norm.h).
+#include "../norm.h"
+#include "launch.h"
+
+namespace normpass {
+namespace {
+
+using at::Tensor;
+using std::optional;
+using namespace normpass::cuda;
+
+template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
+void forward_launch(const Tensor& x, const optional<Tensor>& residual,
+                    const optional<Tensor>& weight, const optional<Tensor>& bias,
+                    const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+  const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
+                                   max_cluster());
+  FwdArgs<T, W, O> a{};
+  a.x = ptr<T>(x);
+  a.residual = ptr<T>(residual);
+  a.weight = ptr<W>(weight);
+  a.bias = ptr<W>(bias);
+  a.out = mut_ptr<O>(out);
+  a.sum = RESIDUAL ? mut_ptr<T>(*sum) : nullptr;
+  a.x_stride = x.stride(0);
+  a.r_stride = residual ? residual->stride(0) : 0;
+  a.eps = static_cast<float>(p.eps);
+  a.weight_offset = static_cast<float>(p.weight_offset);
+  a.layout = shape.layout;
+  // One row block per CTA (cluster); the kernel loops if the grid is capped.
+  const int64_t C = shape.layout.cluster;
+  const int64_t ctas = std::min<int64_t>(shape.layout.row_blocks, (INT32_MAX / C)) * C;
+  launch(norm_fwd_kernel<T, W, O, VEC, CENTER, RESIDUAL>, ctas, shape.threads, 0, C, a);
+}
+
+template <typename T, typename W, typename O>
+void forward_typed(const Tensor& x, const optional<Tensor>& residual,
+                   const optional<Tensor>& weight, const optional<Tensor>& bias,
+                   const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = vector_ok(x, kVec) && vector_ok(residual, kVec) && vector_ok(out, kVec) &&
+                   vector_ok(sum, kVec) && vector_ok(weight, kVec) && vector_ok(bias, kVec);
+  auto go = [&](auto vec_tag, auto center_tag, auto residual_tag) {
+    forward_launch<T, W, O, decltype(vec_tag)::value, decltype(center_tag)::value,
+                   decltype(residual_tag)::value>(x, residual, weight, bias, p, out, sum);
+  };
+  using std::integral_constant;
+  auto with_vec = [&](auto center_tag, auto residual_tag) {
+    if (vec) go(integral_constant<int, kVec>{}, center_tag, residual_tag);
+    else go(integral_constant<int, 1>{}, center_tag, residual_tag);
+  };
+  auto with_residual = [&](auto center_tag) {
+    if (residual) with_vec(center_tag, std::true_type{});
+    else with_vec(center_tag, std::false_type{});
+  };
+  if (p.center) with_residual(std::true_type{});
+  else with_residual(std::false_type{});
+}
+
+} // namespace
+
+void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
+                       const optional<Tensor>& weight, const optional<Tensor>& bias,
+                       const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+  TORCH_CHECK(!(weight && bias) || weight->scalar_type() == bias->scalar_type(),
+              "normpass: weight and bias must share a dtype, got ", weight->scalar_type(),
+              " and ", bias->scalar_type());
+  TORCH_CHECK(x.size(1) < (int64_t(1) << 40), "normpass CUDA: rows of ", x.size(1), " elements");
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Output dtypes other than x's or fp32 are computed in fp32 and cast once.
+  if (out.scalar_type() != x.scalar_type() && out.scalar_type() != at::kFloat) {
+    Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
+    norm_forward_cuda(x, residual, weight, bias, p, tmp, sum);
+    out.copy_(tmp);
+    return;
+  }
+  const auto param = weight ? weight : bias;
+  const bool fp32_params = param && param->scalar_type() != x.scalar_type();
+  TORCH_CHECK(!param || param->scalar_type() == x.scalar_type() ||
+                  param->scalar_type() == at::kFloat,
+              "normpass CUDA: parameters must be of x's dtype or fp32, got ", param->scalar_type());
+  const bool fp32_out = out.scalar_type() != x.scalar_type();
+  dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
+    using T = typename decltype(t_tag)::type;
+    auto with_out = [&](auto w_tag) {
+      using W = typename decltype(w_tag)::type;
+      if (fp32_out) forward_typed<T, W, float>(x, residual, weight, bias, p, out, sum);
+      else forward_typed<T, W, T>(x, residual, weight, bias, p, out, sum);
+    };
+    if (fp32_params) with_out(Tag<float>{});
+    else with_out(Tag<T>{});
+  });
+}
+
+} // namespace normpass

@@ -1,0 +1,254 @@
+// Row machinery shared by the forward and backward CUDA kernels.
+//
+// One row is handled by `tpr` threads of a CTA (a power of two), or, when it
+// is too long for one CTA, by a cluster of `cluster` CTAs (Hopper). Each
+// thread owns ITEMS vectors of VEC elements, strided by the threads of the row
+// so that a warp's accesses are contiguous. When the whole row fits
+// (`tiles == 1`) it stays in registers between the statistics and the output
+// pass, so every byte is read from memory once; longer rows are walked in
+// `tiles` passes, re-reading from L2.
+#pragma once
+
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace normpass {
+namespace cuda {
+
+constexpr int kMaxThreads = 512; // per CTA; the kernels' launch bound
+constexpr int kMaxWarps = kMaxThreads / 32;
+
+// ---------------------------------------------------------------------------
+// Element conversion. Storage types are the CUDA ones (__half,
+// __nv_bfloat16); all arithmetic is in fp32.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---------------------------------------------------------------------------
+// N elements of T moved as whole machine words: one 16-byte access per 16
+// bytes (two for 8 fp32 weights), a plain scalar access when N == 1.
+template <int BYTES> struct Word;
+template <> struct Word<2> { using type = unsigned short; };
+template <> struct Word<4> { using type = unsigned int; };
+template <> struct Word<8> { using type = uint2; };
+template <> struct Word<16> { using type = uint4; };
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N < 16 ? sizeof(T) * N : 16) Pack {
+  T v[N];
+  static constexpr int kBytes = sizeof(T) * N;
+  static constexpr int kWordBytes = kBytes < 16 ? kBytes : 16;
+  using W = typename Word<kWordBytes>::type;
+  static constexpr int kWords = kBytes / kWordBytes;
+};
+
+// NC: through the read-only path; only for memory this kernel does not write.
+template <bool NC = true, typename T, int N>
+__device__ __forceinline__ void load(Pack<T, N>& p, const T* src) {
+  using P = Pack<T, N>;
+  auto* s = reinterpret_cast<const typename P::W*>(src);
+  auto* d = reinterpret_cast<typename P::W*>(&p);
+#pragma unroll
+  for (int i = 0; i < P::kWords; ++i) d[i] = NC ? __ldg(s + i) : s[i];
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void store(T* dst, const Pack<T, N>& p) {
+  using P = Pack<T, N>;
+  auto* s = reinterpret_cast<const typename P::W*>(&p);
+  auto* d = reinterpret_cast<typename P::W*>(dst);
+#pragma unroll
+  for (int i = 0; i < P::kWords; ++i) d[i] = s[i];
+}
+
+// Bias vector as fp32 (0 when absent).
+template <typename W, int N>
+__device__ __forceinline__ void load_bias(float (&out)[N], const W* p, int64_t col) {
+  Pack<W, N> b;
+  if (p != nullptr) load(b, p + col);
+#pragma unroll
+  for (int e = 0; e < N; ++e) out[e] = p != nullptr ? to_float(b.v[e]) : 0.f;
+}
+
+// Scale vector: weight + offset, or exactly 1 when there is no weight.
+template <typename W, int N>
+__device__ __forceinline__ void load_scale(float (&out)[N], const W* p, int64_t col, float offset) {
+  Pack<W, N> w;
+  if (p != nullptr) load(w, p + col);
+#pragma unroll
+  for (int e = 0; e < N; ++e) out[e] = p != nullptr ? to_float(w.v[e]) + offset : 1.f;
+}
+
+// ---------------------------------------------------------------------------
+// Where a thread's data lies. Chosen on the host (choose_layout), uniform
+// over the grid.
+struct RowLayout {
+  int64_t rows;       // M
+  int64_t row_blocks; // ceil(rows / rows_per_cta): the units the grid loops over
+  int64_t cols;       // N
+  int64_t stat_cols;  // columns the statistics cover (pRMSNorm), <= cols
+  int64_t nvec;       // vectors per row
+  int tpr;            // threads per row inside one CTA (power of two)
+  int rows_per_cta;   // blockDim.x / tpr
+  int cluster;        // CTAs per row (1 unless the row needs more than one CTA)
+  int tiles;          // passes per row phase; 1 = the row is register resident
+};
+
+// A thread's position: which row of the row block, and which vectors of it.
+struct RowThread {
+  int group;      // row inside the CTA's row block
+  int rank;       // CTA rank in the cluster
+  int64_t first;  // first vector index this thread owns in tile 0
+  int64_t stride; // threads per row (vector index step between items)
+
+  __device__ explicit RowThread(const RowLayout& L)
+      : group(threadIdx.x / L.tpr),
+        rank(L.cluster > 1 ? blockIdx.x % L.cluster : 0),
+        first(int64_t(rank) * L.tpr + threadIdx.x % L.tpr),
+        stride(int64_t(L.tpr) * L.cluster) {}
+
+  // Vector index of item k in tile t (ITEMS items per tile per thread).
+  template <int ITEMS>
+  __device__ __forceinline__ int64_t vec(int t, int k) const {
+    return (int64_t(t) * ITEMS + k) * stride + first;
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Sum of K values over the threads of a row (sub-warp, CTA, cluster), in a
+// fixed order: every thread of the row gets the same bits, run to run.
+// Two alternating buffers make one barrier per reduction enough: a buffer is
+// rewritten only two reductions later, after every reader has passed the
+// barrier in between.
+constexpr int kMaxSums = 3;
+struct ReduceSmem {
+  float warp[2][kMaxSums][kMaxWarps];
+  float cta[2][kMaxSums];
+};
+
+template <int K>
+__device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, ReduceSmem& sh,
+                                        int& parity) {
+  static_assert(K <= kMaxSums, "row_sum: too many values");
+  const int width = L.tpr < 32 ? L.tpr : 32;
+  for (int off = width / 2; off > 0; off /= 2) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+  }
+  if (L.tpr > 32) {
+    const int warp = threadIdx.x / 32, nwarps = L.tpr / 32;
+    const int first = (threadIdx.x / L.tpr) * nwarps;
+    if (threadIdx.x % 32 == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) sh.warp[parity][k][warp] = v[k];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      float s = 0.f;
+      for (int w = 0; w < nwarps; ++w) s += sh.warp[parity][k][first + w];
+      v[k] = s;
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (L.cluster > 1) {
+    // Rows split over a cluster: combine the CTAs' sums through distributed
+    // shared memory (rows_per_cta == 1 here, so v is the CTA's total).
+    namespace cg = cooperative_groups;
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) sh.cta[parity][k] = v[k];
+    }
+    cluster.sync();
+#pragma unroll
+    for (int k = 0; k < K; ++k) v[k] = 0.f;
+    for (int r = 0; r < L.cluster; ++r) {
+      const float* remote = cluster.map_shared_rank(&sh.cta[parity][0], r);
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] += remote[k];
+    }
+  }
+#endif
+  parity ^= 1;
+}
+
+// A CTA must not exit while its cluster peers may still read its shared
+// memory (the last row_sum).
+__device__ __forceinline__ void cluster_exit_barrier(const RowLayout& L) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (L.cluster > 1) cooperative_groups::this_cluster().sync();
+#endif
+}
+
+// Sum of f(k, e) over the elements of tile t inside the statistics columns
+// (all of them unless pRMSNorm).
+template <int ITEMS, int VEC, typename F>
+__device__ __forceinline__ float stat_sum(const RowThread& th, const RowLayout& L, int t, F&& f) {
+  float acc = 0.f;
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int64_t col = th.vec<ITEMS>(t, k) * VEC;
+    if (col >= L.stat_cols) continue;
+    const bool full = col + VEC <= L.stat_cols; // the usual case: no per-element test
+#pragma unroll
+    for (int e = 0; e < VEC; ++e)
+      if (full || col + e < L.stat_cols) acc += f(k, e);
+  }
+  return acc;
+}
+
+// ---------------------------------------------------------------------------
+// Host side: the layout for a row of `cols` elements.
+inline int next_pow2(int64_t v) {
+  int p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+struct LaunchShape {
+  RowLayout layout;
+  int threads; // blockDim.x
+};
+
+inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, int vec, int items,
+                                 int max_cluster) {
+  RowLayout L{};
+  L.rows = rows;
+  L.cols = cols;
+  L.stat_cols = stat_cols;
+  L.nvec = (cols + vec - 1) / vec;
+  const int64_t need = (L.nvec + items - 1) / items; // threads per row
+  if (need <= kMaxThreads) {
+    L.cluster = 1;
+    L.tpr = next_pow2(need);
+  } else {
+    const int64_t c = (need + kMaxThreads - 1) / kMaxThreads;
+    L.cluster = static_cast<int>(c < max_cluster ? c : max_cluster);
+    L.tpr = next_pow2((need + L.cluster - 1) / L.cluster);
+    if (L.tpr > kMaxThreads) L.tpr = kMaxThreads;
+    const int64_t c2 = (need + L.tpr - 1) / L.tpr; // fewest CTAs at this width
+    if (c2 < L.cluster) L.cluster = static_cast<int>(c2);
+  }
+  const int64_t per_tile = int64_t(L.tpr) * L.cluster * items;
+  L.tiles = static_cast<int>((L.nvec + per_tile - 1) / per_tile);
+  // Short rows: several per CTA, so a CTA still has 256 threads.
+  const int threads = L.tpr < 256 ? 256 : L.tpr;
+  L.rows_per_cta = threads / L.tpr;
+  L.row_blocks = (rows + L.rows_per_cta - 1) / L.rows_per_cta;
+  return {L, threads};
+}
+
+} // namespace cuda
+} // namespace normpass

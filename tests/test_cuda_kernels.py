@@ -1,0 +1,303 @@
+"""CUDA kernels of normpass against a float64 reference.
+
+Every check draws fresh random inputs and asserts that normpass's error against float64 is no larger
+than the error of torch's own op (or the eager composite, for variants torch has no op for) in the
+same dtype, plus a small margin. Skipped without a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("normpass._C")  # registers torch.ops.normpass
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+NS = [1, 3, 255, 1024, 4099, 8192, 65536, 262144]
+# Absolute slack on top of 1.25 x torch's relative error.
+FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 1.5e-3}
+EPS = 1e-5
+ops = torch.ops.normpass
+
+
+def rows_for(n: int) -> int:
+    """Enough rows to exercise several row blocks and dweight partials; odd to leave a ragged tail."""
+    return max(3, min(515, (1 << 21) // n) | 1)
+
+
+def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a = a.double()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def check(name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, dtype) -> None:
+    e_ours, e_theirs = rel(ours, ref), rel(theirs, ref)
+    bound = 1.25 * e_theirs + FLOOR[dtype]
+    assert e_ours <= bound, f"{name}: normpass error {e_ours:.3g} > {bound:.3g} (torch {e_theirs:.3g})"
+
+
+def norm_math(h, w, b, eps, center, k, offset):
+    """The normalization in whatever dtype h is (float64 for the reference, fp32 for eager)."""
+    hs = h[..., :k]
+    mean = hs.mean(-1, keepdim=True) if center else torch.zeros_like(hs[..., :1])
+    var = (hs - mean).pow(2).mean(-1, keepdim=True)
+    y = (h - mean) * torch.rsqrt(var + eps)
+    if w is not None:
+        y = y * (w.to(h.dtype) + offset)
+    if b is not None:
+        y = y + b.to(h.dtype)
+    return y
+
+
+def reference(x, r, w, b, dy, ds, eps, center, k, offset):
+    """float64 forward and gradients (dx includes grad_sum). h = round(x + r) as eager would."""
+    h = x if r is None else x + r
+    h64 = h.double().requires_grad_()
+    w64 = w.double().requires_grad_() if w is not None else None
+    b64 = b.double().requires_grad_() if b is not None else None
+    y = norm_math(h64, w64, b64, eps, center, k, offset)
+    leaves = [t for t in (h64, w64, b64) if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy.double())
+    dx = grads[0] + (ds.double() if ds is not None else 0)
+    dw = grads[1] if w is not None else None
+    db = grads[-1] if b is not None else None
+    return y.detach(), h, dx, dw, db
+
+
+def torch_side(x, r, w, b, dy, ds, eps, center, k, offset, native: bool):
+    """torch's own op (native) or the eager fp32-upcast composite, in x's dtype, and its gradients."""
+    h = (x if r is None else x + r).detach().requires_grad_()
+    wl = w.detach().requires_grad_() if w is not None else None
+    bl = b.detach().requires_grad_() if b is not None else None
+    n = x.shape[-1]
+    if native and center:
+        y = F.layer_norm(h, (n,), wl, bl, eps)
+    elif native:
+        y = F.rms_norm(h, (n,), wl, eps)
+    else:
+        y = norm_math(h.float(), wl, bl, eps, center, k, offset).to(x.dtype)
+    leaves = [t for t in (h, wl, bl) if t is not None]
+    grads = torch.autograd.grad(y, leaves, dy)
+    dx = grads[0] + (ds if ds is not None else 0)
+    return y.detach(), dx, grads[1] if w is not None else None, grads[-1] if b is not None else None
+
+
+def run_normpass(x, r, w, b, dy, ds, eps, center, p, offset, out_dtype=None):
+    kw = dict(normalized_ndim=1, weight_offset=offset, out_dtype=out_dtype)
+    if center:
+        y, s = (
+            ops.add_layer_norm(x, r, w, b, eps, **kw)
+            if r is not None
+            else (ops.layer_norm(x, w, b, eps, **kw), None)
+        )
+        dx, dw, db = ops.layer_norm_backward(
+            dy,
+            s if r is not None else x,
+            w,
+            ds,
+            eps,
+            has_bias=b is not None,
+            normalized_ndim=1,
+            weight_offset=offset,
+        )
+    else:
+        y, s = (
+            ops.add_rms_norm(x, r, w, eps, b, p=p, **kw)
+            if r is not None
+            else (ops.rms_norm(x, w, eps, b, p=p, **kw), None)
+        )
+        dx, dw, db = ops.rms_norm_backward(
+            dy,
+            s if r is not None else x,
+            w,
+            ds,
+            eps,
+            has_bias=b is not None,
+            normalized_ndim=1,
+            weight_offset=offset,
+            p=p,
+        )
+    return y, s, dx, dw, db
+
+
+def run_case(
+    m,
+    n,
+    dtype,
+    center,
+    *,
+    residual=False,
+    weight=True,
+    bias=None,
+    p=1.0,
+    offset=0.0,
+    grad_sum=False,
+    param_dtype=None,
+    strided=False,
+    out_dtype=None,
+):
+    dev = "cuda"
+    bias = center if bias is None else bias
+    k = max(1, math.ceil(p * n))  # the statistics columns, as the front end counts them
+    # torch has an op for plain LayerNorm and weight-only RMSNorm; other variants compare with eager.
+    native = p == 1.0 and offset == 0.0 and not residual and (center or not bias) and out_dtype is None
+    pd = param_dtype or dtype
+
+    def rand(*shape, dt=dtype):
+        return torch.randn(*shape, device=dev, dtype=torch.float32).to(dt)
+
+    if strided:  # rows of a wider tensor: x[:, :n], row stride n + 3
+        x = rand(m, n + 3)[:, :n]
+        dy = rand(m, n + 5)[:, 1 : n + 1]
+    else:
+        x, dy = rand(m, n), rand(m, n)
+    r = rand(m, n) if residual else None
+    w = (1 + 0.5 * rand(n, dt=torch.float32)).to(pd) if weight else None
+    b = rand(n, dt=pd) if bias else None
+    ds = rand(m, n) if grad_sum else None
+
+    y, s, dx, dw, db = run_normpass(x, r, w, b, dy, ds, EPS, center, p, offset, out_dtype)
+    torch.cuda.synchronize()
+    y_ref, h, dx_ref, dw_ref, db_ref = reference(x, r, w, b, dy, ds, EPS, center, k, offset)
+    y_t, dx_t, dw_t, db_t = torch_side(x, r, w, b, dy, ds, EPS, center, k, offset, native)
+
+    assert y.dtype == (out_dtype or dtype) and y.shape == x.shape
+    check("y", y, y_t, y_ref, dtype)
+    if residual:
+        assert torch.equal(s, h), "sum must equal x + residual rounded to the input dtype"
+    check("dx", dx, dx_t, dx_ref, dtype)
+    if weight:
+        assert dw.dtype == pd
+        check("dweight", dw, dw_t, dw_ref, dtype)
+    if bias:
+        check("dbias", db, db_t, db_ref, dtype)
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_parity(center, dtype, n):
+    run_case(rows_for(n), n, dtype, center)
+
+
+@pytest.mark.parametrize("n", [255, 1024, 4099, 65536])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_strided_rows(center, dtype, n):
+    run_case(rows_for(n), n, dtype, center, strided=True)
+
+
+@pytest.mark.parametrize("n", [3, 1024, 8192, 262144])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_residual(center, dtype, n):
+    run_case(rows_for(n), n, dtype, center, residual=True)
+
+
+@pytest.mark.parametrize("n", [255, 4096, 65536])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_weight_offset_and_grad_sum(dtype, n):
+    run_case(rows_for(n), n, dtype, False, offset=1.0, grad_sum=True)
+    run_case(rows_for(n), n, dtype, True, offset=0.5, grad_sum=True, residual=True)
+
+
+@pytest.mark.parametrize("n", [7, 1000, 4096, 262144])
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_partial_rms(dtype, p, n):
+    run_case(rows_for(n), n, dtype, False, p=p)
+
+
+@pytest.mark.parametrize("n", [1024, 5000, 65536])
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_fp32_params_bf16_input(center, n):
+    run_case(rows_for(n), n, torch.bfloat16, center, param_dtype=torch.float32)
+    run_case(rows_for(n), n, torch.float16, center, param_dtype=torch.float32, residual=True)
+
+
+@pytest.mark.parametrize("n", [64, 4096])
+def test_variants(n):
+    m = rows_for(n)
+    run_case(m, n, torch.bfloat16, False, weight=False)  # no weight
+    run_case(m, n, torch.bfloat16, False, bias=True)  # RMSNorm with bias
+    run_case(m, n, torch.bfloat16, True, weight=False, bias=True)  # LayerNorm, bias only
+    run_case(m, n, torch.bfloat16, True, out_dtype=torch.float32)
+    run_case(m, n, torch.bfloat16, False, out_dtype=torch.float16)  # computed in fp32, cast
+
+
+def test_unaligned_base():
+    # A view starting one element in: the kernels must drop to scalar accesses.
+    base = torch.randn(65, 1025, device="cuda", dtype=torch.bfloat16)
+    x = base.view(-1)[1 : 1 + 64 * 1024].view(64, 1024)
+    w = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+    y = ops.rms_norm(x, w, EPS)
+    ref = norm_math(x.double(), w.double(), None, EPS, False, 1024, 0.0)
+    theirs = F.rms_norm(x, (1024,), w, EPS)
+    check("y", y, theirs, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+@pytest.mark.parametrize("n", [1024, 16384, 262144])
+def test_dweight_deterministic(center, n):
+    m = max(64, (1 << 24) // n)
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    bwd = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = {} if center else {"p": 1.0}
+
+    def once():
+        return bwd(dy, x, w, None, EPS, has_bias=center, normalized_ndim=1, weight_offset=0.0, **kw)
+
+    first = [t.clone() for t in once()]
+    for _ in range(3):
+        for a, b in zip(first, once(), strict=True):
+            assert torch.equal(a, b), "backward is not bitwise deterministic"
+
+
+def test_cuda_graph_capture():
+    n, m = 4096, 512
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    r = torch.randn_like(x)
+    dy = torch.randn_like(x)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y, s = ops.add_layer_norm(x, r, w, b, EPS)
+        dx, dw, db = ops.layer_norm_backward(
+            dy, s, w, None, EPS, has_bias=True, normalized_ndim=1, weight_offset=0.0
+        )
+        z = ops.rms_norm(x, w, EPS)
+        dz = ops.rms_norm_backward(
+            dy, x, w, None, EPS, has_bias=False, normalized_ndim=1, weight_offset=0.0, p=1.0
+        )
+        return y, s, dx, dw, db, z, *dz
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):  # fresh inputs, then replay
+        for t in (x, r, dy, w, b):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = step()
+        for c, e in zip(captured, eager, strict=True):
+            if c.numel():
+                assert torch.equal(c, e), "graph replay differs from eager call"
