@@ -124,7 +124,7 @@ def _cast_to(view: View, node: fx.Node, x: Any, dt: Any) -> Term | None:
     src = meta.dtype(x)
     target = meta.resolve(dt)
     if src is not None and target == src:
-        return Term("alias", (view.arg(x),), node=node, nodes=(node,))
+        return Term("alias", (view.arg(x),), {"cast": True}, node=node, nodes=(node,))
     return Term("cast", (view.arg(x),), {"dtype": target or dt}, node=node, nodes=(node,))
 
 

@@ -72,6 +72,9 @@ class Site:
     low_precision_input: fx.Node | None = None
     anchor: fx.Node | None = None
 
+    def __post_init__(self) -> None:
+        self.nodes = set(self.nodes) - set(self.keep)  # input-side nodes may outlive the site
+
 
 class Matcher:
     """Walks terms for one match attempt, recording the nodes it consumes."""
@@ -113,21 +116,26 @@ class Matcher:
         raise NoMatch
 
     def upcast_root(self, t: Any) -> Any:
-        """t without exact upcasts to the accumulation dtype (the ops upcast internally).
+        """t without aliases and exact upcasts to the accumulation dtype (the ops upcast internally).
 
-        A cast node skipped here is input-side: it is removed only if nothing else uses it.
+        Nodes skipped here are input-side: removed only if nothing else uses them.
         """
-        t = self.unalias(t)
-        while isinstance(t, Term) and t.op == "cast":
-            src = t.args[0]
-            src_dtype = meta.dtype(src.node) if isinstance(src, Term) and src.node is not None else None
-            target = t.attrs["dtype"]
-            exact = target == meta.accumulation_dtype(src_dtype) if src_dtype else target == torch.float32
-            if not exact:
-                break
+        while isinstance(t, Term) and t.op in ("alias", "cast"):
+            if t.op == "cast":
+                src = t.args[0]
+                src_dtype = meta.dtype(src.node) if isinstance(src, Term) and src.node is not None else None
+                target = t.attrs["dtype"]
+                exact = target == meta.accumulation_dtype(src_dtype) if src_dtype else target == torch.float32
+                if not exact:
+                    break
             self.keep.update(t.nodes)
-            t = self.unalias(src)
+            t = t.args[0]
         return t
+
+    @staticmethod
+    def is_cast(t: Any) -> bool:
+        """t is spelled as a cast (a real one, or one to the dtype the tensor already has)."""
+        return isinstance(t, Term) and (t.op == "cast" or (t.op == "alias" and t.attrs.get("cast", False)))
 
     # -- facts about values ---------------------------------------------------------------------------
 

@@ -177,6 +177,10 @@ class Rewriter:
             for check in [u for u in site.input.users if is_check(u)]:  # they precede `total`
                 self.graph.erase_node(check)
                 self.erased.add(check)
+            for alias in [u for u in site.input.users if self.view[u].op == "alias"]:
+                alias.replace_all_uses_with(total)
+                self._forget_users(total)
+                site.nodes.add(alias)
             site.input.replace_all_uses_with(total)
             self._forget_users(total)
             site.nodes.add(site.input)

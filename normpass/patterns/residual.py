@@ -31,6 +31,17 @@ def match_residual(site: Site, view: View, order: dict[fx.Node, float]) -> tuple
         return None
     at = order[site.output]
     inside = site.nodes | site.keep
-    if any(u not in inside and order.get(u, at) < at for u in real_users(h)):
+
+    def removed(u: fx.Node) -> bool:
+        # goes away with the site: part of it, an input-side cast only it used, or a no-op alias of h
+        # (ATen keeps `h.to(h.dtype)` and routes h's later uses through it; the rewriter retargets them)
+        return (
+            u in site.nodes
+            or view[u].op == "alias"
+            or (u in site.keep and all(v in inside for v in real_users(u)))
+        )
+
+    # h's surviving uses will read the op's `sum`, so they must come after the op.
+    if any(not removed(u) and order.get(u, at) < at for u in real_users(h)):
         return None
     return x, r
