@@ -1,0 +1,353 @@
+"""The `normpass` command: `normpass demo`, `normpass explain FILE.py:FACTORY`, `normpass bench`.
+
+Also runnable as `python -m normpass ...`.
+
+    normpass demo                                # a small Llama: sites found, outputs checked, timings
+    normpass demo --compiler eager --steps 5     # no inductor (fast on a small CPU)
+    normpass explain my_model.py:make_model --shape 2,16,64
+    normpass bench -- --help                     # benchmarks/bench_kernels.py, arguments passed through
+
+`explain`'s FACTORY contract: a function of no arguments, defined in FILE.py, that returns either
+`model` or `(model, example_inputs)`, where example_inputs is a tensor or a tuple of positional
+inputs. When it returns only a model, `--shape` (e.g. `--shape 2,16,64`) gives the shape of one
+random input of `--dtype`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+POLICIES = ("fuse", "low_precision", "rmsnorm", "prmsnorm")
+BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
+
+
+# ---- small helpers -------------------------------------------------------------------------------------
+
+
+def _say(*lines: str) -> None:
+    print(*lines, sep="\n", flush=True)
+
+
+class Progress:
+    """A one-line text progress bar on stderr: `label [#####.....] 5/10`.
+
+    On a terminal it redraws in place; otherwise (a log file, a pipe) it writes the final line only.
+    """
+
+    def __init__(self, label: str, total: int, width: int = 30) -> None:
+        self.label, self.total, self.width = label, total, width
+        self.live = sys.stderr.isatty()
+        self.done = 0
+        self.update(0)
+
+    def _draw(self) -> None:
+        filled = self.width * self.done // max(self.total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        sys.stderr.write(f"\r  {self.label:<24} [{bar}] {self.done}/{self.total}")
+        sys.stderr.flush()
+
+    def update(self, done: int) -> None:
+        self.done = done
+        if self.live:
+            self._draw()
+
+    def close(self) -> None:
+        if not self.live:
+            self._draw()
+        sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive ints like 2,16,64, got {text!r}")
+    return shape
+
+
+def _explain_fn() -> tuple[Callable | None, str]:
+    """normpass.explain, or None and why not (it lives in normpass/api.py)."""
+    try:
+        from normpass.api import explain
+    except ImportError as e:
+        return None, f"normpass.explain is not available ({e})"
+    return explain, ""
+
+
+# ---- demo ----------------------------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(label: str, fn: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds of the first call, which includes compilation; median seconds per call after it)."""
+    bar = Progress(label, steps + 1)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    bar.update(1)
+    times = []
+    for i in range(steps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        bar.update(i + 2)
+    bar.close()
+    return first, statistics.median(times) if times else float("nan")
+
+
+def _header(args: argparse.Namespace, what: str, model: torch.nn.Module, dtype, device) -> str:
+    import normpass
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    n_params = sum(p.numel() for p in model.parameters())
+    kernels = (
+        f"reference fallback ({normpass.FALLBACK_REASON})"
+        if normpass.FALLBACK_REASON
+        else "compiled (normpass._C)"
+    )
+    return (
+        f"normpass demo: {what}, {args.layers} layers, hidden {args.hidden}, {n_params / 1e6:.2f}M params, "
+        f"batch {args.batch} x seq {args.seq}, {str(dtype).removeprefix('torch.')} on {where}\n"
+        f"torch {torch.__version__}; normpass kernels: {kernels}"
+    )
+
+
+def _check_outputs(
+    label: str, out: torch.Tensor, original: torch.Tensor, reference: torch.Tensor, policy: str
+):
+    """Lines comparing `out` with the original and float64, and whether it keeps the policy's promise."""
+    out, original = out.float(), original.float()
+    err, err_orig = ((t - reference).abs().max().item() for t in (out, original))
+    if policy in ("rmsnorm", "prmsnorm"):
+        verdict, ok = "n/a (this policy changes the function)", True
+    else:  # the tests' promise: no further from float64 than the original, plus a margin
+        ok = err <= 2 * err_orig + 1e-5 * reference.abs().max().item()
+        verdict = "OK" if ok else "MISMATCH"
+    lines = [
+        f"   max |{label} - original| = {(out - original).abs().max().item():.3g}",
+        f"   max |output - float64 reference|: original {err_orig:.3g}, {label} {err:.3g} -> {verdict}",
+    ]
+    return lines, ok
+
+
+def demo(args: argparse.Namespace) -> int:
+    import normpass
+    from normpass import demo_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(0)
+    model, what = demo_model.build(args.layers, args.hidden, args.heads, args.vocab)
+    model = model.to(device=device, dtype=dtype)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
+    _say(_header(args, what, model, dtype, device))
+
+    _say("", f"1. Norm sites (normpass.explain, policy={args.policy})")
+    explain_fn, why_not = _explain_fn()
+    if explain_fn is None:
+        _say(f"   skipped: {why_not}")
+    else:
+        try:
+            _say(str(explain_fn(model, x, policy=args.policy)))
+        except Exception as e:  # the report informs; the rest of the demo still runs
+            _say(f"   explain failed: {type(e).__name__}: {e}")
+
+    variants: list[tuple[str, Callable[[], Any]]] = [("eager (original)", lambda: model(x))]
+    if args.compiler == "inductor":
+        original_inductor = torch.compile(model)
+        variants.append(("inductor (original)", lambda: original_inductor(x)))
+    be = getattr(normpass, "backend", None)
+    if callable(be):
+        be = be(compiler=args.compiler, policy=args.policy)
+        fused = torch.compile(model, backend=be)
+        variants.append((f"normpass + {args.compiler}", lambda: fused(x)))
+    else:
+        _say("", "   the normpass torch.compile backend is not available: timing the original only")
+
+    _say("", f"2. Timing (forward under no_grad; the first call compiles, then {args.steps} timed steps)")
+    timings, outputs = [], {}
+    with torch.no_grad():
+        for label, fn in variants:
+            first, per_step = _time(label, fn, args.steps, device)
+            timings.append((label, first, per_step))
+            outputs[label] = fn()
+        reference = copy.deepcopy(model).to(torch.float64)(x)
+
+    _say("", f"3. Outputs on the same input (policy={args.policy}, compiler={args.compiler})")
+    all_ok = True
+    for label, out in outputs.items():
+        if label.startswith("normpass"):
+            lines, ok = _check_outputs(label, out, outputs["eager (original)"], reference, args.policy)
+            all_ok &= ok
+            _say(*lines)
+    reports = getattr(be, "reports", None)  # one per graph Dynamo handed to the backend
+    if reports:
+        rewritten, sites = sum(len(r.rewritten) for r in reports), sum(len(r) for r in reports)
+        _say(f"   the backend rewrote {rewritten} of {sites} site(s) in {len(reports)} graph(s)")
+
+    _say("", "4. Timings (median ms per forward step)")
+    eager = timings[0][2]
+    rows = [
+        (label, f"{first:.2f}", f"{per_step * 1e3:.3f}", f"{eager / per_step:.2f}x")
+        for label, first, per_step in timings
+    ]
+    _say(_table(("variant", "first call (s)", "ms/step", "vs eager"), rows))
+    if len(timings) == 3:
+        _say(f"normpass + inductor vs inductor alone: {timings[1][2] / timings[2][2]:.2f}x")
+    return 0 if all_ok else 1
+
+
+# ---- explain -------------------------------------------------------------------------------------------
+
+
+def _load_factory(spec: str, parser: argparse.ArgumentParser) -> Callable[[], Any]:
+    path, sep, name = spec.rpartition(":")
+    if not sep or not path or not name.isidentifier():
+        parser.error(f"expected FILE.py:FACTORY (e.g. models.py:make_model), got {spec!r}")
+    file = Path(path)
+    if not file.is_file():
+        parser.error(f"{path}: no such file")
+    module_spec = importlib.util.spec_from_file_location(f"normpass_user_{file.stem}", file)
+    if module_spec is None or module_spec.loader is None:
+        parser.error(f"{path}: cannot import it as a Python file")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, str(file.resolve().parent))  # so the file can import its neighbors
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        parser.error(f"{path} has no function {name!r}")
+    return factory
+
+
+def explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    factory = _load_factory(args.spec, parser)
+    made = factory()
+    model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
+    if not isinstance(model, torch.nn.Module):
+        parser.error(
+            f"{args.spec} returned {type(made).__name__}; expected a model or (model, example_inputs)"
+        )
+    if inputs is None:
+        if args.shape is None:
+            parser.error(
+                f"{args.spec} returned only a model: give --shape (e.g. --shape 2,16,64) for a random input"
+            )
+        inputs = (torch.randn(args.shape, dtype=DTYPES[args.dtype or "float32"]),)
+    elif isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    explain_fn, why_not = _explain_fn()
+    if explain_fn is None:
+        print(f"normpass explain: {why_not}", file=sys.stderr)
+        return 1
+    print(explain_fn(model, *inputs, policy=args.policy))
+    return 0
+
+
+# ---- bench ---------------------------------------------------------------------------------------------
+
+
+def bench(args: argparse.Namespace) -> int:
+    if not BENCH_SCRIPT.is_file():
+        print(
+            f"normpass bench: {BENCH_SCRIPT} is not here. It ships with the source tree, not the wheel: "
+            "run it from a clone of the repository.",
+            file=sys.stderr,
+        )
+        return 1
+    extra = args.args[1:] if args.args[:1] == ["--"] else args.args
+    return subprocess.call([sys.executable, str(BENCH_SCRIPT), *extra])
+
+
+# ---- entry point ---------------------------------------------------------------------------------------
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="normpass", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,explain,bench}")
+
+    d = sub.add_parser("demo", help="a small Llama: norm sites found, outputs checked, timings")
+    d.add_argument("--device", help="cpu or cuda[:N] (default: cuda when there is one)")
+    d.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
+    d.add_argument("--layers", type=int, default=2)
+    d.add_argument("--hidden", type=int, default=256)
+    d.add_argument("--heads", type=int, default=4)
+    d.add_argument("--vocab", type=int, default=512)
+    d.add_argument("--batch", type=int, default=4)
+    d.add_argument("--seq", type=int, default=128)
+    d.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    d.add_argument(
+        "--compiler", default="inductor", choices=("inductor", "eager"), help="normpass's inner compiler"
+    )
+    d.add_argument("--policy", default="fuse", choices=POLICIES)
+
+    e = sub.add_parser("explain", help="the report for a model you define: FILE.py:FACTORY")
+    e.add_argument(
+        "spec", metavar="FILE.py:FACTORY", help="FACTORY() returns model or (model, example_inputs)"
+    )
+    e.add_argument(
+        "--shape", type=_parse_shape, help="shape of a random input, when FACTORY returns only a model"
+    )
+    e.add_argument("--dtype", choices=DTYPES, help="dtype of that random input (default float32)")
+    e.add_argument("--policy", default="fuse", choices=POLICIES)
+
+    b = sub.add_parser(
+        "bench", help="the kernel benchmark (benchmarks/bench_kernels.py; arguments passed through)"
+    )
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        for flag in ("layers", "hidden", "heads", "vocab", "batch", "seq"):
+            if getattr(args, flag) <= 0:
+                parser.error(f"--{flag} must be positive")
+        if args.steps < 0:
+            parser.error("--steps must be >= 0")
+        if args.hidden % args.heads:
+            parser.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
+        if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+        return demo(args)
+    if args.command == "explain":
+        return explain(args, parser)
+    return bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

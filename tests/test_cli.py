@@ -1,0 +1,145 @@
+"""The `normpass` command: demo end to end on CPU, explain on a user file, bench, argument errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from normpass import cli, demo_model
+
+TINY_DEMO = ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "64"]
+TINY_DEMO += ["--batch", "2", "--seq", "8", "--steps", "2", "--compiler", "eager"]
+
+
+def test_demo_runs_end_to_end_on_cpu(capsys):
+    assert cli.main(["demo", *TINY_DEMO]) == 0
+    out, err = capsys.readouterr()
+    assert "normpass demo: transformers" in out and "LlamaForCausalLM, 1 layers, hidden 32" in out
+    assert "1. Norm sites (normpass.explain, policy=fuse)" in out
+    assert "normpass report (policy=fuse): 3 site(s)" in out  # two per layer and the final norm
+    assert "max |normpass + eager - original|" in out and "-> OK" in out
+    assert "the backend rewrote" in out
+    table = out[out.index("4. Timings") :]
+    assert "eager (original)" in table and "normpass + eager" in table and "vs eager" in table
+    assert "eager (original)" in err and "[##############################] 3/3" in err  # the progress bars
+
+
+def test_demo_defaults_use_inductor():
+    args = cli.make_parser().parse_args(["demo"])
+    assert (args.compiler, args.policy, args.steps) == ("inductor", "fuse", 10)
+
+
+def test_demo_model_without_transformers():
+    model, what = demo_model.build(layers=2, hidden=32, heads=2, vocab=64, use_transformers=False)
+    assert what == "normpass.demo_model.TinyLlama"
+    ids = torch.randint(0, 64, (2, 8))
+    assert model(ids).shape == (2, 8, 64)
+    report = cli._explain_fn()[0](model, ids)
+    assert len(report) == 5 and all(r.form.startswith("R1") for r in report.rows)  # Llama's upcast form
+
+
+def test_python_dash_m():
+    result = subprocess.run(
+        [sys.executable, "-m", "normpass", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0 and "{demo,explain,bench}" in result.stdout
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "my_models.py"
+    path.write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            class Net(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.fc = torch.nn.Linear(16, 16)
+                    self.ln = torch.nn.LayerNorm(16)
+
+                def forward(self, x):
+                    h = self.fc(x)
+                    return self.ln(h) + h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+            def with_inputs():
+                return Net(), torch.randn(2, 4, 16)
+
+            def model_only():
+                return Net()
+
+            def not_a_model():
+                return 42
+
+            NOT_CALLABLE = 1
+            """
+        )
+    )
+    return path
+
+
+def test_explain_with_example_inputs(user_file, capsys):
+    assert cli.main(["explain", f"{user_file}:with_inputs"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("normpass report (policy=fuse): 2 site(s)")
+    assert "ln" in out
+
+
+def test_explain_model_only_needs_shape(user_file, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["explain", f"{user_file}:model_only"])
+    assert exc.value.code == 2
+    assert "returned only a model: give --shape (e.g. --shape 2,16,64)" in capsys.readouterr().err
+    assert cli.main(["explain", f"{user_file}:model_only", "--shape", "3,16", "--policy", "rmsnorm"]) == 0
+    assert capsys.readouterr().out.startswith("normpass report (policy=rmsnorm): 2 site(s)")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["explain", "my_models.py"],
+            "expected FILE.py:FACTORY (e.g. models.py:make_model), got 'my_models.py'",
+        ),
+        (["explain", "{file}:"], "expected FILE.py:FACTORY"),
+        (["explain", "{file}:not-a-name"], "expected FILE.py:FACTORY"),
+        (["explain", "missing.py:make"], "missing.py: no such file"),
+        (["explain", "{file}:nope"], "has no function 'nope'"),
+        (["explain", "{file}:NOT_CALLABLE"], "has no function 'NOT_CALLABLE'"),
+        (["explain", "{file}:not_a_model"], "returned int; expected a model or (model, example_inputs)"),
+        (["explain", "{file}:model_only", "--shape", "2,x"], "expected comma-separated positive ints"),
+        (["explain", "{file}:model_only", "--shape", "0,4"], "expected comma-separated positive ints"),
+        (["explain", "{file}:with_inputs", "--policy", "fast"], "invalid choice: 'fast'"),
+        (["demo", "--hidden", "30", "--heads", "4"], "--hidden (30) must be a multiple of --heads (4)"),
+        (["demo", "--layers", "0"], "--layers must be positive"),
+        (["demo", "--compiler", "tvm"], "invalid choice: 'tvm'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required"),
+    ],
+)
+def test_bad_arguments(argv, message, user_file, capsys):
+    argv = [a.format(file=user_file) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "usage: normpass" in err
+
+
+def test_bench_passes_arguments_through(tmp_path, monkeypatch, capfd):
+    script = tmp_path / "bench_kernels.py"
+    script.write_text("import sys\nprint('bench args', sys.argv[1:])\nsys.exit(3)\n")
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", script)
+    assert cli.main(["bench", "--", "--dtype", "bf16", "-n", "5"]) == 3
+    assert "bench args ['--dtype', 'bf16', '-n', '5']" in capfd.readouterr().out
+
+
+def test_bench_without_the_script(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(cli, "BENCH_SCRIPT", tmp_path / "bench_kernels.py")
+    assert cli.main(["bench"]) == 1
+    assert "bench_kernels.py is not here" in capsys.readouterr().err
