@@ -92,8 +92,16 @@ def apex_fn(center):
     return lambda x, w, b: fused_rms_norm_affine(x, w, (x.shape[-1],), EPS)
 
 
+class DirectOps:
+    """normpass's forward and backward ops called directly (no autograd): the kernels alone."""
+
+    def __init__(self, center):
+        self.center = center
+
+
 PROVIDERS = {
     "normpass": (normpass_fn, False),
+    "normpass(ops)": (DirectOps, False),
     "torch": (native, False),
     "inductor(hand)": (lambda c: compiled(hand_ln if c else hand_rms), True),
     "inductor(native)": (lambda c: compiled(native(c)), True),
@@ -114,6 +122,8 @@ class Budget:
 
 def measure(fn, x, w, b, dy, rep_ms: int):
     """(forward ms, forward+backward ms) for y = fn(x, w, b)."""
+    if isinstance(fn, DirectOps):
+        return measure_direct(fn.center, x.detach(), w.detach(), b, dy, rep_ms)
     params = [t for t in (w, b) if t is not None]
     fwd = bench_ms(lambda: fn(x, w, b), rep_ms)
 
@@ -122,6 +132,33 @@ def measure(fn, x, w, b, dy, rep_ms: int):
         torch.autograd.grad(y, (x, *params), dy)
 
     return fwd, bench_ms(step, rep_ms)
+
+
+def measure_direct(center, x, w, b, dy, rep_ms: int):
+    ops = torch.ops.normpass
+    if center:
+        b = b.detach()
+
+        def fwd():
+            return ops.layer_norm(x, w, b, EPS)
+
+        def bwd():
+            return ops.layer_norm_backward(dy, x, w, None, EPS, has_bias=True, normalized_ndim=1, weight_offset=0.0)
+    else:
+
+        def fwd():
+            return ops.rms_norm(x, w, EPS)
+
+        def bwd():
+            return ops.rms_norm_backward(
+                dy, x, w, None, EPS, has_bias=False, normalized_ndim=1, weight_offset=0.0, p=1.0
+            )
+
+    def step():
+        fwd()
+        bwd()
+
+    return bench_ms(fwd, rep_ms), bench_ms(step, rep_ms)
 
 
 def main() -> int:

@@ -36,7 +36,8 @@ def rows_for(n: int) -> int:
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     a = a.double()
     assert torch.isfinite(a).all(), "non-finite output"
-    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    # Degenerate references (N = 1 LayerNorm: y = b, dx = 0) are compared on an absolute scale.
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-3 * ref.numel() ** 0.5)).item()
 
 
 def check(name: str, ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, dtype) -> None:
@@ -149,8 +150,9 @@ def run_case(
     bias = center if bias is None else bias
     k = max(1, math.ceil(p * n))  # the statistics columns, as the front end counts them
     # torch has an op for plain LayerNorm and weight-only RMSNorm; other variants compare with eager.
-    native = p == 1.0 and offset == 0.0 and not residual and (center or not bias) and out_dtype is None
     pd = param_dtype or dtype
+    native = p == 1.0 and offset == 0.0 and not residual and (center or not bias) and out_dtype is None
+    native = native and pd == dtype  # F.layer_norm rejects mixed dtypes
 
     def rand(*shape, dt=dtype):
         return torch.randn(*shape, device=dev, dtype=torch.float32).to(dt)

@@ -16,6 +16,9 @@ namespace cuda {
 
 template <typename T> struct Tag { using type = T; };
 
+// Column indices inside a row are 32-bit (row offsets are 64-bit).
+constexpr int64_t kMaxCols = (int64_t(1) << 31) - 1024;
+
 // Calls f(Tag<T>{}) with T the CUDA storage type of `t`.
 template <typename F>
 void dispatch_float(at::ScalarType t, const char* what, F&& f) {

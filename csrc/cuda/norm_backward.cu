@@ -15,7 +15,7 @@ void backward_launch(const Tensor& grad_out, const Tensor& x, const optional<Ten
                      optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   const int64_t cols = x.size(1);
   const auto shape = choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC, BIAS_GRAD>(),
-                                   max_cluster());
+                                   max_cluster(), kBwdMinThreads);
   const RowLayout& L = shape.layout;
   const size_t smem = (L.rows_per_cta > 1 && L.tiles == 1)
                           ? sizeof(float) * L.rows_per_cta * static_cast<size_t>(cols)
@@ -96,6 +96,8 @@ void norm_backward_cuda(const Tensor& grad_out, const Tensor& x, const optional<
               "normpass CUDA: weight must be of x's dtype or fp32, got ", weight->scalar_type());
   TORCH_CHECK(!grad_weight || grad_weight->scalar_type() == at::kFloat, "normpass CUDA: fp32 dweight");
   TORCH_CHECK(!grad_bias || grad_bias->scalar_type() == at::kFloat, "normpass CUDA: fp32 dbias");
+  TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", x.size(1), " elements (at most ",
+              kMaxCols, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool fp32_weight = weight && weight->scalar_type() != x.scalar_type();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {

@@ -14,7 +14,7 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const NormParams& p, Tensor& out, optional<Tensor>& sum) {
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
-                                   max_cluster());
+                                   max_cluster(), kFwdMinThreads);
   FwdArgs<T, W, O> a{};
   a.x = ptr<T>(x);
   a.residual = ptr<T>(residual);
@@ -65,7 +65,8 @@ void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
   TORCH_CHECK(!(weight && bias) || weight->scalar_type() == bias->scalar_type(),
               "normpass: weight and bias must share a dtype, got ", weight->scalar_type(),
               " and ", bias->scalar_type());
-  TORCH_CHECK(x.size(1) < (int64_t(1) << 40), "normpass CUDA: rows of ", x.size(1), " elements");
+  TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", x.size(1), " elements (at most ",
+              kMaxCols, ")");
   const c10::cuda::CUDAGuard guard(x.device());
   // Output dtypes other than x's or fp32 are computed in fp32 and cast once.
   if (out.scalar_type() != x.scalar_type() && out.scalar_type() != at::kFloat) {

@@ -10,15 +10,19 @@
 namespace normpass {
 namespace cuda {
 
-// Vectors per thread per tile. The forward keeps the row as packed input
-// (8 x 16 bytes = 32 registers). The backward also holds dy and the fp32
-// dweight (and dbias) partials, 8 more registers per fp32 column; 2 x 16-bit
-// vectors with dbias keep it under the 128 registers that let 512 threads
-// share an SM without spilling.
-template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 16 : 8; }
+// Vectors per thread per tile. The forward keeps its share of the row as
+// packed input, 4 x 16 bytes = 16 registers, which keeps it under the 64
+// registers that let four 256-thread CTAs share an SM (the more independent
+// CTAs, the better one CTA's loads hide another's reductions). The backward
+// also holds dy and the fp32 dweight (and dbias) partials, 8 more registers
+// per 16-bit column; 2 x 16-bit vectors with dbias keep it under the 128
+// registers that let 512 threads share an SM without spilling.
+template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 8 : 4; }
 template <int VEC, bool BIAS_GRAD> __host__ __device__ constexpr int bwd_items() {
   return VEC == 1 ? 8 : (BIAS_GRAD && VEC == 8 ? 2 : 4);
 }
+constexpr int kFwdMinThreads = 128; // CTA size for short rows
+constexpr int kBwdMinThreads = 256;
 
 // One thread's share of a row tile, packed in the storage type.
 template <typename T, int VEC, int ITEMS>
@@ -43,13 +47,14 @@ struct FwdArgs {
 };
 
 template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
-__global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
+__global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
   constexpr int ITEMS = fwd_items<VEC>();
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmem sh;
   int parity = 0;
   const bool resident = L.tiles == 1;
+  const float inv_k = 1.f / static_cast<float>(L.stat_cols);
 
   for (int64_t rb = blockIdx.x / L.cluster; rb < L.row_blocks; rb += gridDim.x / L.cluster) {
     const int64_t row = rb * L.rows_per_cta + th.group;
@@ -62,14 +67,12 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const FwdArgs<T, 
     O* out = a.out + r0 * L.cols;
     Frag<T, VEC, ITEMS> h;
 
-    // Tile t into h. The first pass reads x (+ residual, rounded to T and
-    // stored to `sum`, as eager `x + residual` would); later passes over a
-    // non-resident row re-read that rounded sum.
+    // Tile t into h. The statistics pass reads x (+ residual, rounded to T
+    // and stored to `sum`, as eager `x + residual` would); the output pass of
+    // a non-resident row re-reads that rounded sum.
     auto load_tile = [&](int t, bool first_pass) {
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) {
-        const int64_t j = th.vec<ITEMS>(t, k);
-        if (!valid || j >= L.nvec) continue;
+      if (!valid) return;
+      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         if (RESIDUAL && !first_pass) {
           load<false>(h.v[k], sum + j * VEC); // written by this kernel: no read-only path
         } else if (RESIDUAL) {
@@ -83,45 +86,46 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const FwdArgs<T, 
         } else {
           load(h.v[k], x + j * VEC);
         }
-      }
-    };
-    // Statistics of tile t; nothing for a missing row.
-    auto stat = [&](int t, auto f) { return valid ? stat_sum<ITEMS, VEC>(th, L, t, f) : 0.f; };
-
-    if (resident) load_tile(0, true);
-    bool first_pass = true;
-    const float inv_k = 1.f / static_cast<float>(L.stat_cols);
-
-    float mean = 0.f;
-    if constexpr (CENTER) {
-      float s[1] = {0.f};
-      for (int t = 0; t < L.tiles; ++t) {
-        if (!resident) load_tile(t, first_pass);
-        s[0] += stat(t, [&](int k, int e) { return h(k, e); });
-      }
-      first_pass = false;
-      row_sum(s, L, sh, parity);
-      mean = s[0] * inv_k;
-    }
-
-    // Centered second moment (not E[x^2] - mean^2: no cancellation).
-    float ss[1] = {0.f};
-    for (int t = 0; t < L.tiles; ++t) {
-      if (!resident) load_tile(t, first_pass);
-      ss[0] += stat(t, [&](int k, int e) {
-        const float d = h(k, e) - mean;
-        return d * d;
       });
+    };
+
+    // LayerNorm shifts by the row's first element, h[0] (see shifted_moments).
+    float shift = 0.f;
+    if (CENTER && valid) {
+      Pack<T, 1> x0, r0v;
+      load(x0, x);
+      shift = to_float(x0.v[0]);
+      if (RESIDUAL) {
+        load(r0v, r);
+        shift = to_float(from_float<T>(shift + to_float(r0v.v[0])));
+      }
     }
-    row_sum(ss, L, sh, parity);
-    const float rstd = rsqrtf(ss[0] * inv_k + a.eps);
+
+    // One reduction: sum (h - shift)^2 and, for LayerNorm, sum (h - shift).
+    float s[CENTER ? 2 : 1] = {};
+    for (int t = 0; t < L.tiles; ++t) {
+      load_tile(t, true);
+      if (valid) {
+        for_each_stat<ITEMS, VEC>(th, L, t, [&](int k, int e) {
+          const float d = h(k, e) - shift;
+          s[0] += d * d;
+          if constexpr (CENTER) s[1] += d;
+        });
+      }
+    }
+    row_sum(s, L, sh, parity);
+    float mean = 0.f, var = s[0] * inv_k;
+    if constexpr (CENTER) {
+      const Moments mo = shifted_moments(shift, s[1], s[0], inv_k);
+      mean = mo.mean;
+      var = mo.var;
+    }
+    const float rstd = rsqrtf(var + a.eps);
 
     for (int t = 0; t < L.tiles; ++t) {
       if (!resident) load_tile(t, false);
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) {
-        const int64_t j = th.vec<ITEMS>(t, k);
-        if (!valid || j >= L.nvec) continue;
+      if (!valid) continue;
+      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         float w[VEC], b[VEC];
         load_scale(w, a.weight, j * VEC, a.weight_offset);
         load_bias(b, a.bias, j * VEC);
@@ -129,16 +133,17 @@ __global__ void __launch_bounds__(kMaxThreads) norm_fwd_kernel(const FwdArgs<T, 
 #pragma unroll
         for (int e = 0; e < VEC; ++e) y.v[e] = from_float<O>((h(k, e) - mean) * rstd * w[e] + b[e]);
         store(out + j * VEC, y);
-      }
+      });
     }
   }
   cluster_exit_barrier(L);
 }
 
 // ---------------------------------------------------------------------------
-// Backward. Per row: the mean (LayerNorm), then one reduction of
-//   (sum over stat columns of (x-mean)^2, sum g*(x-mean), sum g),
-// g = dy * (w + offset), which gives rstd and the two terms of
+// Backward. Per row, one reduction of
+//   sum (x-s)^2 and sum (x-s) over the stat columns, sum g*(x-s), sum g,
+// with g = dy * (w + offset) and s the LayerNorm shift (0 for RMSNorm),
+// gives rstd and the two terms of
 //   dx = rstd * (g - mean(g) - xhat * sum(g*xhat) / k) (+ grad_sum).
 // dweight/dbias: fp32 partials that stay in registers across all rows a
 // cluster visits (persistent grid) and are written once, one row of
@@ -173,6 +178,8 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, 
   const int64_t clusters = gridDim.x / L.cluster;
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);
   const float inv_n = 1.f / static_cast<float>(L.cols);
+  float* dw_part = a.dw_part ? a.dw_part + cluster_id * L.cols : nullptr;
+  float* db_part = BIAS_GRAD ? a.db_part + cluster_id * L.cols : nullptr;
 
   float dw[ITEMS][VEC], db[DB_ITEMS][VEC];
 #pragma unroll
@@ -196,93 +203,84 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, 
     Frag<T, VEC, ITEMS> xf, gf;
 
     auto load_tile = [&](int t) {
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) {
-        const int64_t j = th.vec<ITEMS>(t, k);
-        if (!valid || j >= L.nvec) continue;
+      if (!valid) return;
+      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         load(xf.v[k], x + j * VEC);
         load(gf.v[k], dy + j * VEC);
-      }
+      });
     };
-    auto stat = [&](int t, auto f) { return valid ? stat_sum<ITEMS, VEC>(th, L, t, f) : 0.f; };
-    if (resident) load_tile(0);
-
-    float mean = 0.f;
-    if constexpr (CENTER) {
-      float s[1] = {0.f};
-      for (int t = 0; t < L.tiles; ++t) {
-        if (!resident) load_tile(t);
-        s[0] += stat(t, [&](int k, int e) { return xf(k, e); });
-      }
-      row_sum(s, L, sh, parity);
-      mean = s[0] * inv_k;
+    float shift = 0.f;
+    if (CENTER && valid) {
+      Pack<T, 1> x0;
+      load(x0, x);
+      shift = to_float(x0.v[0]);
     }
 
-    // acc: sum (x-mean)^2 [stat columns], sum g*(x-mean), sum g [LayerNorm].
-    float acc[CENTER ? 3 : 2] = {};
+    // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
+    float acc[CENTER ? 4 : 2] = {};
     for (int t = 0; t < L.tiles; ++t) {
-      if (!resident) load_tile(t);
-      acc[0] += stat(t, [&](int k, int e) {
-        const float d = xf(k, e) - mean;
-        return d * d;
+      load_tile(t);
+      if (!valid) continue;
+      for_each_stat<ITEMS, VEC>(th, L, t, [&](int k, int e) {
+        const float d = xf(k, e) - shift;
+        acc[0] += d * d;
+        if constexpr (CENTER) acc[3] += d;
       });
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) {
-        const int64_t j = th.vec<ITEMS>(t, k);
-        if (!valid || j >= L.nvec) continue;
+      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         float w[VEC];
         load_scale(w, a.weight, j * VEC, a.weight_offset);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float g = gf(k, e) * w[e];
-          acc[1] += g * (xf(k, e) - mean);
+          acc[1] += g * (xf(k, e) - shift);
           if constexpr (CENTER) acc[2] += g;
         }
-      }
+      });
     }
     row_sum(acc, L, sh, parity);
-    const float rstd = rsqrtf(acc[0] * inv_k + a.eps);
-    const float c = acc[1] * rstd * inv_k; // sum(g * xhat) / k
-    float mean_g = 0.f;
-    if constexpr (CENTER) mean_g = acc[2] * inv_n;
+    float mean = 0.f, var = acc[0] * inv_k, sum_gxm = acc[1], mean_g = 0.f;
+    if constexpr (CENTER) {
+      const Moments mo = shifted_moments(shift, acc[3], acc[0], inv_k);
+      mean = mo.mean;
+      var = mo.var;
+      sum_gxm -= (mean - shift) * acc[2]; // sum g*(x - mean)
+      mean_g = acc[2] * inv_n;
+    }
+    const float rstd = rsqrtf(var + a.eps);
+    const float c = sum_gxm * rstd * inv_k; // sum(g * xhat) / k
 
     for (int t = 0; t < L.tiles; ++t) {
       if (!resident) load_tile(t);
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) {
-        const int64_t j = th.vec<ITEMS>(t, k);
-        if (!valid || j >= L.nvec) continue;
-        const int64_t col = j * VEC;
+      if (!valid) continue;
+      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
+        const int col = j * VEC;
         float w[VEC], gs[VEC];
         load_scale(w, a.weight, col, a.weight_offset);
-        Pack<T, VEC> out;
         if (ds != nullptr) {
           Pack<T, VEC> p;
           load(p, ds + col);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) gs[e] = to_float(p.v[e]);
         }
-        float* dwp = a.dw_part ? a.dw_part + cluster_id * L.cols + col : nullptr;
-        float* dbp = BIAS_GRAD ? a.db_part + cluster_id * L.cols + col : nullptr;
+        Pack<T, VEC> out;
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float xhat = (xf(k, e) - mean) * rstd;
           const float d = gf(k, e);
-          const float g = d * w[e];
-          float v = rstd * (g - mean_g - (col + e < L.stat_cols ? xhat * c : 0.f));
+          float v = rstd * (d * w[e] - mean_g - (col + e < L.stat_cols ? xhat * c : 0.f));
           if (ds != nullptr) v += gs[e];
           out.v[e] = from_float<T>(v);
           if (resident) {
             dw[k][e] += d * xhat;
-            if (BIAS_GRAD) db[BIAS_GRAD ? k : 0][e] += d;
+            if constexpr (BIAS_GRAD) db[k][e] += d;
           } else {
             // This cluster's own partial row: no other thread touches it.
-            if (dwp) dwp[e] = (first_row ? 0.f : dwp[e]) + d * xhat;
-            if (BIAS_GRAD) dbp[e] = (first_row ? 0.f : dbp[e]) + d;
+            if (dw_part) dw_part[col + e] = (first_row ? 0.f : dw_part[col + e]) + d * xhat;
+            if constexpr (BIAS_GRAD) db_part[col + e] = (first_row ? 0.f : db_part[col + e]) + d;
           }
         }
         store(dx + col, out);
-      }
+      });
     }
     first_row = false;
   }
@@ -291,43 +289,30 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, 
   // merge through shared memory, in row order.
   if (resident) {
     auto flush = [&](float* part, auto&& value) {
-      if (L.rows_per_cta == 1) {
-#pragma unroll
-        for (int k = 0; k < ITEMS; ++k) {
-          const int64_t j = th.vec<ITEMS>(0, k);
-          if (j >= L.nvec) continue;
-#pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            if (j * VEC + e < L.cols) part[cluster_id * L.cols + j * VEC + e] = value(k, e);
-        }
-        return;
-      }
-      float* mine = merge + int64_t(th.group) * L.cols;
-#pragma unroll
-      for (int k = 0; k < ITEMS; ++k) {
-        const int64_t j = th.vec<ITEMS>(0, k);
-        if (j >= L.nvec) continue;
+      float* dst = L.rows_per_cta == 1 ? part : merge + int64_t(th.group) * L.cols;
+      for_each_vec<ITEMS>(th, L, 0, [&](int k, int j) {
 #pragma unroll
         for (int e = 0; e < VEC; ++e)
-          if (j * VEC + e < L.cols) mine[j * VEC + e] = value(k, e);
-      }
+          if (j * VEC + e < L.cols) dst[j * VEC + e] = value(k, e);
+      });
+      if (L.rows_per_cta == 1) return;
       __syncthreads();
-      for (int64_t col = threadIdx.x; col < L.cols; col += blockDim.x) {
+      for (int col = threadIdx.x; col < L.cols; col += blockDim.x) {
         float s = 0.f;
         for (int g = 0; g < L.rows_per_cta; ++g) s += merge[g * L.cols + col];
-        part[cluster_id * L.cols + col] = s;
+        part[col] = s;
       }
       __syncthreads(); // merge[] is reused by the next flush
     };
-    if (a.dw_part) flush(a.dw_part, [&](int k, int e) { return dw[k][e]; });
-    if constexpr (BIAS_GRAD) flush(a.db_part, [&](int k, int e) { return db[k][e]; });
+    if (dw_part) flush(dw_part, [&](int k, int e) { return dw[k][e]; });
+    if constexpr (BIAS_GRAD) flush(db_part, [&](int k, int e) { return db[k][e]; });
   }
   cluster_exit_barrier(L);
 }
 
 // dweight/dbias = sum over the partial rows, in row order. blockIdx.y picks
 // dweight (0) or dbias (1); each block sums 32 columns with 16 row slices.
-__global__ void __launch_bounds__(512) sum_partials_kernel(const float* dw_part, const float* db_part,
+static __global__ void __launch_bounds__(512) sum_partials_kernel(const float* dw_part, const float* db_part,
                                                            int64_t parts, int64_t cols, float* dw,
                                                            float* db) {
   const float* part = blockIdx.y == 0 ? dw_part : db_part;

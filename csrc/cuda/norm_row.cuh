@@ -74,7 +74,7 @@ __device__ __forceinline__ void store(T* dst, const Pack<T, N>& p) {
 
 // Bias vector as fp32 (0 when absent).
 template <typename W, int N>
-__device__ __forceinline__ void load_bias(float (&out)[N], const W* p, int64_t col) {
+__device__ __forceinline__ void load_bias(float (&out)[N], const W* p, int col) {
   Pack<W, N> b;
   if (p != nullptr) load(b, p + col);
 #pragma unroll
@@ -83,7 +83,7 @@ __device__ __forceinline__ void load_bias(float (&out)[N], const W* p, int64_t c
 
 // Scale vector: weight + offset, or exactly 1 when there is no weight.
 template <typename W, int N>
-__device__ __forceinline__ void load_scale(float (&out)[N], const W* p, int64_t col, float offset) {
+__device__ __forceinline__ void load_scale(float (&out)[N], const W* p, int col, float offset) {
   Pack<W, N> w;
   if (p != nullptr) load(w, p + col);
 #pragma unroll
@@ -96,9 +96,9 @@ __device__ __forceinline__ void load_scale(float (&out)[N], const W* p, int64_t 
 struct RowLayout {
   int64_t rows;       // M
   int64_t row_blocks; // ceil(rows / rows_per_cta): the units the grid loops over
-  int64_t cols;       // N
-  int64_t stat_cols;  // columns the statistics cover (pRMSNorm), <= cols
-  int64_t nvec;       // vectors per row
+  int cols;           // N (column indices are 32-bit; row offsets are 64-bit)
+  int stat_cols;      // columns the statistics cover (pRMSNorm), <= cols
+  int nvec;           // vectors per row
   int tpr;            // threads per row inside one CTA (power of two)
   int rows_per_cta;   // blockDim.x / tpr
   int cluster;        // CTAs per row (1 unless the row needs more than one CTA)
@@ -107,22 +107,20 @@ struct RowLayout {
 
 // A thread's position: which row of the row block, and which vectors of it.
 struct RowThread {
-  int group;      // row inside the CTA's row block
-  int rank;       // CTA rank in the cluster
-  int64_t first;  // first vector index this thread owns in tile 0
-  int64_t stride; // threads per row (vector index step between items)
+  int group;  // row inside the CTA's row block
+  int rank;   // CTA rank in the cluster
+  int first;  // first vector index this thread owns in tile 0
+  int stride; // threads per row (vector index step between items)
 
   __device__ explicit RowThread(const RowLayout& L)
       : group(threadIdx.x / L.tpr),
         rank(L.cluster > 1 ? blockIdx.x % L.cluster : 0),
-        first(int64_t(rank) * L.tpr + threadIdx.x % L.tpr),
-        stride(int64_t(L.tpr) * L.cluster) {}
+        first(rank * L.tpr + threadIdx.x % L.tpr),
+        stride(L.tpr * L.cluster) {}
 
   // Vector index of item k in tile t (ITEMS items per tile per thread).
   template <int ITEMS>
-  __device__ __forceinline__ int64_t vec(int t, int k) const {
-    return (int64_t(t) * ITEMS + k) * stride + first;
-  }
+  __device__ __forceinline__ int vec(int t, int k) const { return (t * ITEMS + k) * stride + first; }
 };
 
 // ---------------------------------------------------------------------------
@@ -131,7 +129,7 @@ struct RowThread {
 // Two alternating buffers make one barrier per reduction enough: a buffer is
 // rewritten only two reductions later, after every reader has passed the
 // barrier in between.
-constexpr int kMaxSums = 3;
+constexpr int kMaxSums = 4;
 struct ReduceSmem {
   float warp[2][kMaxSums][kMaxWarps];
   float cta[2][kMaxSums];
@@ -192,21 +190,41 @@ __device__ __forceinline__ void cluster_exit_barrier(const RowLayout& L) {
 #endif
 }
 
-// Sum of f(k, e) over the elements of tile t inside the statistics columns
-// (all of them unless pRMSNorm).
+// f(k, e) for the elements of tile t inside the statistics columns (all of
+// them unless pRMSNorm): vector k, element e.
 template <int ITEMS, int VEC, typename F>
-__device__ __forceinline__ float stat_sum(const RowThread& th, const RowLayout& L, int t, F&& f) {
-  float acc = 0.f;
+__device__ __forceinline__ void for_each_stat(const RowThread& th, const RowLayout& L, int t, F&& f) {
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
-    const int64_t col = th.vec<ITEMS>(t, k) * VEC;
+    const int col = th.vec<ITEMS>(t, k) * VEC;
     if (col >= L.stat_cols) continue;
     const bool full = col + VEC <= L.stat_cols; // the usual case: no per-element test
 #pragma unroll
     for (int e = 0; e < VEC; ++e)
-      if (full || col + e < L.stat_cols) acc += f(k, e);
+      if (full || col + e < L.stat_cols) f(k, e);
   }
-  return acc;
+}
+
+// f(k, j) for the vectors of tile t that exist: item k, vector index j.
+template <int ITEMS, typename F>
+__device__ __forceinline__ void for_each_vec(const RowThread& th, const RowLayout& L, int t, F&& f) {
+#pragma unroll
+  for (int k = 0; k < ITEMS; ++k) {
+    const int j = th.vec<ITEMS>(t, k);
+    if (j < L.nvec) f(k, j);
+  }
+}
+
+// Mean and variance from sums of (h - shift) and (h - shift)^2 over k
+// columns. The shift is an element of the row, so |mean - shift| is a few
+// standard deviations at most and the difference below does not cancel; it
+// lets LayerNorm take both moments in one reduction.
+struct Moments {
+  float mean, var;
+};
+__device__ __forceinline__ Moments shifted_moments(float shift, float s1, float s2, float inv_k) {
+  const float d = s1 * inv_k;
+  return {shift + d, fmaxf(s2 * inv_k - d * d, 0.f)};
 }
 
 // ---------------------------------------------------------------------------
@@ -223,12 +241,12 @@ struct LaunchShape {
 };
 
 inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, int vec, int items,
-                                 int max_cluster) {
+                                 int max_cluster, int min_threads) {
   RowLayout L{};
   L.rows = rows;
-  L.cols = cols;
-  L.stat_cols = stat_cols;
-  L.nvec = (cols + vec - 1) / vec;
+  L.cols = static_cast<int>(cols);
+  L.stat_cols = static_cast<int>(stat_cols);
+  L.nvec = static_cast<int>((cols + vec - 1) / vec);
   const int64_t need = (L.nvec + items - 1) / items; // threads per row
   if (need <= kMaxThreads) {
     L.cluster = 1;
@@ -243,8 +261,8 @@ inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, 
   }
   const int64_t per_tile = int64_t(L.tpr) * L.cluster * items;
   L.tiles = static_cast<int>((L.nvec + per_tile - 1) / per_tile);
-  // Short rows: several per CTA, so a CTA still has 256 threads.
-  const int threads = L.tpr < 256 ? 256 : L.tpr;
+  // Short rows: several per CTA, so a CTA still has min_threads threads.
+  const int threads = L.tpr < min_threads ? min_threads : L.tpr;
   L.rows_per_cta = threads / L.tpr;
   L.row_blocks = (rows + L.rows_per_cta - 1) / L.rows_per_cta;
   return {L, threads};
