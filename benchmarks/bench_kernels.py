@@ -143,7 +143,9 @@ def measure_direct(center, x, w, b, dy, rep_ms: int):
             return ops.layer_norm(x, w, b, EPS)
 
         def bwd():
-            return ops.layer_norm_backward(dy, x, w, None, EPS, has_bias=True, normalized_ndim=1, weight_offset=0.0)
+            return ops.layer_norm_backward(
+                dy, x, w, None, EPS, has_bias=True, normalized_ndim=1, weight_offset=0.0
+            )
     else:
 
         def fwd():
