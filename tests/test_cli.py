@@ -28,6 +28,22 @@ def test_demo_runs_end_to_end_on_cpu(capsys):
     assert "eager (original)" in err and "[##############################] 3/3" in err  # the progress bars
 
 
+def test_demo_says_what_failed(monkeypatch, capsys):
+    import normpass
+
+    class Broken:
+        reports: list = []
+
+        def __call__(self, gm, example_inputs):
+            raise RuntimeError("no kernel for this")
+
+    monkeypatch.setattr(normpass, "backend", lambda **options: Broken())
+    assert cli.main(["demo", *TINY_DEMO]) == 1
+    out = capsys.readouterr().out
+    assert "normpass + eager failed: BackendCompilerFailed" in out and "no kernel for this" in out
+    assert "eager (original)" in out[out.index("4. Timings") :]
+
+
 def test_demo_defaults_use_inductor():
     args = cli.make_parser().parse_args(["demo"])
     assert (args.compiler, args.policy, args.steps) == ("inductor", "fuse", 10)
