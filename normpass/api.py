@@ -116,26 +116,13 @@ def _rewrite_exported(ep: torch.export.ExportedProgram, policy: str, p: float, r
     rep = manager.run(gm, policy, p, registry)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     names = [a.name if isinstance(a, fx.Node) else a for a in out.args[0]]
-    sig = copy.copy(ep.graph_signature)
-    specs = []
-    for spec, name in zip(sig.output_specs, names, strict=True):
-        spec = copy.copy(spec)
-        if hasattr(spec.arg, "name") and isinstance(name, str):
+    # The program keeps its graph module (rewritten in place); only outputs that now come from a new
+    # node need their signature entry renamed.
+    for spec, name in zip(ep.graph_signature.output_specs, names, strict=True):
+        if hasattr(spec.arg, "name") and isinstance(name, str) and spec.arg.name != name:
             spec.arg = type(spec.arg)(name=name)
-        specs.append(spec)
-    sig.output_specs = specs
-    new = torch.export.ExportedProgram(
-        root=gm,
-        graph=gm.graph,
-        graph_signature=sig,
-        state_dict=ep.state_dict,
-        range_constraints=ep.range_constraints,
-        module_call_graph=ep.module_call_graph,
-        example_inputs=ep.example_inputs,
-        constants=ep.constants,
-        verifiers=ep.verifiers,
-    )
-    return new, rep
+    ep.validate()
+    return ep, rep
 
 
 def explain(

@@ -109,6 +109,16 @@ def same_shape(a: Sequence | None, b: Sequence | None) -> bool:
     return a is not None and b is not None and len(a) == len(b) and all(map(same_size, a, b))
 
 
+def promote(a: DtypeExpr, b: DtypeExpr) -> DtypeExpr:
+    """torch.promote_types as an expression, folded as far as the metadata allows."""
+    ra, rb = resolve(a), resolve(b)
+    if ra is not None and rb is not None:
+        return torch.promote_types(ra, rb)
+    if a == b or (isinstance(a, Promote) and b in (a.a, a.b)):
+        return a
+    return Promote(a, b)
+
+
 def resolve(expr: DtypeExpr | None) -> torch.dtype | None:
     """The dtype an expression stands for, when the graph's metadata decides it."""
     if expr is None or isinstance(expr, torch.dtype):

@@ -128,6 +128,8 @@ class Rewriter:
             if residual is not None:
                 target = ops.add_layer_norm.default if pl.center else ops.add_rms_norm.default
                 params = (weight, bias, site.eps) if pl.center else (weight, site.eps, bias)
+                if not pl.center and bias is None:
+                    params = params[:2]
                 fused = self._insert(target, (*residual, *params), kw, like=out_node, key=key)
                 new = self._insert(operator.getitem, (fused, 0), like=out_node, key=key)
                 total = self._insert(operator.getitem, (fused, 1), like=out_node, key=key)

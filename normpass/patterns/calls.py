@@ -85,7 +85,9 @@ def match_call(t: Term, m: Matcher) -> Site | None:
             )
         eps = torch.finfo(dt).eps
     eps = m.eps(m.view.arg(eps))
-    out_dtype = meta.dtype(output) or dtype_expr(m.unalias(x_term))
+    # Without metadata the call keeps its input's dtype (outside autocast): that is x, or an upcast of it.
+    unaliased = m.unalias(x_term)
+    out_dtype = meta.dtype(output) or (dtype_expr(unaliased) if unaliased.op == "cast" else meta.of(xnode))
     site = Site(
         kind=kind,
         form=form,

@@ -20,15 +20,24 @@ from normpass.passes.match import Matcher, NoMatch, Reject, Site, real_users
 
 
 def dtype_expr(t: Any) -> meta.DtypeExpr:
-    """The dtype of a term's value: from metadata, else from the cast that made it, else DtypeOf."""
-    if isinstance(t, Term) and t.node is not None:
-        known = meta.dtype(t.node)
-        if known is not None:
-            return known
-        if t.op == "cast":
-            return t.attrs["dtype"]
-        return meta.DtypeOf(t.node)
-    raise NoMatch
+    """The dtype of a term's value: from metadata, else from the cast or arithmetic that made it, else
+    DtypeOf(node). (Only nodes the rewrite keeps may appear in it: inputs, weights.)"""
+    if not isinstance(t, Term) or t.node is None:
+        raise NoMatch
+    known = meta.dtype(t.node)
+    if known is not None:
+        return known
+    if t.op == "cast":
+        return t.attrs["dtype"]
+    if t.op == "alias":
+        return dtype_expr(t.args[0])
+    if t.op in ("add", "mul", "sub"):
+        tensors = [a for a in t.args if isinstance(a, Term)]  # Python scalars do not promote floats
+        out = dtype_expr(tensors[0])
+        for a in tensors[1:]:
+            out = meta.promote(out, dtype_expr(a))
+        return out
+    return meta.DtypeOf(t.node)
 
 
 def check_dims(form: str, dims: tuple | None, keepdim: bool, x: Term) -> int:
@@ -47,7 +56,7 @@ def check_dims(form: str, dims: tuple | None, keepdim: bool, x: Term) -> int:
             raise Reject(
                 "L4 channels-first",
                 "statistics over dim 1 of an NCHW tensor; normpass ops normalize "
-                "trailing dims, and a movedim round trip would cost two copies (left alone)",
+                "trailing dims, and a movedim round trip would cost two copies",
             )
         raise Reject(f"look-alike: {form}", f"statistics over dims {dims}, not the trailing dims")
     if not keepdim:
@@ -91,6 +100,10 @@ def _weight(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple
         found = _param(inner, base, k, x, seen)
     if found is None:
         return None
+    # `1 + w` and upcasts of w are weight-side: removed with the site when nothing else uses them.
+    m.keep.update(inner.keep | inner.nodes)
+    if factor is not base:
+        m.keep.update(factor.nodes)
     return found[0], offset, factor
 
 
@@ -131,13 +144,13 @@ def finish(
                 if found is None:
                     break
                 weight, offset, factor = found
-                dt, steps = meta.Promote(dt, dtype_expr(factor)), [*steps, "weight"]
+                dt, steps = meta.promote(dt, dtype_expr(factor)), [*steps, "weight"]
             elif t.op == "add" and bias is None:
                 found = _param(m, others[0], k, xnode, seen)
                 if found is None:
                     break
                 bias, term = found
-                dt, steps = meta.Promote(dt, dtype_expr(term)), [*steps, "bias"]
+                dt, steps = meta.promote(dt, dtype_expr(term)), [*steps, "bias"]
             else:
                 break
         else:

@@ -85,7 +85,7 @@ def match_layernorm(t: Term, m: Matcher) -> Site | None:
         )
     k = check_dims(form, dims, keepdim, m.unalias(h))
     m.nodes.add(t.node)
-    core = meta.Promote(dtype_expr(m.unalias(h)), dtype_expr(m.unalias(u)))
+    core = dtype_expr(m.unalias(h))  # (x - u) has x's dtype
     return finish(m, kind="layer", form=form, normalized=t, x=h, k=k, eps=eps, core_dtype=core)
 
 

@@ -43,7 +43,7 @@ def match_rmsnorm(t: Term, m: Matcher) -> Site | None:
     if not isinstance(h, Term) or m.is_op(h, "sub"):
         raise NoMatch  # centered: the LayerNorm pattern's
     upcast_h, upcast_stats = m.is_cast(h), m.is_cast(hs)
-    core = meta.Promote(dtype_expr(m.unalias(h)), dtype_expr(m.unalias(hs)))
+    core = meta.promote(dtype_expr(m.unalias(h)), dtype_expr(m.unalias(hs)))
     if m.upcast_root(h) is not m.upcast_root(hs):
         raise NoMatch
     k = check_dims("RMS-like", mean.attrs["dims"], mean.attrs["keepdim"], m.unalias(hs))

@@ -1,0 +1,346 @@
+"""Every normalization form of shared/PATTERNS.md as a tiny module, plus the look-alikes.
+
+FORMS maps a name to (module factory, input shape, expected normpass ops after `fuse`). Inputs are
+fresh torch.randn; weights are random too (never ones), so a dropped weight or offset shows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+H = 8  # hidden size
+
+
+class _Norm(nn.Module):
+    def __init__(self, weight: bool = True, bias: bool = False, n: int = H, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n)) if weight else None
+        self.bias = nn.Parameter(torch.randn(n)) if bias else None
+        self.eps = eps
+
+
+# ---- hand-written RMSNorm -----------------------------------------------------------------------------
+
+
+class R1Llama(_Norm):
+    def forward(self, x):
+        dt = x.dtype
+        h = x.to(torch.float32)
+        var = h.pow(2).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(var + self.eps)
+        return self.weight * h.to(dt)
+
+
+class R2T5(_Norm):
+    def forward(self, x):
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class R3Gemma(_Norm):
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x):
+        out = self._norm(x.float())
+        out = out * (1.0 + self.weight.float())
+        return out.type_as(x)
+
+
+class R4Mul(_Norm):
+    def forward(self, x):
+        return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps) * self.weight
+
+
+class R4SqrtDiv(_Norm):
+    def forward(self, x):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class R4SquareMethod(_Norm):
+    def forward(self, x):
+        return self.weight * (x * (torch.square(x).mean(dim=(-1,), keepdim=True) + self.eps).rsqrt())
+
+
+class R4SumOverN(_Norm):
+    def forward(self, x):
+        return x * torch.rsqrt((x**2).sum(-1, keepdim=True) / H + self.eps) * self.weight
+
+
+class R5NoWeight(_Norm):
+    def __init__(self):
+        super().__init__(weight=False)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+class R5Bias(_Norm):
+    def __init__(self):
+        super().__init__(bias=True)
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight + self.bias
+
+
+class R6PerHead(nn.Module):
+    """Qwen3-style q_norm over head_dim on a view, then a transposed view (non-contiguous)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_norm = R1Llama(n=4)
+        self.k_norm = R1Llama(n=4)
+
+    def forward(self, x):
+        q = self.q_norm(x.unflatten(-1, (2, 4))).transpose(1, 2)
+        k = self.k_norm(x.unflatten(-1, (2, 4)).transpose(1, 2))  # normalizes a non-contiguous view
+        return q + k
+
+
+# ---- hand-written LayerNorm ---------------------------------------------------------------------------
+
+
+class L1TwoPass(_Norm):
+    def __init__(self):
+        super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight * x + self.bias
+
+
+class L2VarMean(_Norm):
+    def __init__(self):
+        super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        var, mean = torch.var_mean(x, -1, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+class L3Var(_Norm):
+    def __init__(self):
+        super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        v = x.var(-1, unbiased=False, keepdim=True)
+        return (x - u) * torch.rsqrt(v + self.eps) * self.weight + self.bias
+
+
+class L3Upcast(_Norm):
+    """LayerNorm computed in fp32 on a half/bf16 input, cast back (the common mixed-precision port)."""
+
+    def __init__(self):
+        super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        h = x.float()
+        u = h.mean(-1, keepdim=True)
+        v = h.var(-1, correction=0, keepdim=True)
+        return ((h - u) * torch.rsqrt(v + self.eps)).to(x.dtype) * self.weight + self.bias
+
+
+class L4ChannelsFirst(nn.Module):
+    """ConvNeXt LayerNorm2d: statistics over dim 1 of NCHW (left alone, see check_dims)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4))
+        self.bias = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + 1e-6)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+# ---- calls ----------------------------------------------------------------------------------------------
+
+
+def layer_norm_module():
+    return nn.LayerNorm(H)
+
+
+def layer_norm_no_bias():
+    return nn.LayerNorm(H, bias=False)
+
+
+def layer_norm_no_affine():
+    return nn.LayerNorm(H, elementwise_affine=False)
+
+
+def layer_norm_2d():
+    return nn.LayerNorm((2, 4))
+
+
+class FLayerNorm(_Norm):
+    def __init__(self):
+        super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        return F.layer_norm(x, (H,), self.weight, self.bias, self.eps)
+
+
+class TorchLayerNorm(_Norm):
+    def __init__(self):
+        super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        return torch.layer_norm(x, (H,), self.weight, self.bias, self.eps)
+
+
+def rms_norm_module():
+    return nn.RMSNorm(H, eps=1e-6)
+
+
+class FRmsNorm(_Norm):
+    def forward(self, x):
+        return F.rms_norm(x, (H,), self.weight, self.eps)
+
+
+# ---- look-alikes ----------------------------------------------------------------------------------------
+
+
+class UnbiasedVar(_Norm):
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        return (x - u) * torch.rsqrt(x.var(-1, keepdim=True) + self.eps) * self.weight
+
+
+class AnnotatedTransformerLN(_Norm):
+    """(x - mean) / (std + eps): unbiased std, eps outside the root."""
+
+    def __init__(self):
+        super().__init__(bias=True)
+
+    def forward(self, x):
+        mean = x.mean(-1, keepdim=True)
+        std = x.std(-1, keepdim=True)
+        return self.weight * (x - mean) / (std + self.eps) + self.bias
+
+
+class EpsOutsideRms(_Norm):
+    def forward(self, x):
+        rms = torch.sqrt(x.pow(2).mean(-1, keepdim=True))
+        return x / (rms + self.eps) * self.weight
+
+
+class NormalizeScaled(_Norm):
+    def forward(self, x):
+        return F.normalize(x, dim=-1) * math.sqrt(H) * self.weight
+
+
+class MismatchedDims(nn.Module):
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-2, keepdim=True)
+        return (x - u) * torch.rsqrt(s + 1e-5)
+
+
+class BatchStats(nn.Module):
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + 1e-5)
+
+
+class MeanUsedElsewhere(_Norm):
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        v = x.var(-1, unbiased=False, keepdim=True)
+        return (x - u) * torch.rsqrt(v + self.eps) * self.weight + u
+
+
+class RstdUsedElsewhere(_Norm):
+    def forward(self, x):
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * r * self.weight, r
+
+
+class NormalizedUsedElsewhere(_Norm):
+    """The normalized x (before the weight) is returned too: the op computes it, the weight stays."""
+
+    def forward(self, x):
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return n * self.weight, n
+
+
+# ---- fused residual add -----------------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm residual stream: h = x + r; y = norm(h); h is used again."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = R1Llama()
+        self.ln = nn.LayerNorm(H)
+
+    def forward(self, x, r):
+        h = x + r
+        y = self.norm(h)
+        h2 = h + y.tanh()
+        return self.ln(h2) + h2
+
+
+# name: (factory, extra inputs beyond x, rewritten ops expected under fuse)
+FORMS: dict[str, tuple] = {
+    "R1 llama": (R1Llama, 0, 1),
+    "R2 t5": (R2T5, 0, 1),
+    "R3 gemma": (R3Gemma, 0, 1),
+    "R4 mul": (R4Mul, 0, 1),
+    "R4 sqrt/div": (R4SqrtDiv, 0, 1),
+    "R4 square/rsqrt method": (R4SquareMethod, 0, 1),
+    "R4 sum/n": (R4SumOverN, 0, 1),
+    "R5 no weight": (R5NoWeight, 0, 1),
+    "R5 bias": (R5Bias, 0, 1),
+    "R6 per-head": (R6PerHead, 0, 2),
+    "L1 two-pass": (L1TwoPass, 0, 1),
+    "L2 var_mean": (L2VarMean, 0, 1),
+    "L3 var": (L3Var, 0, 1),
+    "L3 upcast": (L3Upcast, 0, 1),
+    "nn.LayerNorm": (layer_norm_module, 0, 1),
+    "nn.LayerNorm no bias": (layer_norm_no_bias, 0, 1),
+    "nn.LayerNorm no affine": (layer_norm_no_affine, 0, 1),
+    "nn.LayerNorm 2 dims": (layer_norm_2d, 0, 1),
+    "F.layer_norm": (FLayerNorm, 0, 1),
+    "torch.layer_norm": (TorchLayerNorm, 0, 1),
+    "nn.RMSNorm": (rms_norm_module, 0, 1),
+    "F.rms_norm": (FRmsNorm, 0, 1),
+    "residual block": (ResidualBlock, 1, 2),
+    "normalized used elsewhere": (NormalizedUsedElsewhere, 0, 1),
+}
+
+LOOKALIKES: dict[str, tuple] = {
+    "L4 channels-first": (L4ChannelsFirst, 0, 0),
+    "unbiased var": (UnbiasedVar, 0, 0),
+    "annotated transformer": (AnnotatedTransformerLN, 0, 0),
+    "eps outside rms": (EpsOutsideRms, 0, 0),
+    "F.normalize": (NormalizeScaled, 0, 0),
+    "mismatched dims": (MismatchedDims, 0, 0),
+    "batch stats": (BatchStats, 0, 0),
+    "mean used elsewhere": (MeanUsedElsewhere, 0, 0),
+    "rstd used elsewhere": (RstdUsedElsewhere, 0, 0),
+}
+
+
+def inputs(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    factory, extra, _ = {**FORMS, **LOOKALIKES}[name]
+    g = torch.Generator().manual_seed(seed)
+    shape = {"L4 channels-first": (2, 4, 4, 4), "nn.LayerNorm 2 dims": (2, 3, 2, 4)}.get(name, (2, 3, H))
+    return tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(1 + extra))
+
+
+def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    factory = {**FORMS, **LOOKALIKES}[name][0]
+    return factory().to(dtype)
