@@ -24,10 +24,24 @@ MODELS = {
     # name: (config class, full-size kwargs, tiny kwargs)
     "llama": (
         "LlamaConfig",
-        dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
-             num_key_value_heads=16, vocab_size=32000, max_position_embeddings=4096),
-        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=4, vocab_size=256, max_position_embeddings=256),
+        dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=8,
+            num_attention_heads=16,
+            num_key_value_heads=16,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        ),
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=256,
+            max_position_embeddings=256,
+        ),
     ),
     "gpt2": (
         "GPT2Config",
@@ -119,7 +133,8 @@ def main(argv=None) -> int:
     )
     print(header, flush=True)
     lines = [
-        header, "",
+        header,
+        "",
         "| model | variant | step ms | tokens/s | vs eager | vs inductor | peak GiB | compile s |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -136,10 +151,13 @@ def main(argv=None) -> int:
             except Exception as e:  # report the cell, keep benchmarking the rest
                 print(f"failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         for variant, r in results.items():
-            rel = lambda base: f"{r['tokens_per_s'] / results[base]['tokens_per_s']:.3f}x" if base in results else "-"  # noqa: E731
+            rel = [
+                f"{r['tokens_per_s'] / results[base]['tokens_per_s']:.3f}x" if base in results else "-"
+                for base in ("eager", "inductor")
+            ]
             lines.append(
-                f"| {name} | {variant} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {rel('eager')} | "
-                f"{rel('inductor')} | {r['peak_gib']:.2f} | {r['compile_s']:.1f} |"
+                f"| {name} | {variant} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {rel[0]} | "
+                f"{rel[1]} | {r['peak_gib']:.2f} | {r['compile_s']:.1f} |"
             )
         del model
     table = "\n".join(lines)

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("normpass")
+from normpass.passes.rewriter import POLICIES
 
-_POLICIES = ("fuse", "low_precision", "rmsnorm", "prmsnorm")
+log = logging.getLogger("normpass")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +50,10 @@ class BackendOptions:
         if unknown:
             raise ValueError(f"normpass backend: unknown option(s) {unknown}; valid options are {valid}")
         result = dataclasses.replace(base or cls(), **options)
-        if result.policy not in _POLICIES:
-            raise ValueError(f"normpass backend: unknown policy {result.policy!r}; valid policies are {_POLICIES}")
+        if result.policy not in POLICIES:
+            raise ValueError(
+                f"normpass backend: unknown policy {result.policy!r}; valid policies are {POLICIES}"
+            )
         if result.inductor_options and result.compiler != "inductor":
             raise ValueError("normpass backend: inductor_options need compiler='inductor'")
         return result
@@ -93,10 +95,12 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        patches = {**list_mode_options(mode), **opts.inductor_options}
+        patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_options}
         return compile_fx(gm, example_inputs, config_patches=patches)
     if mode not in (None, "default"):
-        raise ValueError(f"normpass backend: mode={mode!r} is an inductor setting, but compiler={opts.compiler!r}")
+        raise ValueError(
+            f"normpass backend: mode={mode!r} is an inductor setting, but compiler={opts.compiler!r}"
+        )
     if opts.compiler == "eager":
         return gm.forward
     from torch._dynamo.backends.registry import lookup_backend

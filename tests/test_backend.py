@@ -7,14 +7,13 @@ import sys
 import textwrap
 
 import pytest
+import tiny_models as models
 import torch
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
 import normpass
 from normpass.backend import BackendOptions
-
-import tiny_models as models
 
 FORWARD_OPS = {"rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm"}
 BACKWARD_OPS = {"rms_norm_backward", "layer_norm_backward"}
@@ -49,15 +48,23 @@ class Recorder:
         return sum(op in names for gm in self.graphs[kind] for op in normpass_ops(gm))
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((a.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+def rel_err(a: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> float:
+    return ((a.double() - ref).norm() / ref.norm().clamp_min(floor)).item()
 
 
-def loss_and_grads(model, batch):
+def grad_floor(ref_grads: dict[str, torch.Tensor]) -> float:
+    """Scale under which a gradient is rounding noise (e.g. a key bias under softmax, zero in exact math)."""
+    return 1e-4 * torch.cat([g.flatten() for g in ref_grads.values()]).norm().item()
+
+
+def loss_and_grads(model, batch, run=None):
+    """Loss and parameter grads of `run` (default: the model itself; or its compiled wrapper)."""
     model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
+    loss = (model if run is None else run)(**batch).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), {
+        n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -73,8 +80,10 @@ def _fresh_dynamo():
 def test_unknown_option_lists_valid_ones():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['polcy'\]; valid options are \['policy'"):
         normpass.backend(polcy="fuse")
-    with pytest.raises(ValueError, match="unknown policy 'fast'"):
-        torch.compile(torch.nn.LayerNorm(8), backend="normpass", options={"policy": "fast"})(torch.randn(2, 8))
+    with pytest.raises(Exception, match="unknown policy 'fast'"):
+        torch.compile(torch.nn.LayerNorm(8), backend="normpass", options={"policy": "fast"})(
+            torch.randn(2, 8)
+        )
 
 
 def test_options_merge_over_configured_backend():
@@ -129,13 +138,14 @@ def test_training_matches_eager_and_fuses_every_norm(name):
     model = models.build(name)
     batch = models.example_batch(name)
     reference = models.build(name, dtype=torch.float64)
-    ref_loss, ref_grads = loss_and_grads(reference, {k: v.double() if v.is_floating_point() else v
-                                                     for k, v in batch.items()})
+    ref_loss, ref_grads = loss_and_grads(
+        reference, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    )
     eager_loss, eager_grads = loss_and_grads(model, batch)
 
     recorder = Recorder()
     compiled = torch.compile(model, backend=normpass.backend(compiler=recorder))
-    np_loss, np_grads = loss_and_grads(compiled, batch)
+    np_loss, np_grads = loss_and_grads(model, batch, compiled)
 
     norms = models.count_norm_modules(model)
     assert recorder.count("forward", FORWARD_OPS) == norms
@@ -143,8 +153,9 @@ def test_training_matches_eager_and_fuses_every_norm(name):
     margin = 1e-5
     assert rel_err(np_loss, ref_loss) <= rel_err(eager_loss, ref_loss) + margin
     assert np_grads.keys() == eager_grads.keys()
+    floor = grad_floor(ref_grads)
     for key, ref in ref_grads.items():
-        assert rel_err(np_grads[key], ref) <= rel_err(eager_grads[key], ref) + margin, key
+        assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + margin, key
 
 
 def test_autocast_bf16_training_matches_eager():
@@ -154,11 +165,13 @@ def test_autocast_bf16_training_matches_eager():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         eager_loss, eager_grads = loss_and_grads(model, batch)
         recorder = Recorder()
-        np_loss, np_grads = loss_and_grads(torch.compile(model, backend=normpass.backend(compiler=recorder)), batch)
+        compiled = torch.compile(model, backend=normpass.backend(compiler=recorder))
+        np_loss, np_grads = loss_and_grads(model, batch, compiled)
     assert recorder.count("forward", FORWARD_OPS) == models.count_norm_modules(model)
     assert rel_err(np_loss, ref_loss) <= 1.5 * rel_err(eager_loss, ref_loss) + 1e-3
+    floor = grad_floor(ref_grads)
     for key, ref in ref_grads.items():
-        assert rel_err(np_grads[key], ref) <= 1.5 * rel_err(eager_grads[key], ref) + 1e-3, key
+        assert rel_err(np_grads[key], ref, floor) <= 1.5 * rel_err(eager_grads[key], ref, floor) + 1e-3, key
 
 
 def test_no_grad_inference_uses_forward_ops_only():
@@ -183,8 +196,9 @@ def test_dynamic_sequence_length_compiles_once(how):
         if how == "mark_dynamic":
             torch._dynamo.mark_dynamic(ids, 1)
         with torch.no_grad():
-            torch.testing.assert_close(compiled(input_ids=ids).logits, model(input_ids=ids).logits,
-                                       rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(
+                compiled(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
+            )
     assert len(be.reports) == 1
 
 
@@ -207,7 +221,8 @@ def test_graph_breaks_rewrite_every_graph():
     y = torch.compile(module, backend=normpass.backend(compiler=recorder))(x, graph_break=True)
     torch.testing.assert_close(y, module(x, graph_break=True))
     assert len(recorder.graphs["forward"]) == 2
-    assert [normpass_ops(gm) for gm in recorder.graphs["forward"]] == [["layer_norm"], ["rms_norm"]]
+    # The second graph's residual add goes into the norm.
+    assert [normpass_ops(gm) for gm in recorder.graphs["forward"]] == [["layer_norm"], ["add_rms_norm"]]
 
 
 def test_fullgraph_with_inductor_and_cache_hit(tmp_path, monkeypatch):
@@ -217,7 +232,7 @@ def test_fullgraph_with_inductor_and_cache_hit(tmp_path, monkeypatch):
     module, x = TwoBlocks(), torch.randn(3, 16, requires_grad=True)
     expected = module(x)
 
-    for attempt in range(2):
+    for _ in range(2):
         torch._dynamo.reset()
         counters.clear()
         be = normpass.backend()

@@ -9,18 +9,70 @@ transformers = pytest.importorskip("transformers")
 
 # name: (config class, kwargs). Sizes are tiny; every model has several norm modules.
 CONFIGS = {
-    "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128)),
-    "gemma": ("GemmaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=8, vocab_size=128)),
-    "t5": ("T5Config", dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-                            vocab_size=128, decoder_start_token_id=0)),
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128,
-                                bos_token_id=0, eos_token_id=0)),
-    "bert": ("BertConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                vocab_size=128, max_position_embeddings=64)),
-    "vit": ("ViTConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=16, patch_size=4, num_channels=3, num_labels=3)),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        ),
+    ),
+    "gemma": (
+        "GemmaConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=128,
+        ),
+    ),
+    "t5": (
+        "T5Config",
+        dict(
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            vocab_size=128,
+            decoder_start_token_id=0,
+        ),
+    ),
+    "gpt2": (
+        "GPT2Config",
+        dict(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=128, bos_token_id=0, eos_token_id=0),
+    ),
+    "bert": (
+        "BertConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+        ),
+    ),
+    "vit": (
+        "ViTConfig",
+        dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+            num_labels=3,
+        ),
+    ),
 }
 
 MODEL_CLASSES = {
@@ -47,7 +99,10 @@ def example_batch(name: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dic
     """Keyword inputs that make the model return a loss."""
     g = torch.Generator().manual_seed(seed)
     if name == "vit":
-        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g), "labels": torch.randint(0, 3, (batch,), generator=g)}
+        return {
+            "pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
+            "labels": torch.randint(0, 3, (batch,), generator=g),
+        }
     ids = torch.randint(0, 128, (batch, seq), generator=g)
     return {"input_ids": ids, "labels": ids.clone()}
 
