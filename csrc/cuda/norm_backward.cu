@@ -14,13 +14,19 @@ void backward_launch(const Tensor& grad_out, const Tensor& x, const optional<Ten
                      const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                      optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   const int64_t cols = x.size(1);
-  const auto shape = choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC, BIAS_GRAD>(),
-                                   max_cluster(), kBwdMinThreads);
+  const auto shape = choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(),
+                                   max_cluster(), kBwdThreads, kBwdThreads);
   const RowLayout& L = shape.layout;
-  const size_t smem = (L.rows_per_cta > 1 && L.tiles == 1)
-                          ? sizeof(float) * L.rows_per_cta * static_cast<size_t>(cols)
-                          : 0;
   auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD>;
+  // Shared memory for the per-thread dweight/dbias partials of a resident row.
+  const size_t smem = L.tiles == 1 ? sizeof(float) * bwd_items<VEC>() * VEC * shape.threads *
+                                         (BIAS_GRAD ? 2 : 1)
+                                   : 0;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
   // Persistent grid: as many clusters as fit at once, each accumulating one
   // dweight/dbias partial row over the rows it visits.
   const int64_t fit = resident_ctas(kernel, shape.threads, smem) / L.cluster;

@@ -14,7 +14,7 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const NormParams& p, Tensor& out, optional<Tensor>& sum) {
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
-                                   max_cluster(), kFwdMinThreads);
+                                   max_cluster(), kFwdMinThreads, kFwdMaxThreads);
   FwdArgs<T, W, O> a{};
   a.x = ptr<T>(x);
   a.residual = ptr<T>(residual);

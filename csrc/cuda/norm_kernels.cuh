@@ -14,15 +14,14 @@ namespace cuda {
 // packed input, 4 x 16 bytes = 16 registers, which keeps it under the 64
 // registers that let four 256-thread CTAs share an SM (the more independent
 // CTAs, the better one CTA's loads hide another's reductions). The backward
-// also holds dy and the fp32 dweight (and dbias) partials, 8 more registers
-// per 16-bit column; 2 x 16-bit vectors with dbias keep it under the 128
-// registers that let 512 threads share an SM without spilling.
+// holds x and dy (2 x 4 x 16 bytes) and keeps its fp32 dweight/dbias
+// partials in shared memory, under 80 registers: three 256-thread CTAs per SM.
 template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 8 : 4; }
-template <int VEC, bool BIAS_GRAD> __host__ __device__ constexpr int bwd_items() {
-  return VEC == 1 ? 8 : (BIAS_GRAD && VEC == 8 ? 2 : 4);
-}
+template <int VEC> __host__ __device__ constexpr int bwd_items() { return VEC == 1 ? 8 : 4; }
 constexpr int kFwdMinThreads = 128; // CTA size for short rows
-constexpr int kBwdMinThreads = 256;
+constexpr int kFwdMaxThreads = kMaxThreads;
+constexpr int kBwdThreads = 256;    // CTA size of the backward, any row length
+constexpr int kBwdCtasPerSm = 2;
 
 // One thread's share of a row tile, packed in the storage type.
 template <typename T, int VEC, int ITEMS>
@@ -145,11 +144,12 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
 // with g = dy * (w + offset) and s the LayerNorm shift (0 for RMSNorm),
 // gives rstd and the two terms of
 //   dx = rstd * (g - mean(g) - xhat * sum(g*xhat) / k) (+ grad_sum).
-// dweight/dbias: fp32 partials that stay in registers across all rows a
-// cluster visits (persistent grid) and are written once, one row of
-// `partials` per cluster; a row too long for registers adds into its
-// cluster's partial row in memory instead. Either way each partial element
-// has one owner thread and a fixed summation order: deterministic.
+// dweight/dbias: fp32 partials per thread, in shared memory (registers are
+// for x and dy), across all rows a cluster visits (persistent grid); written
+// once at the end, one row of `partials` per cluster. A row too long for one
+// tile adds into its cluster's partial row in memory instead. Either way each
+// partial element has one owner thread and a fixed summation order:
+// deterministic.
 template <typename T, typename W>
 struct BwdArgs {
   const T* dy;
@@ -164,14 +164,53 @@ struct BwdArgs {
   RowLayout layout;
 };
 
+// A thread's fp32 partials in shared memory: chunks of Q floats, laid out
+// [item][chunk][thread] so that a warp's 16-byte accesses are contiguous.
+template <int ITEMS, int VEC>
+struct SmemPartial {
+  static constexpr int Q = VEC < 4 ? VEC : 4;
+  static constexpr int QV = VEC / Q;
+  static constexpr int kFloatsPerThread = ITEMS * VEC;
+  float* base;
+  __device__ float* chunk(int k, int q, int tid) const {
+    return base + ((k * QV + q) * int(blockDim.x) + tid) * Q;
+  }
+  // Adds v (VEC values of item k) into this thread's slots.
+  __device__ __forceinline__ void add(int k, const float (&v)[VEC]) const {
+#pragma unroll
+    for (int q = 0; q < QV; ++q) {
+      Pack<float, Q> c;
+      float* p = chunk(k, q, threadIdx.x);
+      load<false>(c, p);
+#pragma unroll
+      for (int i = 0; i < Q; ++i) c.v[i] += v[q * Q + i];
+      store(p, c);
+    }
+  }
+  __device__ __forceinline__ void zero() const {
+    for (int k = 0; k < ITEMS; ++k)
+      for (int q = 0; q < QV; ++q) {
+        Pack<float, Q> c;
+#pragma unroll
+        for (int i = 0; i < Q; ++i) c.v[i] = 0.f;
+        store(chunk(k, q, threadIdx.x), c);
+      }
+  }
+  // Column `col` of row group g (rows_per_cta > 1 implies one CTA per row).
+  __device__ float at(int g, int col, const RowLayout& L) const {
+    const int j = col / VEC, e = col % VEC;
+    return chunk(j / L.tpr, e / Q, g * L.tpr + j % L.tpr)[e % Q];
+  }
+};
+
 template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD>
-__global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, W> a) {
-  constexpr int ITEMS = bwd_items<VEC, BIAS_GRAD>();
-  constexpr int DB_ITEMS = BIAS_GRAD ? ITEMS : 1;
+__global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(const BwdArgs<T, W> a) {
+  constexpr int ITEMS = bwd_items<VEC>();
+  using Part = SmemPartial<ITEMS, VEC>;
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmem sh;
-  extern __shared__ float merge[]; // (rows_per_cta, cols), only when rows_per_cta > 1
+  extern __shared__ float4 smem_partials[]; // dw then db partials (resident rows only)
   int parity = 0;
   const bool resident = L.tiles == 1;
   const int64_t cluster_id = blockIdx.x / L.cluster;
@@ -180,16 +219,12 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, 
   const float inv_n = 1.f / static_cast<float>(L.cols);
   float* dw_part = a.dw_part ? a.dw_part + cluster_id * L.cols : nullptr;
   float* db_part = BIAS_GRAD ? a.db_part + cluster_id * L.cols : nullptr;
-
-  float dw[ITEMS][VEC], db[DB_ITEMS][VEC];
-#pragma unroll
-  for (int k = 0; k < ITEMS; ++k)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) dw[k][e] = 0.f;
-#pragma unroll
-  for (int k = 0; k < DB_ITEMS; ++k)
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) db[k][e] = 0.f;
+  const Part dw_acc{reinterpret_cast<float*>(smem_partials)};
+  const Part db_acc{dw_acc.base + Part::kFloatsPerThread * blockDim.x};
+  if (resident) {
+    if (dw_part) dw_acc.zero();
+    if (BIAS_GRAD) db_acc.zero();
+  }
 
   bool first_row = true; // non-resident rows: the first one stores its partials
   for (int64_t rb = cluster_id; rb < L.row_blocks; rb += clusters) {
@@ -217,6 +252,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, 
     }
 
     // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
+    // g is rounded once (no fused multiply-add), the same in both passes.
     float acc[CENTER ? 4 : 2] = {};
     for (int t = 0; t < L.tiles; ++t) {
       load_tile(t);
@@ -231,7 +267,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, 
         load_scale(w, a.weight, j * VEC, a.weight_offset);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
-          const float g = gf(k, e) * w[e];
+          const float g = __fmul_rn(gf(k, e), w[e]);
           acc[1] += g * (xf(k, e) - shift);
           if constexpr (CENTER) acc[2] += g;
         }
@@ -254,7 +290,7 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, 
       if (!valid) continue;
       for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         const int col = j * VEC;
-        float w[VEC], gs[VEC];
+        float w[VEC], gs[VEC], dwv[VEC], dbv[VEC];
         load_scale(w, a.weight, col, a.weight_offset);
         if (ds != nullptr) {
           Pack<T, VEC> p;
@@ -267,45 +303,53 @@ __global__ void __launch_bounds__(kMaxThreads) norm_bwd_kernel(const BwdArgs<T, 
         for (int e = 0; e < VEC; ++e) {
           const float xhat = (xf(k, e) - mean) * rstd;
           const float d = gf(k, e);
-          float v = rstd * (d * w[e] - mean_g - (col + e < L.stat_cols ? xhat * c : 0.f));
+          float v = rstd * (__fmul_rn(d, w[e]) - mean_g - (col + e < L.stat_cols ? xhat * c : 0.f));
           if (ds != nullptr) v += gs[e];
           out.v[e] = from_float<T>(v);
-          if (resident) {
-            dw[k][e] += d * xhat;
-            if constexpr (BIAS_GRAD) db[k][e] += d;
-          } else {
-            // This cluster's own partial row: no other thread touches it.
-            if (dw_part) dw_part[col + e] = (first_row ? 0.f : dw_part[col + e]) + d * xhat;
-            if constexpr (BIAS_GRAD) db_part[col + e] = (first_row ? 0.f : db_part[col + e]) + d;
-          }
+          dwv[e] = d * xhat;
+          dbv[e] = d;
         }
         store(dx + col, out);
+        if (resident) {
+          if (dw_part) dw_acc.add(k, dwv);
+          if constexpr (BIAS_GRAD) db_acc.add(k, dbv);
+        } else {
+          // This cluster's own partial row: no other thread touches it.
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            if (dw_part) dw_part[col + e] = (first_row ? 0.f : dw_part[col + e]) + dwv[e];
+            if constexpr (BIAS_GRAD) db_part[col + e] = (first_row ? 0.f : db_part[col + e]) + dbv[e];
+          }
+        }
       });
     }
     first_row = false;
   }
 
-  // Register partials out: one row per cluster. Several rows per CTA first
-  // merge through shared memory, in row order.
+  // Shared-memory partials out: one row per cluster, several rows per CTA
+  // summed in row order.
   if (resident) {
-    auto flush = [&](float* part, auto&& value) {
-      float* dst = L.rows_per_cta == 1 ? part : merge + int64_t(th.group) * L.cols;
-      for_each_vec<ITEMS>(th, L, 0, [&](int k, int j) {
+    auto flush = [&](const Part& acc, float* part) {
+      if (L.rows_per_cta == 1) {
+        for_each_vec<ITEMS>(th, L, 0, [&](int k, int j) {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e)
-          if (j * VEC + e < L.cols) dst[j * VEC + e] = value(k, e);
-      });
-      if (L.rows_per_cta == 1) return;
+          for (int q = 0; q < Part::QV; ++q) {
+            Pack<float, Part::Q> c;
+            load<false>(c, acc.chunk(k, q, threadIdx.x));
+            store(part + j * VEC + q * Part::Q, c);
+          }
+        });
+        return;
+      }
       __syncthreads();
       for (int col = threadIdx.x; col < L.cols; col += blockDim.x) {
         float s = 0.f;
-        for (int g = 0; g < L.rows_per_cta; ++g) s += merge[g * L.cols + col];
+        for (int g = 0; g < L.rows_per_cta; ++g) s += acc.at(g, col, L);
         part[col] = s;
       }
-      __syncthreads(); // merge[] is reused by the next flush
     };
-    if (dw_part) flush(dw_part, [&](int k, int e) { return dw[k][e]; });
-    if constexpr (BIAS_GRAD) flush(db_part, [&](int k, int e) { return db[k][e]; });
+    if (dw_part) flush(dw_acc, dw_part);
+    if constexpr (BIAS_GRAD) flush(db_acc, db_part);
   }
   cluster_exit_barrier(L);
 }

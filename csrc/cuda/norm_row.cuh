@@ -241,21 +241,21 @@ struct LaunchShape {
 };
 
 inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, int vec, int items,
-                                 int max_cluster, int min_threads) {
+                                 int max_cluster, int min_threads, int max_threads) {
   RowLayout L{};
   L.rows = rows;
   L.cols = static_cast<int>(cols);
   L.stat_cols = static_cast<int>(stat_cols);
   L.nvec = static_cast<int>((cols + vec - 1) / vec);
   const int64_t need = (L.nvec + items - 1) / items; // threads per row
-  if (need <= kMaxThreads) {
+  if (need <= max_threads) {
     L.cluster = 1;
     L.tpr = next_pow2(need);
-  } else {
-    const int64_t c = (need + kMaxThreads - 1) / kMaxThreads;
+  } else { // a cluster of CTAs of max_threads each
+    const int64_t c = (need + max_threads - 1) / max_threads;
     L.cluster = static_cast<int>(c < max_cluster ? c : max_cluster);
     L.tpr = next_pow2((need + L.cluster - 1) / L.cluster);
-    if (L.tpr > kMaxThreads) L.tpr = kMaxThreads;
+    if (L.tpr > max_threads) L.tpr = max_threads;
     const int64_t c2 = (need + L.tpr - 1) / L.tpr; // fewest CTAs at this width
     if (c2 < L.cluster) L.cluster = static_cast<int>(c2);
   }
