@@ -12,7 +12,8 @@ from torch import fx
 import normpass  # noqa: F401  (registers the ops)
 from normpass import api
 
-IRS = ("fx", "dynamo", "export")
+# symbolic_trace, Dynamo, torch.export (pre-dispatch ATen) and its core-ATen decomposition (what AOT sees)
+IRS = ("fx", "dynamo", "export", "aten")
 
 
 def capture(model: torch.nn.Module, inputs: tuple, ir: str, *, dynamic: bool = False):
@@ -21,6 +22,8 @@ def capture(model: torch.nn.Module, inputs: tuple, ir: str, *, dynamic: bool = F
         return fx.symbolic_trace(model)
     if ir == "export":
         return torch.export.export(model, inputs)
+    if ir == "aten":
+        return torch.export.export(model, inputs).run_decompositions()
     graphs = []
 
     def record(gm, example_inputs):
@@ -121,6 +124,8 @@ def rewritten_fn(model: torch.nn.Module, inputs: tuple, ir: str, policy: str = "
         fn(*inputs)
         return fn, list(model.parameters()), reports[0]
     g, rep = api.rewrite(capture(model, inputs, ir), policy, report=True, **kw)
+    if isinstance(g, torch.export.ExportedProgram):
+        g.validate()
     mod = g.module() if isinstance(g, torch.export.ExportedProgram) else g
     return mod, list(mod.parameters()), rep
 

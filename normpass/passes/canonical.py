@@ -399,6 +399,9 @@ _FUNCTIONS: dict[Any, Builder] = {
     aten.native_layer_norm.default: _norm_call(
         "native_layer_norm", ("input", "normalized_shape", "weight", "bias", "eps")
     ),
+    torch.native_layer_norm: _norm_call(
+        "native_layer_norm", ("input", "normalized_shape", "weight", "bias", "eps")
+    ),
     F.rms_norm: _norm_call("rms_norm", ("input", "normalized_shape", "weight", "eps")),
     torch.rms_norm: _norm_call("rms_norm", ("input", "normalized_shape", "weight", "eps")),
     aten.rms_norm.default: _norm_call("rms_norm", ("input", "normalized_shape", "weight", "eps")),
@@ -453,8 +456,8 @@ def _canonicalize(view: View, node: fx.Node) -> Term:
     term = None
     if node.op == "call_function":
         builder = _FUNCTIONS.get(node.target)
-        if builder is None and isinstance(node.target, torch._ops.OpOverload):
-            builder = _FUNCTIONS.get(node.target.overloadpacket)
+        if builder is None and isinstance(node.target, torch._ops.OpOverloadPacket):
+            builder = _FUNCTIONS.get(getattr(node.target, "default", None))
         if builder is not None:
             try:
                 term = builder(view, node, node.args, dict(node.kwargs))

@@ -31,6 +31,8 @@ def _call_name(t: Term) -> str:
         return f"call:nn.{target.__name__}"
     if isinstance(target, torch._ops.OpOverload):
         return f"call:aten.{target.overloadpacket.__name__}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return f"call:aten.{target.__name__}"
     module = getattr(target, "__module__", "") or ""
     prefix = "F." if "functional" in module else "torch."
     return f"call:{prefix}{getattr(target, '__name__', _NAMES[t.op])}"

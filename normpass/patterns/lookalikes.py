@@ -21,8 +21,9 @@ def match_eps_outside(t: Term, m: Matcher) -> Site | None:
     if not m.is_op(denom, "add"):
         raise NoMatch
     for root in denom.args:
+        while isinstance(root, Term) and root.op in ("alias", "cast"):  # decomposed graphs cast around it
+            root = root.args[0]
         if m.is_op(root, "sqrt", "std", "vector_norm"):
-            root = m.unalias(root)
             extra = ""
             if root.op == "std" and root.attrs["correction"] != 0:
                 extra = f", and the std is unbiased (correction={root.attrs['correction']})"
