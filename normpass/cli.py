@@ -106,23 +106,34 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(label: str, fn: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, float]:
-    """(seconds of the first call, which includes compilation; median seconds per call after it)."""
+def _time(label: str, fn: Callable[[], Any], steps: int, device: torch.device) -> tuple[float, float, Any]:
+    """(seconds of the first call, which includes compilation; median seconds per call after it; the last
+    call's result)."""
     bar = Progress(label, steps + 1)
     start = time.perf_counter()
-    fn()
+    result = fn()
     _sync(device)
     first = time.perf_counter() - start
     bar.update(1)
     times = []
     for i in range(steps):
         start = time.perf_counter()
-        fn()
+        result = fn()
         _sync(device)
         times.append(time.perf_counter() - start)
         bar.update(i + 2)
     bar.close()
-    return first, statistics.median(times) if times else float("nan")
+    return first, statistics.median(times) if times else float("nan"), result
+
+
+def _training_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        out = forward()
+        out.float().square().mean().backward()
+        return out.detach()
+
+    return step
 
 
 def _header(args: argparse.Namespace, what: str, model: torch.nn.Module, dtype, device) -> str:
@@ -205,18 +216,20 @@ def demo(args: argparse.Namespace) -> int:
     else:
         _say("", "   the normpass torch.compile backend is not available: timing the original only")
 
-    _say("", f"2. Timing (forward under no_grad; the first call compiles, then {args.steps} timed steps)")
+    what_step = "forward + backward" if args.train else "forward under no_grad"
+    _say("", f"2. Timing ({what_step}; the first call compiles, then {args.steps} timed steps)")
     timings, outputs, failed = [], {}, []
-    with torch.no_grad():
+    with torch.set_grad_enabled(args.train):
         for label, fn in variants:
+            step = _training_step(model, fn) if args.train else fn
             try:
-                first, per_step = _time(label, fn, args.steps, device)
+                first, per_step, outputs[label] = _time(label, step, args.steps, device)
             except Exception as e:  # say what failed, show what worked, exit non-zero
                 sys.stderr.write("\n")
                 failed.append(f"   {label} failed: {_describe(e)}")
                 continue
             timings.append((label, first, per_step))
-            outputs[label] = fn()
+    with torch.no_grad():
         reference = copy.deepcopy(model).to(torch.float64)(x)
     if failed:
         _say("", *failed)
@@ -224,7 +237,7 @@ def demo(args: argparse.Namespace) -> int:
     _say("", f"3. Outputs on the same input (policy={args.policy}, compiler={args.compiler})")
     all_ok = True
     for label, out in outputs.items():
-        if label.startswith("normpass"):
+        if label.startswith("normpass") and "eager (original)" in outputs:
             lines, ok = _check_outputs(label, out, outputs["eager (original)"], reference, args.policy)
             all_ok &= ok
             _say(*lines)
@@ -233,8 +246,8 @@ def demo(args: argparse.Namespace) -> int:
         rewritten, sites = sum(len(r.rewritten) for r in reports), sum(len(r) for r in reports)
         _say(f"   the backend rewrote {rewritten} of {sites} site(s) in {len(reports)} graph(s)")
 
-    _say("", "4. Timings (median ms per forward step)")
-    eager = timings[0][2]
+    _say("", f"4. Timings (median ms per {what_step} step)")
+    eager = timings[0][2] if timings and timings[0][0] == "eager (original)" else float("nan")
     rows = [
         (label, f"{first:.2f}", f"{per_step * 1e3:.3f}", f"{eager / per_step:.2f}x")
         for label, first, per_step in timings
@@ -328,6 +341,7 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch", type=int, default=4)
     d.add_argument("--seq", type=int, default=128)
     d.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    d.add_argument("--train", action="store_true", help="time forward + backward instead of forward only")
     d.add_argument(
         "--compiler", default="inductor", choices=("inductor", "eager"), help="normpass's inner compiler"
     )

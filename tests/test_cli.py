@@ -28,6 +28,16 @@ def test_demo_runs_end_to_end_on_cpu(capsys):
     assert "eager (original)" in err and "[##############################] 3/3" in err  # the progress bars
 
 
+def test_demo_times_training_steps(capsys):
+    assert cli.main(["demo", *TINY_DEMO, "--train", "--policy", "rmsnorm"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "2. Timing (forward + backward;" in out
+        and "4. Timings (median ms per forward + backward step)" in out
+    )
+    assert "-> n/a (this policy changes the function)" in out
+
+
 def test_demo_says_what_failed(monkeypatch, capsys):
     import normpass
 
@@ -46,7 +56,7 @@ def test_demo_says_what_failed(monkeypatch, capsys):
 
 def test_demo_defaults_use_inductor():
     args = cli.make_parser().parse_args(["demo"])
-    assert (args.compiler, args.policy, args.steps) == ("inductor", "fuse", 10)
+    assert (args.compiler, args.policy, args.steps, args.train) == ("inductor", "fuse", 10, False)
 
 
 def test_demo_model_without_transformers():
