@@ -4,6 +4,7 @@ Also runnable as `python -m normpass ...`.
 
     normpass demo                                # a small Llama: sites found, outputs checked, timings
     normpass demo --compiler eager --steps 5     # no inductor (fast on a small CPU)
+    normpass demo --train                        # time forward + backward
     normpass explain my_model.py:make_model --shape 2,16,64
     normpass bench -- --help                     # benchmarks/bench_kernels.py, arguments passed through
 
