@@ -106,9 +106,11 @@ def rewrite(
 
 
 def _propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    FakeTensorProp(gm).propagate(*example_inputs)
+    # get_attr parameters stay real tensors; the example inputs are converted.
+    FakeTensorProp(gm, mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
 
 
 def _rewrite_exported(ep: torch.export.ExportedProgram, policy: str, p: float, registry: PatternRegistry):

@@ -107,6 +107,9 @@ class Rewriter:
         with self.graph.inserting_before(out_node):
             if replacement is not None:
                 new = replacement(self.graph, site)
+                self.order[new] = self.order[out_node] - 0.5
+                if key is not None:
+                    _fake(new, key)
                 self._replace(site, new, None)
                 return getattr(new.target, "__name__", str(new.target))
             weight = self.graph.get_attr(site.weight) if isinstance(site.weight, str) else site.weight
@@ -186,6 +189,8 @@ class Rewriter:
                 alias.replace_all_uses_with(total)
                 self._forget_users(total)
                 site.nodes.add(alias)
+            for read in [u for u in site.input.users if self.view[u].op == "dtype_of"]:
+                read.replace_input_with(site.input, total.args[0].args[0])  # x: h's dtype, defined earlier
             site.input.replace_all_uses_with(total)
             self._forget_users(total)
             site.nodes.add(site.input)

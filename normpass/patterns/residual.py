@@ -33,13 +33,12 @@ def match_residual(site: Site, view: View, order: dict[fx.Node, float]) -> tuple
     inside = site.nodes | site.keep
 
     def removed(u: fx.Node) -> bool:
-        # goes away with the site: part of it, an input-side cast only it used, or a no-op alias of h
-        # (ATen keeps `h.to(h.dtype)` and routes h's later uses through it; the rewriter retargets them)
-        return (
-            u in site.nodes
-            or view[u].op == "alias"
-            or (u in site.keep and all(v in inside for v in real_users(u)))
-        )
+        # Goes away with the site (part of it, or an input-side cast only it used), or is retargeted by
+        # the rewriter: a no-op alias of h (ATen keeps `h.to(h.dtype)` and routes h's later uses through
+        # it) now reads `sum`, and an `h.dtype` read now reads x's (the same dtype).
+        if u in site.nodes or view[u].op in ("alias", "dtype_of"):
+            return True
+        return u in site.keep and all(v in inside for v in real_users(u))
 
     # h's surviving uses will read the op's `sum`, so they must come after the op.
     if any(not removed(u) and order.get(u, at) < at for u in real_users(h)):
