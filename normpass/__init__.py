@@ -22,3 +22,7 @@ from normpass.surgery import (  # noqa: E402
 __all__ += ["FusedLayerNorm", "FusedRMSNorm", "PartialRMSNorm", "Replacement"]
 __all__ += ["apply_fused_rms_norm", "apply_low_precision_layernorm", "apply_partial_rms_norm"]
 __all__ += ["apply_rms_norm"]
+
+from normpass.api import PatternRegistry, Report, explain, register_pattern, rewrite  # noqa: E402
+
+__all__ += ["PatternRegistry", "Report", "explain", "register_pattern", "rewrite"]
