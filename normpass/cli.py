@@ -90,15 +90,6 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _explain_fn() -> tuple[Callable | None, str]:
-    """normpass.explain, or None and why not (it lives in normpass/api.py)."""
-    try:
-        from normpass.api import explain
-    except ImportError as e:
-        return None, f"normpass.explain is not available ({e})"
-    return explain, ""
-
-
 # ---- demo ----------------------------------------------------------------------------------------------
 
 
@@ -196,26 +187,18 @@ def demo(args: argparse.Namespace) -> int:
     _say(_header(args, what, model, dtype, device))
 
     _say("", f"1. Norm sites (normpass.explain, policy={args.policy})")
-    explain_fn, why_not = _explain_fn()
-    if explain_fn is None:
-        _say(f"   skipped: {why_not}")
-    else:
-        try:
-            _say(str(explain_fn(model, x, policy=args.policy)))
-        except Exception as e:  # the report informs; the rest of the demo still runs
-            _say(f"   explain failed: {type(e).__name__}: {e}")
+    try:
+        _say(str(normpass.explain(model, x, policy=args.policy)))
+    except Exception as e:  # the report informs; the rest of the demo still runs
+        _say(f"   explain failed: {_describe(e)}")
 
     variants: list[tuple[str, Callable[[], Any]]] = [("eager (original)", lambda: model(x))]
     if args.compiler == "inductor":
         original_inductor = torch.compile(model)
         variants.append(("inductor (original)", lambda: original_inductor(x)))
-    be = getattr(normpass, "backend", None)
-    if callable(be):
-        be = be(compiler=args.compiler, policy=args.policy)
-        fused = torch.compile(model, backend=be)
-        variants.append((f"normpass + {args.compiler}", lambda: fused(x)))
-    else:
-        _say("", "   the normpass torch.compile backend is not available: timing the original only")
+    be = normpass.backend(compiler=args.compiler, policy=args.policy)  # keeps the rewrite reports
+    fused = torch.compile(model, backend=be)
+    variants.append((f"normpass + {args.compiler}", lambda: fused(x)))
 
     what_step = "forward + backward" if args.train else "forward under no_grad"
     _say("", f"2. Timing ({what_step}; the first call compiles, then {args.steps} timed steps)")
@@ -242,10 +225,9 @@ def demo(args: argparse.Namespace) -> int:
             lines, ok = _check_outputs(label, out, outputs["eager (original)"], reference, args.policy)
             all_ok &= ok
             _say(*lines)
-    reports = getattr(be, "reports", None)  # one per graph Dynamo handed to the backend
-    if reports:
-        rewritten, sites = sum(len(r.rewritten) for r in reports), sum(len(r) for r in reports)
-        _say(f"   the backend rewrote {rewritten} of {sites} site(s) in {len(reports)} graph(s)")
+    if be.reports:  # one per graph Dynamo handed to the backend
+        rewritten, sites = sum(len(r.rewritten) for r in be.reports), sum(len(r) for r in be.reports)
+        _say(f"   the backend rewrote {rewritten} of {sites} site(s) in {len(be.reports)} graph(s)")
 
     _say("", f"4. Timings (median ms per {what_step} step)")
     eager = timings[0][2] if timings and timings[0][0] == "eager (original)" else float("nan")
@@ -302,11 +284,9 @@ def explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         inputs = (torch.randn(args.shape, dtype=DTYPES[args.dtype or "float32"]),)
     elif isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    explain_fn, why_not = _explain_fn()
-    if explain_fn is None:
-        print(f"normpass explain: {why_not}", file=sys.stderr)
-        return 1
-    print(explain_fn(model, *inputs, policy=args.policy))
+    import normpass
+
+    print(normpass.explain(model, *inputs, policy=args.policy))
     return 0
 
 

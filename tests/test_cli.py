@@ -9,6 +9,7 @@ import textwrap
 import pytest
 import torch
 
+import normpass
 from normpass import cli, demo_model
 
 TINY_DEMO = ["--device", "cpu", "--layers", "1", "--hidden", "32", "--heads", "2", "--vocab", "64"]
@@ -39,8 +40,6 @@ def test_demo_times_training_steps(capsys):
 
 
 def test_demo_says_what_failed(monkeypatch, capsys):
-    import normpass
-
     class Broken:
         reports: list = []
 
@@ -64,7 +63,7 @@ def test_demo_model_without_transformers():
     assert what == "normpass.demo_model.TinyLlama"
     ids = torch.randint(0, 64, (2, 8))
     assert model(ids).shape == (2, 8, 64)
-    report = cli._explain_fn()[0](model, ids)
+    report = normpass.explain(model, ids)
     assert len(report) == 5 and all(r.form.startswith("R1") for r in report.rows)  # Llama's upcast form
 
 
