@@ -5,6 +5,8 @@
 // Pure CUDA: the ATen glue is in norm_kernels.cu / norm_backward.cu.
 #pragma once
 
+#include <type_traits>
+
 #include "norm_row.cuh"
 
 namespace normpass {
@@ -16,7 +18,10 @@ namespace cuda {
 // CTAs, the better one CTA's loads hide another's reductions). The backward
 // holds x and dy (2 x 4 x 16 bytes) and keeps its fp32 dweight/dbias
 // partials in shared memory, under 80 registers: three 256-thread CTAs per SM.
-template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 8 : 4; }
+// SMALL (experiment): 2 vectors per thread under 40 registers, 1536 threads per SM.
+template <int VEC, bool SMALL = false> __host__ __device__ constexpr int fwd_items() {
+  return VEC == 1 ? 8 : (SMALL ? 2 : 4);
+}
 template <int VEC> __host__ __device__ constexpr int bwd_items() { return VEC == 1 ? 8 : 4; }
 constexpr int kFwdMinThreads = 128; // CTA size for short rows
 constexpr int kFwdMaxThreads = kMaxThreads;
@@ -45,9 +50,9 @@ struct FwdArgs {
   RowLayout layout;
 };
 
-template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
-__global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
-  constexpr int ITEMS = fwd_items<VEC>();
+template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL, bool SMALL = false>
+__global__ void __launch_bounds__(kMaxThreads, SMALL ? 3 : 2) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
+  constexpr int ITEMS = fwd_items<VEC, SMALL>();
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmem sh;
@@ -121,18 +126,35 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
     }
     const float rstd = rsqrtf(var + a.eps);
 
-    for (int t = 0; t < L.tiles; ++t) {
-      if (!resident) load_tile(t, false);
-      if (!valid) continue;
-      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-        float w[VEC], b[VEC];
-        load_scale(w, a.weight, j * VEC, a.weight_offset);
-        load_bias(b, a.bias, j * VEC);
-        Pack<O, VEC> y;
+    // Output pass, compiled once per weight/bias presence: no per-element selects.
+    auto write = [&](auto has_w, auto has_b) {
+      for (int t = 0; t < L.tiles; ++t) {
+        if (!resident) load_tile(t, false);
+        if (!valid) continue;
+        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
+          float w[VEC], b[VEC];
+          if constexpr (has_w.value) load_scale(w, a.weight, j * VEC, a.weight_offset);
+          if constexpr (has_b.value) load_bias(b, a.bias, j * VEC);
+          Pack<O, VEC> y;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) y.v[e] = from_float<O>((h(k, e) - mean) * rstd * w[e] + b[e]);
-        store(out + j * VEC, y);
-      });
+          for (int e = 0; e < VEC; ++e) {
+            float v = (h(k, e) - mean) * rstd;
+            if constexpr (has_w.value) v *= w[e];
+            if constexpr (has_b.value) v += b[e];
+            y.v[e] = from_float<O>(v);
+          }
+          store(out + j * VEC, y);
+        });
+      }
+    };
+    using yes = std::true_type;
+    using no = std::false_type;
+    if (a.weight != nullptr) {
+      if (a.bias != nullptr) write(yes{}, yes{});
+      else write(yes{}, no{});
+    } else {
+      if (a.bias != nullptr) write(no{}, yes{});
+      else write(no{}, no{});
     }
   }
   cluster_exit_barrier(L);
