@@ -69,7 +69,7 @@ def _fake(node: fx.Node, key: str) -> None:
     def val(a: Any) -> Any:
         return meta.value(a) if isinstance(a, fx.Node) else a
 
-    with mode:
+    with mode, torch.no_grad():  # metadata only: skip the ops' autograd wrapper
         node.meta[key] = node.target(
             *torch.fx.node.map_aggregate(node.args, val), **torch.fx.node.map_aggregate(node.kwargs, val)
         )
