@@ -274,3 +274,26 @@ return [rms_norm_default]""",
             g, rep = rewrite_copy(capture(model, xs, "export"))
         self.assertEqual([(r.form, r.op) for r in rep.rows], [("abs rms (search)", "normpass.rms_norm")])
         torch.testing.assert_close(g.module()(*xs), model(*xs), atol=1e-5, rtol=1e-5)
+
+
+class TestRobustness(TestCase):
+    def test_broken_pattern_is_reported_not_raised(self):
+        def broken(term, m):
+            raise KeyError("oops")
+
+        model, xs = build("R1 llama"), inputs("R1 llama")
+        with normpass.PatternRegistry() as reg:
+            normpass.register_pattern("broken", broken, anchors=("rsqrt",), registry=reg)
+            with self.assertWarnsRegex(UserWarning, "pattern 'broken' failed"):
+                g, rep = rewrite_copy(capture(model, xs, "export"))
+        self.assertEqual(n_normpass(g), 1)  # the built-in pattern still matched at its own anchor
+        self.assertEqual(
+            [(r.form, r.decision) for r in rep.rows],
+            [("broken", "left alone"), ("R1 llama upcast", "rewritten")],
+        )
+
+    def test_second_rewrite_is_a_no_op(self):
+        gm = normpass.rewrite(fx.symbolic_trace(ResidualBlock()))
+        code = gm.code
+        _, rep = api.rewrite(gm, report=True)
+        self.assertEqual((rep.rows, gm.code), ([], code))

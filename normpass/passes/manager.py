@@ -8,6 +8,8 @@ is linear in the graph's size.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import fx
 
 from normpass.passes import meta
@@ -70,6 +72,11 @@ def _run_graph(
                 continue
             except Reject as r:
                 rejected = rejected or (r, pattern)
+                continue
+            except Exception as e:  # a broken pattern must not break the user's compile: skip, and say so
+                msg = f"normpass: pattern {pattern.name!r} failed on node {node.name}: {e!r}"
+                warnings.warn(msg, stacklevel=2)
+                rejected = rejected or (Reject(pattern.name, f"the pattern failed: {e!r}"), pattern)
                 continue
             if site is None:
                 continue
