@@ -149,6 +149,45 @@ mean used elsewhere: L3 var: left alone (intermediate u is also used by add_1; t
 rstd used elsewhere: R4 no casts: left alone (intermediate r is also used by output; the fused op would not produce it)""",
         )
 
+    def test_aten(self):
+        self.assertExpectedInline(
+            _summary("aten", {**FORMS, **LOOKALIKES}),
+            """\
+R1 llama: R4 no casts -> normpass.rms_norm
+R2 t5: R4 no casts -> normpass.rms_norm
+R3 gemma: R3 gemma 1+w -> normpass.rms_norm
+R4 mul: R4 no casts -> normpass.rms_norm
+R4 sqrt/div: R4 no casts -> normpass.rms_norm
+R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
+R4 sum/n: R4 no casts -> normpass.rms_norm
+R5 no weight: R5 no weight -> normpass.rms_norm
+R5 bias: R5 weight+bias -> normpass.rms_norm
+R6 per-head: R4 no casts -> normpass.rms_norm; R4 no casts -> normpass.rms_norm
+L1 two-pass: L1 two-pass -> normpass.layer_norm
+L2 var_mean: L2 var_mean -> normpass.layer_norm
+L3 var: L3 var -> normpass.layer_norm
+L3 upcast: L3 var -> normpass.layer_norm
+nn.LayerNorm: call:aten.native_layer_norm -> normpass.layer_norm
+nn.LayerNorm no bias: call:aten.native_layer_norm -> normpass.layer_norm
+nn.LayerNorm no affine: call:aten.native_layer_norm -> normpass.layer_norm
+nn.LayerNorm 2 dims: call:aten.native_layer_norm -> normpass.layer_norm
+F.layer_norm: call:aten.native_layer_norm -> normpass.layer_norm
+torch.layer_norm: call:aten.native_layer_norm -> normpass.layer_norm
+nn.RMSNorm: R4 no casts -> normpass.rms_norm
+F.rms_norm: R4 no casts -> normpass.rms_norm
+residual block: R4 no casts -> normpass.add_rms_norm; call:aten.native_layer_norm -> normpass.add_layer_norm
+normalized used elsewhere: R5 no weight -> normpass.rms_norm
+L4 channels-first: L4 channels-first: left alone (statistics over dim 1 of an NCHW tensor; normpass ops normalize trailing dims, and a movedim round trip would cost two copies)
+unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
+annotated transformer: look-alike: eps outside the root: left alone (divides by (sqrt + eps): eps is added outside the root, not inside it, and the std is unbiased (correction=1))
+eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt + eps): eps is added outside the root, not inside it)
+F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
+mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
+batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
+mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
+rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
+        )
+
     def test_export(self):
         self.assertExpectedInline(
             _summary("export", {**FORMS, **LOOKALIKES}),

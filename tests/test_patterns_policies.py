@@ -125,6 +125,21 @@ return [mul, add]""",
         want = reference.norm(self.xs[0], self.model.ln.weight, self.model.ln.bias, 1e-5, center=True)
         _close(hi, want.float() + 1, torch.bfloat16)
 
+    def test_core_aten_native_layer_norm(self):
+        # Decomposed: _to_copy(x, fp32) -> native_layer_norm -> getitem(0); the same site.
+        g, rep = rewrite_copy(capture(self.model, self.xs, "aten"), "low_precision")
+        self.assertExpectedInline(
+            compact(g),
+            """\
+layer_norm_default = normpass.layer_norm(x, p_ln_weight, p_ln_bias, 1e-05)
+_to_copy_default = aten._to_copy(layer_norm_default, dtype=float32)
+mul = aten.mul(layer_norm_default, 2)
+add = aten.add(_to_copy_default, 1)
+return [mul, add]""",
+        )
+        lo, hi = g.module()(*self.xs)
+        self.assertEqual((lo.dtype, hi.dtype), (torch.bfloat16, torch.float32))
+
     def test_dynamo_bf16_output(self):
         fn, _, rep = rewritten_fn(self.model, self.xs, "dynamo", "low_precision")
         self.assertEqual(rep.rows[0].op, "normpass.layer_norm")

@@ -77,7 +77,7 @@ def match_layernorm(t: Term, m: Matcher) -> Site | None:
     if correction != 0:
         raise Reject(
             "look-alike: unbiased var",
-            f"unbiased variance (correction={correction}); LayerNorm divides by n, not n - 1",
+            f"unbiased variance (correction={correction:g}); LayerNorm divides by n, not n - 1",
         )
     if _dim_set(mean_dims, m.unalias(h)) != _dim_set(dims, m.unalias(h)):
         raise Reject(

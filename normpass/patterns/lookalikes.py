@@ -25,8 +25,13 @@ def match_eps_outside(t: Term, m: Matcher) -> Site | None:
             root = root.args[0]
         if m.is_op(root, "sqrt", "std", "vector_norm"):
             extra = ""
-            if root.op == "std" and root.attrs["correction"] != 0:
-                extra = f", and the std is unbiased (correction={root.attrs['correction']})"
+            moments = root if root.op == "std" else m.unalias(root.args[0]) if root.args else None
+            if (
+                isinstance(moments, Term)
+                and moments.op in ("std", "var")
+                and moments.attrs["correction"] != 0
+            ):
+                extra = f", and the std is unbiased (correction={moments.attrs['correction']:g})"
             raise Reject(
                 "look-alike: eps outside the root",
                 f"divides by ({root.op} + eps): eps is added outside the root, not inside it{extra}",
