@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 #include "norm.h"
 
@@ -28,11 +29,16 @@ bool is_float_dtype(at::ScalarType t) {
   return at::isFloatingType(t) && !at::isFloat8Type(t);
 }
 
+// Spelled as Python spells it, so messages match the fake impls' word for word.
+std::string dtype_name(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
 void check_param(const char* op, const char* name, const optional<Tensor>& t,
                  const Tensor& input, int64_t ndim) {
   if (!t.has_value()) return;
   TORCH_CHECK(is_float_dtype(t->scalar_type()), op, ": ", name,
-              " must be a floating-point tensor, got ", t->scalar_type());
+              " must be a floating-point tensor, got ", dtype_name(t->scalar_type()));
   TORCH_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(),
               " but input is on ", input.device());
   auto expected = input.sizes().slice(input.dim() - ndim);
@@ -47,14 +53,14 @@ void check_like_input(const char* op, const char* name, const Tensor& t, const T
   TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " has shape ", t.sizes(),
               " but input has shape ", input.sizes());
   TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
-              " must be a floating-point tensor, got ", t.scalar_type());
+              " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
 }
 
 int64_t check_args(const char* op, const Tensor& input, const optional<Tensor>& residual,
                    const optional<Tensor>& weight, const optional<Tensor>& bias,
                    int64_t ndim, double eps, double p) {
   TORCH_CHECK(is_float_dtype(input.scalar_type()), op,
-              ": input must be a floating-point tensor, got ", input.scalar_type());
+              ": input must be a floating-point tensor, got ", dtype_name(input.scalar_type()));
   TORCH_CHECK(ndim >= 1, op, ": normalized_ndim must be >= 1, got ", ndim);
   TORCH_CHECK(ndim <= input.dim(), op, ": normalized_ndim (", ndim,
               ") is larger than input.dim() (", input.dim(), ")");
@@ -62,7 +68,12 @@ int64_t check_args(const char* op, const Tensor& input, const optional<Tensor>& 
   TORCH_CHECK(p > 0 && p <= 1, op, ": p must be in (0, 1], got ", p);
   TORCH_CHECK(input.device().is_cpu() || input.scalar_type() != at::kDouble, op,
               ": float64 input is supported on CPU only, got it on ", input.device());
-  if (residual.has_value()) check_like_input(op, "residual", *residual, input);
+  if (residual.has_value()) {
+    check_like_input(op, "residual", *residual, input);
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), op, ": residual has dtype ",
+                dtype_name(residual->scalar_type()), " but input has dtype ",
+                dtype_name(input.scalar_type()));
+  }
   check_param(op, "weight", weight, input, ndim);
   check_param(op, "bias", bias, input, ndim);
   return c10::multiply_integers(input.sizes().slice(input.dim() - ndim));
@@ -115,12 +126,9 @@ std::tuple<Tensor, Tensor> norm_forward(
     const optional<Tensor>& weight, const optional<Tensor>& bias, bool center, double eps,
     int64_t ndim, double weight_offset, double p, optional<at::ScalarType> out_dtype) {
   const int64_t cols = check_args(op, input, residual, weight, bias, ndim, eps, p);
-  TORCH_CHECK(!residual.has_value() || residual->scalar_type() == input.scalar_type(), op,
-              ": residual has dtype ", residual->scalar_type(), " but input has dtype ",
-              input.scalar_type());
   if (out_dtype.has_value()) {
     TORCH_CHECK(is_float_dtype(*out_dtype), op,
-                ": out_dtype must be a floating-point dtype, got ", *out_dtype);
+                ": out_dtype must be a floating-point dtype, got ", dtype_name(*out_dtype));
   }
   Tensor out = at::empty(input.sizes(), input.options().dtype(out_dtype.value_or(input.scalar_type())));
   Tensor sum = residual.has_value() ? at::empty(input.sizes(), input.options()) : Tensor();

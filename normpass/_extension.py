@@ -32,13 +32,31 @@ def _register_reference_ops() -> None:
     for name, schema in SCHEMAS.items():
         lib.define(name + schema)
 
-    def forward(input, residual, weight, bias, eps, *, center, normalized_ndim=1, weight_offset=0.0, p=1.0,
-                out_dtype=None):
+    def forward(
+        input,
+        residual,
+        weight,
+        bias,
+        eps,
+        *,
+        center,
+        normalized_ndim=1,
+        weight_offset=0.0,
+        p=1.0,
+        out_dtype=None,
+    ):
         reference.check_args("normpass", input, residual, weight, bias, normalized_ndim, eps, p)
         x = input if residual is None else input + residual
         y = reference.norm(
-            x, weight, bias, eps, center=center, normalized_ndim=normalized_ndim,
-            weight_offset=weight_offset, p=p, out_dtype=out_dtype,
+            x,
+            weight,
+            bias,
+            eps,
+            center=center,
+            normalized_ndim=normalized_ndim,
+            weight_offset=weight_offset,
+            p=p,
+            out_dtype=out_dtype,
         )
         return y if residual is None else (y, x)
 

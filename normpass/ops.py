@@ -26,7 +26,7 @@ ops = torch.ops.normpass
 def _fake_forward(op, input, residual, weight, bias, eps, normalized_ndim, p, out_dtype):
     reference.check_args(op, input, residual, weight, bias, normalized_ndim, eps, p)
     torch._check(
-        out_dtype is None or out_dtype.is_floating_point,
+        out_dtype is None or reference.is_float_dtype(out_dtype),
         lambda: f"{op}: out_dtype must be a floating-point dtype, got {out_dtype}",
     )
     out = input.new_empty(input.shape, dtype=out_dtype or input.dtype)
@@ -40,12 +40,18 @@ def _(input, weight, eps, bias=None, *, normalized_ndim=1, weight_offset=0.0, p=
 
 @torch.library.register_fake("normpass::layer_norm")
 def _(input, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.0, out_dtype=None):
-    return _fake_forward("normpass.layer_norm", input, None, weight, bias, eps, normalized_ndim, 1.0, out_dtype)
+    return _fake_forward(
+        "normpass.layer_norm", input, None, weight, bias, eps, normalized_ndim, 1.0, out_dtype
+    )
 
 
 @torch.library.register_fake("normpass::add_rms_norm")
-def _(input, residual, weight, eps, bias=None, *, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None):
-    return _fake_forward("normpass.add_rms_norm", input, residual, weight, bias, eps, normalized_ndim, p, out_dtype)
+def _(
+    input, residual, weight, eps, bias=None, *, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None
+):
+    return _fake_forward(
+        "normpass.add_rms_norm", input, residual, weight, bias, eps, normalized_ndim, p, out_dtype
+    )
 
 
 @torch.library.register_fake("normpass::add_layer_norm")
@@ -57,15 +63,14 @@ def _(input, residual, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.
 
 def _fake_backward(op, grad_out, input, weight, grad_sum, eps, has_bias, normalized_ndim, p):
     reference.check_args(op, input, None, weight, None, normalized_ndim, eps, p)
-    torch._check(
-        grad_out.shape == input.shape,
-        lambda: f"{op}: grad_out has shape {tuple(grad_out.shape)} but input has shape {tuple(input.shape)}",
-    )
+    reference.check_like_input(op, "grad_out", grad_out, input)
+    if grad_sum is not None:
+        reference.check_like_input(op, "grad_sum", grad_sum, input)
     param_shape = input.shape[input.dim() - normalized_ndim :]
     param_dtype = weight.dtype if weight is not None else input.dtype
-    empty = input.new_empty(0, dtype=param_dtype)
-    grad_weight = input.new_empty(param_shape, dtype=param_dtype) if weight is not None else empty
-    grad_bias = input.new_empty(param_shape, dtype=param_dtype) if has_bias else empty
+    # Absent gradients are distinct empty tensors, as the kernels return them (never aliases).
+    grad_weight = input.new_empty(param_shape if weight is not None else (0,), dtype=param_dtype)
+    grad_bias = input.new_empty(param_shape if has_bias else (0,), dtype=param_dtype)
     return input.new_empty(input.shape), grad_weight, grad_bias
 
 
@@ -98,9 +103,7 @@ def _norm_grads(ctx, grad_out: Tensor, grad_sum: Tensor | None):
     else:
         backward_op, kw["p"] = ops.rms_norm_backward, ctx.p
     if torch.is_grad_enabled():
-        dx, dw, db = reference.norm_backward(
-            grad_out, x, weight, grad_sum, ctx.eps, center=ctx.center, create_graph=True, **kw
-        )
+        dx, dw, db = reference.norm_backward(grad_out, x, weight, grad_sum, ctx.eps, center=ctx.center, **kw)
     else:
         dx, dw, db = backward_op(grad_out, x, weight, grad_sum, ctx.eps, **kw)
     dw = dw if weight is not None else None

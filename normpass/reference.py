@@ -21,13 +21,23 @@ def stat_cols(p: float, n: int) -> int:
     return max(1, math.ceil(p * n))
 
 
-def _check_like_input(op: str, name: str, t: Tensor, input: Tensor) -> None:
-    torch._check(t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}")
+def is_float_dtype(dtype: torch.dtype) -> bool:
+    """Floating point, and not one of the float8 storage types (the kernels do not take those)."""
+    return dtype.is_floating_point and dtype.itemsize > 1
+
+
+def check_like_input(op: str, name: str, t: Tensor, input: Tensor) -> None:
+    """`t` (residual, grad_out, grad_sum) must match input's device and shape, and be floating point."""
+    torch._check(
+        t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}"
+    )
     torch._check(
         t.shape == input.shape,
-        lambda: f"{op}: {name} has shape {tuple(t.shape)} but input has shape {tuple(input.shape)}",
+        lambda: f"{op}: {name} has shape {list(t.shape)} but input has shape {list(input.shape)}",
     )
-    torch._check(t.is_floating_point(), lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    torch._check(
+        is_float_dtype(t.dtype), lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}"
+    )
 
 
 def check_args(
@@ -42,7 +52,7 @@ def check_args(
 ) -> None:
     """The checks csrc/ops.cpp makes, with the same messages, for fake and reference impls."""
     torch._check(
-        input.is_floating_point(), lambda: f"{op}: input must be a floating-point tensor, got {input.dtype}"
+        is_float_dtype(input.dtype), lambda: f"{op}: input must be a floating-point tensor, got {input.dtype}"
     )
     torch._check(normalized_ndim >= 1, lambda: f"{op}: normalized_ndim must be >= 1, got {normalized_ndim}")
     torch._check(
@@ -56,22 +66,31 @@ def check_args(
         lambda: f"{op}: float64 input is supported on CPU only, got it on {input.device}",
     )
     if residual is not None:
-        _check_like_input(op, "residual", residual, input)
+        check_like_input(op, "residual", residual, input)
         torch._check(
             residual.dtype == input.dtype,
             lambda: f"{op}: residual has dtype {residual.dtype} but input has dtype {input.dtype}",
         )
     expected = tuple(input.shape[input.dim() - normalized_ndim :])
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        torch._check(t.is_floating_point(), lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-        torch._check(t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}")
-        torch._check(
-            tuple(t.shape) == expected,
-            lambda: f"{op}: {name} has shape {list(t.shape)} but the normalized shape (the last "
-            f"{normalized_ndim} dims of input) is {list(expected)}",
-        )
+        if t is not None:
+            _check_param(op, name, t, input, normalized_ndim, expected)
+
+
+def _check_param(op: str, name: str, t: Tensor, input: Tensor, normalized_ndim: int, expected: tuple) -> None:
+    torch._check(
+        is_float_dtype(t.dtype), lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}"
+    )
+    torch._check(
+        t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}"
+    )
+    torch._check(
+        tuple(t.shape) == expected,
+        lambda: (
+            f"{op}: {name} has shape {list(t.shape)} but the normalized shape (the last "
+            f"{normalized_ndim} dims of input) is {list(expected)}"
+        ),
+    )
 
 
 def norm(
@@ -112,22 +131,35 @@ def norm_backward(
     normalized_ndim: int,
     weight_offset: float,
     p: float = 1.0,
-    create_graph: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_input, grad_weight, grad_bias) of `norm`, as the *_backward ops return them."""
+    """(grad_input, grad_weight, grad_bias) of `norm`, as the *_backward ops return them.
+
+    Written out in closed form (the formula the kernels use) rather than through torch.autograd.grad,
+    so it is itself differentiable with no re-entrant autograd call: the fused ops' double backward
+    goes through it.
+    """
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     param_shape = input.shape[input.dim() - normalized_ndim :]
     param_dtype = weight.dtype if weight is not None else input.dtype
-    with torch.enable_grad():
-        x = input if create_graph else input.detach().requires_grad_()
-        w = weight if create_graph or weight is None else weight.detach().requires_grad_()
-        b = input.new_zeros(param_shape, dtype=param_dtype, requires_grad=True) if has_bias else None
-        y = norm(x, w, b, eps, center=center, normalized_ndim=normalized_ndim, weight_offset=weight_offset, p=p)
-        wrt = [t for t in (x, w, b) if t is not None and t.requires_grad]
-        grads = dict(zip(map(id, wrt), torch.autograd.grad(y, wrt, grad_out.to(y.dtype), create_graph=create_graph)))
-    empty = input.new_empty(0, dtype=param_dtype)
-    dx = grads.get(id(x), torch.zeros_like(input))
+    n = math.prod(param_shape)
+    rows = input.numel() // n if n else 0
+    h = input.to(acc).reshape(rows, n)
+    dy = grad_out.to(acc).reshape(rows, n)
+    k = stat_cols(p, n)
+    stats = h[:, :k]
+    mean = stats.mean(-1, keepdim=True) if center else 0.0
+    rstd = torch.rsqrt((stats - mean).square().mean(-1, keepdim=True) + eps)
+    xhat = (h - mean) * rstd
+    g = dy * (weight.to(acc).reshape(n) + weight_offset) if weight is not None else dy
+    mean_g = g.mean(-1, keepdim=True) if center else 0.0
+    # rstd depends on the first k columns only (all of them unless pRMSNorm).
+    in_stats = (torch.arange(n, device=input.device) < k).to(acc)
+    dx = rstd * (g - mean_g - xhat * in_stats * ((g * xhat).sum(-1, keepdim=True) / k))
+    dx = dx.view(input.shape)
     if grad_sum is not None:
-        dx = dx + grad_sum
-    dw = grads.get(id(w), torch.zeros_like(w)) if w is not None else empty
-    db = grads[id(b)].to(param_dtype) if b is not None else empty
+        dx = dx + grad_sum.to(acc)
+    # Absent gradients are distinct empty tensors (outputs of one op must not alias).
+    empty = input.new_empty(0, dtype=param_dtype)
+    dw = (dy * xhat).sum(0).view(param_shape).to(param_dtype) if weight is not None else empty
+    db = dy.sum(0).view(param_shape).to(param_dtype) if has_bias else empty.clone()
     return dx.to(input.dtype), dw, db

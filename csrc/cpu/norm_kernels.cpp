@@ -1,12 +1,21 @@
-// CPU kernels: one row per task, rows split across threads. Each row is
-// widened once into an accumulation-dtype scratch buffer that stays in L1/L2,
-// so the input is read from memory once per pass.
+// CPU kernels: rows split across threads; each row is widened once into an
+// accumulation-type scratch row that stays in L1/L2, so x is read from memory
+// once per pass. The row loops (norm_rows.h) are compiled for AVX-512, AVX2
+// and baseline x86-64, and the best one this CPU supports runs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../norm.h"
@@ -17,52 +26,119 @@ namespace {
 using at::Tensor;
 using std::optional;
 
-// Rows per task: large enough to amortize scheduling, small enough to balance.
-constexpr int64_t kRowGrain = 16;
-// dweight/dbias partials are kept per fixed block of rows, then summed in
-// block order: the result does not depend on the thread count.
-constexpr int64_t kMaxWeightBlocks = 64;
-
-template <typename acc_t>
-struct RowStats {
-  acc_t mean;
-  acc_t rstd;
+// Raw views of the tensors, shared by every instruction-set variant.
+struct ForwardArgs {
+  const void* x;
+  int64_t x_stride;
+  const void* residual;  // nullable
+  int64_t residual_stride;
+  void* sum;             // nullable; contiguous rows
+  const void* weight;    // nullable
+  const void* bias;      // nullable
+  void* out;             // contiguous rows
+  int64_t cols;
+  NormParams params;
 };
 
-template <typename acc_t>
-RowStats<acc_t> row_stats(const acc_t* h, int64_t stat_cols, const NormParams& p) {
-  acc_t mean = 0;
-  if (p.center) {
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < stat_cols; ++i) s += h[i];
-    mean = s / stat_cols;
-  }
-  acc_t ss = 0;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t i = 0; i < stat_cols; ++i) {
-    const acc_t d = h[i] - mean;
-    ss += d * d;
-  }
-  return {mean, acc_t(1) / std::sqrt(ss / stat_cols + static_cast<acc_t>(p.eps))};
+struct BackwardArgs {
+  const void* grad_out;
+  int64_t grad_out_stride;
+  const void* x;
+  int64_t x_stride;
+  const void* weight;    // nullable
+  const void* grad_sum;  // nullable
+  int64_t grad_sum_stride;
+  void* grad_input;      // contiguous rows
+  int64_t cols;
+  NormParams params;
+};
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define NORMPASS_X86_VARIANTS 1
+#endif
+
+namespace baseline {
+#define NP_TARGET
+#include "norm_rows.h"
+#undef NP_TARGET
+}  // namespace baseline
+
+#ifdef NORMPASS_X86_VARIANTS
+namespace avx2 {
+#define NP_TARGET __attribute__((target("avx2,fma,f16c")))
+#include "norm_rows.h"
+#undef NP_TARGET
+}  // namespace avx2
+
+namespace avx512 {
+#define NP_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#include "norm_rows.h"
+#undef NP_TARGET
+}  // namespace avx512
+#endif
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+// The best variant this CPU runs; NORMPASS_CPU_ISA=baseline|avx2|avx512 caps
+// it (tests use that to cover every variant on one machine).
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kBaseline;
+#ifdef NORMPASS_X86_VARIANTS
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      best = Isa::kAvx512;
+    }
+#endif
+    const char* env = std::getenv("NORMPASS_CPU_ISA");
+    const std::string cap = env ? env : "";
+    if (cap == "baseline") return Isa::kBaseline;
+    if (cap == "avx2") return std::min(best, Isa::kAvx2);
+    return best;
+  }();
+  return isa;
 }
 
-// Widens a row (optionally x + residual, rounded to the input dtype as eager
-// does, and stored to `sum`) into `h`.
-template <typename T, typename acc_t>
-void load_row(const T* x, const T* r, T* sum, acc_t* h, int64_t n) {
-  if (r == nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) h[i] = static_cast<acc_t>(x[i]);
-    return;
+template <typename T>
+using ForwardRowsFn = void (*)(const ForwardArgs&, int64_t, int64_t, at::opmath_type<T>*);
+template <typename T>
+using BackwardRowsFn = void (*)(const BackwardArgs&, int64_t, int64_t, at::opmath_type<T>*,
+                                at::opmath_type<T>*, at::opmath_type<T>*);
+
+template <typename T, typename W, typename O>
+ForwardRowsFn<T> forward_rows_fn() {
+#ifdef NORMPASS_X86_VARIANTS
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return avx512::forward_rows<T, W, O>;
+    case Isa::kAvx2: return avx2::forward_rows<T, W, O>;
+    case Isa::kBaseline: break;
   }
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T s = static_cast<T>(static_cast<acc_t>(x[i]) + static_cast<acc_t>(r[i]));
-    sum[i] = s;
-    h[i] = static_cast<acc_t>(s);
-  }
+#endif
+  return baseline::forward_rows<T, W, O>;
 }
+
+template <typename T, typename W>
+BackwardRowsFn<T> backward_rows_fn() {
+#ifdef NORMPASS_X86_VARIANTS
+  switch (cpu_isa()) {
+    case Isa::kAvx512: return avx512::backward_rows<T, W>;
+    case Isa::kAvx2: return avx2::backward_rows<T, W>;
+    case Isa::kBaseline: break;
+  }
+#endif
+  return baseline::backward_rows<T, W>;
+}
+
+// Rows per task: at least ~32K elements of work, to amortize scheduling.
+int64_t row_grain(int64_t cols) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(cols, 1));
+}
+
+// dweight/dbias partials are kept per fixed block of rows and summed in block
+// order, so the result does not depend on the thread count.
+constexpr int64_t kWeightBlocks = 32;
 
 template <typename T, typename W, typename O>
 void forward_typed(const Tensor& x, const optional<Tensor>& residual,
@@ -70,32 +146,20 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
                    const NormParams& p, Tensor& out, optional<Tensor>& sum) {
   using acc_t = at::opmath_type<T>;
   const int64_t rows = x.size(0), cols = x.size(1);
-  const T* x_data = x.const_data_ptr<T>();
-  const T* r_data = residual ? residual->const_data_ptr<T>() : nullptr;
-  T* sum_data = sum ? sum->mutable_data_ptr<T>() : nullptr;
-  const W* w = weight ? weight->const_data_ptr<W>() : nullptr;
-  const W* b = bias ? bias->const_data_ptr<W>() : nullptr;
-  O* y_data = out.mutable_data_ptr<O>();
-  const int64_t x_stride = x.stride(0);
-  const int64_t r_stride = residual ? residual->stride(0) : 0;
-  const acc_t offset = static_cast<acc_t>(p.weight_offset);
-
-  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(cols);
-    acc_t* h = scratch.data();
-    for (int64_t row = begin; row < end; ++row) {
-      load_row<T, acc_t>(x_data + row * x_stride, r_data ? r_data + row * r_stride : nullptr,
-                         sum_data ? sum_data + row * cols : nullptr, h, cols);
-      const auto st = row_stats(h, p.stat_cols, p);
-      O* y = y_data + row * cols;
-#pragma omp simd
-      for (int64_t i = 0; i < cols; ++i) {
-        acc_t v = (h[i] - st.mean) * st.rstd;
-        if (w) v *= static_cast<acc_t>(w[i]) + offset;
-        if (b) v += static_cast<acc_t>(b[i]);
-        y[i] = static_cast<O>(v);
-      }
-    }
+  ForwardArgs a{x.const_data_ptr(),
+                x.stride(0),
+                residual ? residual->const_data_ptr() : nullptr,
+                residual ? residual->stride(0) : 0,
+                sum ? sum->mutable_data_ptr() : nullptr,
+                weight ? weight->const_data_ptr() : nullptr,
+                bias ? bias->const_data_ptr() : nullptr,
+                out.mutable_data_ptr(),
+                cols,
+                p};
+  const auto rows_fn = forward_rows_fn<T, W, O>();
+  at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(3 * cols);
+    rows_fn(a, begin, end, scratch.data());
   });
 }
 
@@ -104,64 +168,43 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   using acc_t = at::opmath_type<T>;
-  const int64_t rows = x.size(0), cols = x.size(1), k = p.stat_cols;
-  const T* x_data = x.const_data_ptr<T>();
-  const T* dy_data = grad_out.const_data_ptr<T>();
-  const T* ds_data = grad_sum ? grad_sum->const_data_ptr<T>() : nullptr;
-  const W* w = weight ? weight->const_data_ptr<W>() : nullptr;
-  T* dx_data = grad_input.mutable_data_ptr<T>();
-  const int64_t x_stride = x.stride(0), dy_stride = grad_out.stride(0);
-  const int64_t ds_stride = grad_sum ? grad_sum->stride(0) : 0;
-  const acc_t offset = static_cast<acc_t>(p.weight_offset);
-
+  const int64_t rows = x.size(0), cols = x.size(1);
+  BackwardArgs a{grad_out.const_data_ptr(),
+                 grad_out.stride(0),
+                 x.const_data_ptr(),
+                 x.stride(0),
+                 weight ? weight->const_data_ptr() : nullptr,
+                 grad_sum ? grad_sum->const_data_ptr() : nullptr,
+                 grad_sum ? grad_sum->stride(0) : 0,
+                 grad_input.mutable_data_ptr(),
+                 cols,
+                 p};
+  const auto rows_fn = backward_rows_fn<T, W>();
   const bool want_dw = grad_weight.has_value(), want_db = grad_bias.has_value();
-  const int64_t blocks = std::min(rows, kMaxWeightBlocks);
+  const int64_t blocks = std::min(rows, kWeightBlocks);
   const int64_t rows_per_block = (rows + blocks - 1) / blocks;
-  std::vector<acc_t> dw_part(want_dw ? blocks * cols : 0, 0);
-  std::vector<acc_t> db_part(want_db ? blocks * cols : 0, 0);
+  std::vector<acc_t> dw_part(want_dw ? blocks * cols : 0, acc_t(0));
+  std::vector<acc_t> db_part(want_db ? blocks * cols : 0, acc_t(0));
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<acc_t> scratch(2 * cols);
-    acc_t* xhat = scratch.data();
-    acc_t* g = scratch.data() + cols;
+    std::vector<acc_t> scratch(3 * cols);
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
-      acc_t* dw = want_dw ? dw_part.data() + blk * cols : nullptr;
-      acc_t* db = want_db ? db_part.data() + blk * cols : nullptr;
-      const int64_t row_end = std::min(rows, (blk + 1) * rows_per_block);
-      for (int64_t row = blk * rows_per_block; row < row_end; ++row) {
-        load_row<T, acc_t>(x_data + row * x_stride, nullptr, nullptr, xhat, cols);
-        const auto st = row_stats(xhat, k, p);
-        const T* dy = dy_data + row * dy_stride;
-        acc_t sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-        for (int64_t i = 0; i < cols; ++i) {
-          xhat[i] = (xhat[i] - st.mean) * st.rstd;
-          const acc_t d = static_cast<acc_t>(dy[i]);
-          g[i] = w ? d * (static_cast<acc_t>(w[i]) + offset) : d;
-          sum_g += g[i];
-          sum_gx += g[i] * xhat[i];
-          if (dw) dw[i] += d * xhat[i];
-          if (db) db[i] += d;
-        }
-        // d rstd reaches only the first k columns (all of them unless pRMSNorm).
-        const acc_t mean_g = p.center ? sum_g / cols : 0;
-        const acc_t c = sum_gx / k;
-        T* dx = dx_data + row * cols;
-        const T* ds = ds_data ? ds_data + row * ds_stride : nullptr;
-#pragma omp simd
-        for (int64_t i = 0; i < cols; ++i) {
-          acc_t v = st.rstd * (g[i] - mean_g - (i < k ? xhat[i] * c : 0));
-          if (ds) v += static_cast<acc_t>(ds[i]);
-          dx[i] = static_cast<T>(v);
-        }
-      }
+      const int64_t begin = std::min(rows, blk * rows_per_block);
+      const int64_t end = std::min(rows, begin + rows_per_block);
+      rows_fn(a, begin, end, want_dw ? dw_part.data() + blk * cols : nullptr,
+              want_db ? db_part.data() + blk * cols : nullptr, scratch.data());
     }
   });
 
+  // Column-parallel, block-ordered: deterministic.
   auto reduce = [&](const std::vector<acc_t>& part, Tensor& result) {
-    auto* out = result.mutable_data_ptr<acc_t>();
-    for (int64_t blk = 0; blk < blocks; ++blk)
-      for (int64_t i = 0; i < cols; ++i) out[i] += part[blk * cols + i];
+    acc_t* res = result.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, cols, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const acc_t* src = part.data() + blk * cols;
+        for (int64_t i = begin; i < end; ++i) res[i] += src[i];
+      }
+    });
   };
   if (want_dw) reduce(dw_part, *grad_weight);
   if (want_db) reduce(db_part, *grad_bias);
@@ -170,7 +213,7 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
 // Parameters arrive as T or as the accumulation dtype (norm.h).
 template <typename T, typename F>
 void with_param_type(const optional<Tensor>& weight, const optional<Tensor>& bias, F&& f) {
-  const auto param = weight ? weight : bias;
+  const auto& param = weight ? weight : bias;
   if (param && param->scalar_type() != c10::CppTypeToScalarType<T>::value) {
     f(at::opmath_type<T>{});
   } else {
@@ -178,7 +221,7 @@ void with_param_type(const optional<Tensor>& weight, const optional<Tensor>& bia
   }
 }
 
-} // namespace
+}  // namespace
 
 void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
                       const optional<Tensor>& weight, const optional<Tensor>& bias,
@@ -220,4 +263,4 @@ void norm_backward_cpu(const Tensor& grad_out, const Tensor& x, const optional<T
   });
 }
 
-} // namespace normpass
+}  // namespace normpass

@@ -1,0 +1,263 @@
+// Row kernels of the CPU normalization, written as plain loops the compiler
+// vectorizes. norm_kernels.cpp includes this file once per instruction set,
+// each time inside its own namespace and with NP_TARGET set to that set's
+// target attribute, then picks one at run time. So this file includes
+// nothing and every function carries NP_TARGET: code inlined into it is
+// compiled for that target, and nothing here is shared between targets.
+//
+// Expects, from the includer: <cstdint>, <cstring>, <cmath>, <type_traits>,
+// c10::BFloat16, c10::Half, at::opmath_type, ForwardArgs and BackwardArgs.
+
+// ---- element loads and stores, in the accumulation type -------------------
+
+template <typename T>
+NP_TARGET inline at::opmath_type<T> load(const T* p, int64_t i) {
+  return p[i];
+}
+
+template <>
+NP_TARGET inline float load(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Exponent rebias by one multiply (normals and subnormals alike), inf/NaN by
+// a mask (not `?:`, which GCC leaves as a branch): so it vectorizes.
+template <>
+NP_TARGET inline float load(const c10::Half* p, int64_t i) {
+  const uint32_t h = reinterpret_cast<const uint16_t*>(p)[i];
+  const uint32_t magnitude = (h & UINT32_C(0x7FFF)) << 13;
+  float scaled;
+  std::memcpy(&scaled, &magnitude, sizeof(scaled));
+  scaled *= 0x1p112f;
+  uint32_t bits;
+  std::memcpy(&bits, &scaled, sizeof(bits));
+  const uint32_t inf_nan = 0u - static_cast<uint32_t>(magnitude >= (UINT32_C(0x7C00) << 13));
+  bits = (bits & ~inf_nan) | ((magnitude | UINT32_C(0x7F800000)) & inf_nan);
+  bits |= (h & UINT32_C(0x8000)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+template <typename T, typename A>
+NP_TARGET inline void store(T* p, int64_t i, A v) {
+  p[i] = static_cast<T>(v);
+}
+
+// Round to nearest even, as c10::BFloat16 does, but branch-free so it vectorizes.
+template <>
+NP_TARGET inline void store(c10::BFloat16* p, int64_t i, float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const uint32_t rounded = (bits + UINT32_C(0x7FFF) + ((bits >> 16) & 1)) >> 16;
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(v != v);
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>((UINT32_C(0x7FC0) & is_nan) | (rounded & ~is_nan));
+}
+
+// Round to nearest even with every case computed and one picked by masks, so it
+// vectorizes without F16C: overflow to inf (NaN stays NaN), subnormals by
+// letting the FPU round an addition, normals by integer rounding.
+template <>
+NP_TARGET inline void store(c10::Half* p, int64_t i, float v) {
+  uint32_t f;
+  std::memcpy(&f, &v, sizeof(f));
+  const uint32_t sign = f & UINT32_C(0x80000000);
+  f ^= sign;
+  const uint32_t denorm_magic_bits = UINT32_C(126) << 23;  // 0.5f: aligns 2^-24 to its ulp
+  float denorm_magic;
+  std::memcpy(&denorm_magic, &denorm_magic_bits, sizeof(denorm_magic));
+  float abs_v;
+  std::memcpy(&abs_v, &f, sizeof(abs_v));
+  const float shifted = abs_v + denorm_magic;
+  uint32_t subnormal;
+  std::memcpy(&subnormal, &shifted, sizeof(subnormal));
+  subnormal -= denorm_magic_bits;
+  const uint32_t normal =
+      (f + (static_cast<uint32_t>(15 - 127) << 23) + UINT32_C(0xFFF) + ((f >> 13) & 1)) >> 13;
+  const uint32_t special = UINT32_C(0x7C00) | (static_cast<uint32_t>(f > (UINT32_C(255) << 23)) << 9);
+  const uint32_t is_subnormal = 0u - static_cast<uint32_t>(f < (UINT32_C(113) << 23));
+  const uint32_t is_special = 0u - static_cast<uint32_t>(f >= (UINT32_C(127 + 16) << 23));
+  uint32_t h = (subnormal & is_subnormal) | (normal & ~is_subnormal);
+  h = (special & is_special) | (h & ~is_special);
+  reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(h | (sign >> 16));
+}
+
+// ---- shared pieces ----------------------------------------------------------
+
+// Widens weight + offset and bias once per task, so the row loops see only
+// accumulation-type arrays. `wa` is left untouched when there is no weight.
+template <typename W, typename acc_t>
+NP_TARGET void widen_params(const W* w, const W* b, acc_t offset, int64_t n, acc_t* wa,
+                            acc_t* ba) {
+  if (w != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) wa[i] = load(w, i) + offset;
+  }
+  if (b != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) ba[i] = load(b, i);
+  }
+}
+
+// Widens one row of x, or of x + residual rounded to T (stored to `sum`, and
+// normalized as rounded, like eager `norm(x + residual)`), into `h`. Returns
+// the row as the statistics read it: `h`, or x itself when no widening is
+// needed (fp32/fp64 without residual), which saves a pass.
+template <typename T, typename acc_t>
+NP_TARGET const acc_t* load_row(const T* __restrict x, const T* __restrict r, T* __restrict sum,
+                                acc_t* __restrict h, int64_t n) {
+  if (r == nullptr) {
+    if constexpr (std::is_same_v<T, acc_t>) return x;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) h[i] = load(x, i);
+    return h;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store(sum, i, load(x, i) + load(r, i));
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) h[i] = load(sum, i);
+  return h;
+}
+
+template <typename acc_t>
+struct RowStats {
+  acc_t mean;
+  acc_t rstd;
+};
+
+// Over the first k values of a cache-resident row: the mean, then the
+// centered second moment (a second pass, accurate when |mean| >> std).
+template <typename acc_t>
+NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool center,
+                                    acc_t eps) {
+  acc_t mean = 0;
+  if (center) {
+    acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = 0; i < k; ++i) s += h[i];
+    mean = s / static_cast<acc_t>(k);
+  }
+  acc_t ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < k; ++i) {
+    const acc_t d = h[i] - mean;
+    ss += d * d;
+  }
+  return {mean, acc_t(1) / std::sqrt(ss / static_cast<acc_t>(k) + eps)};
+}
+
+// ---- forward ----------------------------------------------------------------
+
+
+// Rows [begin, end). `scratch` holds 3 * cols accumulation values.
+template <typename T, typename W, typename O>
+NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
+                            at::opmath_type<T>* scratch) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t n = a.cols, k = a.params.stat_cols;
+  const T* x = static_cast<const T*>(a.x);
+  const T* r = static_cast<const T*>(a.residual);
+  T* sum = static_cast<T*>(a.sum);
+  const W* w = static_cast<const W*>(a.weight);
+  const W* b = static_cast<const W*>(a.bias);
+  O* out = static_cast<O*>(a.out);
+  acc_t* __restrict wa = scratch + n;
+  acc_t* __restrict ba = scratch + 2 * n;
+  widen_params(w, b, static_cast<acc_t>(a.params.weight_offset), n, wa, ba);
+  const acc_t eps = static_cast<acc_t>(a.params.eps);
+
+  for (int64_t row = begin; row < end; ++row) {
+    const acc_t* __restrict xr = load_row(x + row * a.x_stride,
+                                          r ? r + row * a.residual_stride : nullptr,
+                                          sum ? sum + row * n : nullptr, scratch, n);
+    const auto st = row_stats(xr, k, a.params.center, eps);
+    const acc_t mean = st.mean, rstd = st.rstd;
+    O* __restrict y = out + row * n;
+    // One loop per parameter combination: no branches left in the hot loop.
+    if (w && b) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) store(y, i, (xr[i] - mean) * rstd * wa[i] + ba[i]);
+    } else if (w) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) store(y, i, (xr[i] - mean) * rstd * wa[i]);
+    } else if (b) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) store(y, i, (xr[i] - mean) * rstd + ba[i]);
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) store(y, i, (xr[i] - mean) * rstd);
+    }
+  }
+}
+
+// ---- backward ---------------------------------------------------------------
+
+
+// Rows [begin, end); adds this range's dweight / dbias into `dw` / `db`
+// (nullable, cols values each). `scratch` holds 3 * cols accumulation values.
+template <typename T, typename W>
+NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
+                             at::opmath_type<T>* __restrict dw, at::opmath_type<T>* __restrict db,
+                             at::opmath_type<T>* scratch) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t n = a.cols, k = a.params.stat_cols;
+  const T* x = static_cast<const T*>(a.x);
+  const T* dy_data = static_cast<const T*>(a.grad_out);
+  const T* ds_data = static_cast<const T*>(a.grad_sum);
+  const W* w = static_cast<const W*>(a.weight);
+  T* dx_data = static_cast<T*>(a.grad_input);
+  acc_t* __restrict xhat = scratch;
+  acc_t* __restrict g = scratch + n;
+  acc_t* __restrict wa = scratch + 2 * n;
+  widen_params<W, acc_t>(w, nullptr, static_cast<acc_t>(a.params.weight_offset), n, wa, nullptr);
+  if (w == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) wa[i] = 1;
+  }
+  const acc_t eps = static_cast<acc_t>(a.params.eps);
+
+  for (int64_t row = begin; row < end; ++row) {
+    // xr may be xhat itself: each element is read before it is overwritten.
+    const acc_t* xr = load_row<T, acc_t>(x + row * a.x_stride, nullptr, nullptr, xhat, n);
+    const auto st = row_stats(xr, k, a.params.center, eps);
+    const acc_t mean = st.mean, rstd = st.rstd;
+    const T* __restrict dy = dy_data + row * a.grad_out_stride;
+    acc_t sum_g = 0, sum_gx = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gx)
+    for (int64_t i = 0; i < n; ++i) {
+      const acc_t xh = (xr[i] - mean) * rstd;
+      const acc_t gi = load(dy, i) * wa[i];
+      xhat[i] = xh;
+      g[i] = gi;
+      sum_g += gi;
+      sum_gx += gi * xh;
+    }
+    if (dw) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) dw[i] += load(dy, i) * xhat[i];
+    }
+    if (db) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) db[i] += load(dy, i);
+    }
+    // rstd depends on the first k columns only (all of them unless pRMSNorm).
+    const acc_t mean_g = a.params.center ? sum_g / static_cast<acc_t>(n) : acc_t(0);
+    const acc_t c = sum_gx / static_cast<acc_t>(k);
+    T* __restrict dx = dx_data + row * n;
+    const T* __restrict ds = ds_data ? ds_data + row * a.grad_sum_stride : nullptr;
+    if (ds) {
+#pragma omp simd
+      for (int64_t i = 0; i < k; ++i) store(dx, i, rstd * (g[i] - mean_g - xhat[i] * c) + load(ds, i));
+#pragma omp simd
+      for (int64_t i = k; i < n; ++i) store(dx, i, rstd * (g[i] - mean_g) + load(ds, i));
+    } else {
+#pragma omp simd
+      for (int64_t i = 0; i < k; ++i) store(dx, i, rstd * (g[i] - mean_g - xhat[i] * c));
+#pragma omp simd
+      for (int64_t i = k; i < n; ++i) store(dx, i, rstd * (g[i] - mean_g));
+    }
+  }
+}

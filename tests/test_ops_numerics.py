@@ -1,0 +1,364 @@
+"""Numerics of the normpass ops against a float64 reference.
+
+The rule (context.md): normpass's error against float64 (computed from fp64 copies of the same inputs)
+is no larger than the error of the torch computation it replaces, in the same dtype, plus a small
+margin. The torch computation is F.layer_norm for LayerNorm and the hand-written Llama form for
+RMSNorm (fp32 statistics, cast back, times weight), with `x + residual` done eagerly in the input
+dtype for the residual ops. Gradients (dx, dresidual, dweight, dbias) follow the same rule.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck, gradgradcheck
+
+import normpass  # noqa: F401  (registers the ops)
+from normpass import reference
+
+ops = torch.ops.normpass
+OPS = ("rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+EPS = 1e-5
+
+
+def is_center(name: str) -> bool:
+    return name.endswith("layer_norm")
+
+
+def has_residual(name: str) -> bool:
+    return name.startswith("add_")
+
+
+def call(name, x, residual, w, b, eps=EPS, **kw):
+    """The op's output (and the residual sum, or None) with one calling convention for all four."""
+    op = getattr(ops, name)
+    if name == "rms_norm":
+        return op(x, w, eps, b, **kw), None
+    if name == "layer_norm":
+        return op(x, w, b, eps, **kw), None
+    if name == "add_rms_norm":
+        return op(x, residual, w, eps, b, **kw)
+    return op(x, residual, w, b, eps, **kw)
+
+
+def torch_form(
+    name, x, residual, w, b, eps=EPS, *, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None
+):
+    """What a model writes without normpass, in the input dtype."""
+    s = x + residual if residual is not None else x
+    shape = s.shape[s.dim() - normalized_ndim :]
+    if w is not None and weight_offset:
+        w = w + weight_offset
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    if is_center(name):
+        native = all(t is None or t.dtype in (s.dtype, acc) for t in (w, b))
+        if native:
+            y = F.layer_norm(s, shape, w, b, eps)
+        else:  # F.layer_norm refuses this mix: the graph would upcast
+            up = [t.to(acc) if t is not None else None for t in (w, b)]
+            y = F.layer_norm(s.to(acc), shape, *up, eps).to(s.dtype)
+    else:  # Llama's RMSNorm, reading the first ceil(p * n) columns for pRMSNorm
+        h = s.to(acc).flatten(s.dim() - normalized_ndim)
+        k = reference.stat_cols(p, h.shape[-1])
+        var = h[..., :k].pow(2).mean(-1, keepdim=True)
+        y = (h * torch.rsqrt(var + eps)).view(s.shape).to(s.dtype)
+        if w is not None:
+            y = w * y
+        if b is not None:
+            y = y + b
+    return y.to(out_dtype or x.dtype), (s if residual is not None else None)
+
+
+def reference64(
+    name, x, residual, w, b, eps=EPS, *, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None
+):
+    """float64 ground truth from fp64 copies of the inputs (autograd-connected to them)."""
+    s = x + residual if residual is not None else x
+    y = reference.norm(
+        s,
+        w,
+        b,
+        eps,
+        center=is_center(name),
+        normalized_ndim=normalized_ndim,
+        weight_offset=weight_offset,
+        p=p,
+    )
+    return y, (s if residual is not None else None)
+
+
+def make_inputs(
+    name, shape, dtype, *, normalized_ndim=1, weight=True, bias=True, param_dtype=None, layout="contiguous"
+):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((name, shape, dtype, layout)).encode()))
+    param_shape = shape[len(shape) - normalized_ndim :]
+
+    def activation():
+        full = (*shape[:-2], shape[-1], shape[-2]) if layout == "transposed" else shape
+        if layout == "sliced":
+            full = (*shape[:-1], shape[-1] + 3)
+        t = (torch.randn(full, generator=g) * 2 + 0.5).to(dtype)  # an offset mean: LayerNorm must remove it
+        if layout == "transposed":  # last dim not unit-stride: the front end must copy
+            return t.transpose(-1, -2)
+        if layout == "sliced":  # rows with a gap: the kernels' row stride
+            return t[..., 1 : shape[-1] + 1]
+        return t
+
+    x = activation()
+    r = activation() if has_residual(name) else None
+    pdt = param_dtype or dtype
+    w = (torch.randn(param_shape, generator=g) + 1).to(pdt) if weight else None
+    b = torch.randn(param_shape, generator=g).to(pdt) if bias else None
+    if layout != "contiguous":
+        assert not x.is_contiguous()
+    return x, r, w, b
+
+
+def max_err(t, ref):
+    return (t.double() - ref).abs().max().item() if t.numel() else 0.0
+
+
+def assert_no_worse(label, ours, theirs, ref, input_dtype):
+    """ours is no further from ref than theirs, plus a margin of two units in the last place of the
+    coarser of the input and result dtypes (both computations see the same rounded inputs, and either
+    may land on the other side of a rounding) and 32 of the accumulation dtype (summation order),
+    scaled by max(|ref|, 1): inputs and dy are O(1) here, so gradients that cancel to tiny values (N=1)
+    carry rounding error of that scale, not of their own."""
+    assert ours.dtype == theirs.dtype, label
+    assert ours.shape == ref.shape, label
+    coarse = max(torch.finfo(ours.dtype).eps, torch.finfo(input_dtype).eps)
+    acc = torch.finfo(torch.float64 if input_dtype == torch.float64 else torch.float32).eps
+    scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+    margin = (2 * coarse + 32 * acc) * scale
+    e_ours, e_theirs = max_err(ours, ref), max_err(theirs, ref)
+    assert e_ours <= e_theirs + margin, (
+        f"{label}: normpass err {e_ours:.3g} > torch err {e_theirs:.3g} + {margin:.3g}"
+    )
+
+
+def check_parity(name, x, r, w, b, **kw):
+    """Forward and every gradient of the op vs the torch form, both measured against float64."""
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    ours_in = [t.detach().clone().requires_grad_() for t in leaves]
+    theirs_in = [t.detach().clone().requires_grad_() for t in leaves]
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+
+    def unpack(ts):
+        it = iter(ts)
+        return [next(it) if t is not None else None for t in (x, r, w, b)]
+
+    out, s = call(name, *unpack(ours_in), **kw)
+    t_out, t_s = torch_form(name, *unpack(theirs_in), **kw)
+    r_out, r_s = reference64(name, *unpack(ref_in), **kw)
+
+    assert out.is_contiguous() and out.dtype == (kw.get("out_dtype") or x.dtype)
+    assert_no_worse("out", out, t_out, r_out, x.dtype)
+    if s is not None:
+        assert s.dtype == x.dtype
+        assert_no_worse("sum", s, t_s, r_s, x.dtype)
+
+    if out.numel() == 0:
+        return
+    dy = torch.randn(out.shape, dtype=torch.float64)
+    gs = torch.randn(out.shape, dtype=torch.float64) if s is not None else None
+
+    def grads(o, sm, inputs):
+        outs, gos = [o], [dy.to(o.dtype)]
+        if sm is not None:
+            outs.append(sm)
+            gos.append(gs.to(sm.dtype))
+        return torch.autograd.grad(outs, inputs, gos)
+
+    names = ("dx", "dresidual", "dweight", "dbias")
+    labels = [n for n, t in zip(names, (x, r, w, b), strict=True) if t is not None]
+    ours_g, theirs_g, ref_g = grads(out, s, ours_in), grads(t_out, t_s, theirs_in), grads(r_out, r_s, ref_in)
+    for label, g, tg, rg, leaf in zip(labels, ours_g, theirs_g, ref_g, leaves, strict=True):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, label
+        assert_no_worse(label, g, tg, rg, x.dtype)
+
+
+# ---- shapes ----------------------------------------------------------------------------------------
+
+SHAPES = [
+    ((7,), 1),
+    ((3, 1), 1),
+    ((2, 5, 7), 1),
+    ((4, 64), 1),
+    ((3, 1000), 1),
+    ((2, 3, 4, 64), 1),
+    ((3, 7), 2),
+    ((2, 3, 64), 2),
+    ((2, 2, 1000), 2),
+    ((4, 1, 1), 2),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ndim", SHAPES, ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_parity_shapes(name, shape, ndim, dtype):
+    x, r, w, b = make_inputs(name, shape, dtype, normalized_ndim=ndim)
+    check_parity(name, x, r, w, b, normalized_ndim=ndim)
+
+
+# ---- flags: parameters, dtypes, layouts -------------------------------------------------------------
+
+FLAG_CASES = {
+    "no_weight": (dict(weight=False), {}),
+    "no_bias": (dict(bias=False), {}),
+    "no_params": (dict(weight=False, bias=False), {}),
+    "fp32_params": (dict(param_dtype=torch.float32), {}),
+    "bf16_params": (dict(param_dtype=torch.bfloat16), {}),
+    "weight_offset": (dict(), dict(weight_offset=1.0)),
+    "p_quarter": (dict(), dict(p=0.25)),
+    "p_one_col": (dict(bias=False), dict(p=1e-3)),
+    "out_fp32": (dict(), dict(out_dtype=torch.float32)),
+    "out_fp16": (dict(), dict(out_dtype=torch.float16)),
+    "out_bf16": (dict(), dict(out_dtype=torch.bfloat16)),
+    "transposed": (dict(layout="transposed"), {}),
+    "sliced": (dict(layout="sliced"), {}),
+    "eps_zero": (dict(), dict(eps=0.0)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", FLAG_CASES)
+@pytest.mark.parametrize("name", OPS)
+def test_parity_flags(name, case, dtype):
+    make_kw, op_kw = FLAG_CASES[case]
+    if "p" in op_kw and is_center(name):
+        pytest.skip("p is an RMSNorm argument")
+    x, r, w, b = make_inputs(name, (6, 37), dtype, **make_kw)
+    check_parity(name, x, r, w, b, **op_kw)
+
+
+def test_parity_many_rows_threads():
+    """Enough rows that the kernels split them over threads and dweight over row blocks."""
+    for name in OPS:
+        x, r, w, b = make_inputs(name, (3, 300, 96), torch.bfloat16, param_dtype=torch.float32)
+        check_parity(name, x, r, w, b)
+
+
+def test_dweight_is_deterministic():
+    x, _, w, _ = make_inputs("rms_norm", (517, 33), torch.float32)
+    dy = torch.randn(x.shape)
+    kw = dict(has_bias=True, normalized_ndim=1, weight_offset=0.0, p=1.0)
+    first = ops.rms_norm_backward(dy, x, w, None, EPS, **kw)
+    for threads in (1, 2, 3):
+        with _num_threads(threads):
+            again = ops.rms_norm_backward(dy, x, w, None, EPS, **kw)
+        for a, b in zip(first, again, strict=True):
+            assert torch.equal(a, b)
+
+
+class _num_threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+
+
+# ---- zero-size ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (2, 0, 8), (3, 0)], ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_zero_size(name, shape):
+    x, r, w, b = make_inputs(name, shape, torch.float32)
+    leaves = [t.requires_grad_() for t in (x, r, w, b) if t is not None]
+    out, s = call(name, x, r, w, b)
+    assert out.shape == x.shape and (s is None or s.shape == x.shape)
+    grads = torch.autograd.grad([out.sum()] + ([s.sum()] if s is not None else []), leaves)
+    for g, t in zip(grads, leaves, strict=True):
+        assert g.shape == t.shape
+        assert not g.any()  # an empty sum: dweight and dbias are zero, the rest is empty
+
+
+# ---- gradcheck / gradgradcheck in fp64 over every flag combination --------------------------------------
+
+
+def _flag_grid():
+    for name in OPS:
+        for weight in (False, True):
+            for bias in (False, True):
+                for offset in (0.0, 1.0) if weight else (0.0,):
+                    for p in (1.0, 0.5) if not is_center(name) else (1.0,):
+                        for ndim in (1, 2):
+                            yield name, weight, bias, offset, p, ndim
+
+
+@pytest.mark.parametrize("name,weight,bias,offset,p,ndim", list(_flag_grid()))
+def test_gradcheck(name, weight, bias, offset, p, ndim):
+    x, r, w, b = make_inputs(name, (2, 3, 4), torch.float64, normalized_ndim=ndim, weight=weight, bias=bias)
+    leaves = [t.requires_grad_() for t in (x, r, w, b) if t is not None]
+    kw = dict(normalized_ndim=ndim, weight_offset=offset)
+    if not is_center(name):
+        kw["p"] = p
+
+    def fn(*ts):
+        it = iter(ts)
+        args = [next(it) if t is not None else None for t in (x, r, w, b)]
+        out, s = call(name, *args, **kw)
+        return out if s is None else (out, s)
+
+    assert gradcheck(fn, leaves)
+    assert gradgradcheck(fn, leaves)
+
+
+# ---- the reference fallback ----------------------------------------------------------------------------
+
+
+def test_reference_fallback_parity():
+    """With NORMPASS_FORCE_REFERENCE=1 the ops are the pure-PyTorch ones; they pass the same checks."""
+    code = textwrap.dedent(
+        """
+        import torch
+        import test_ops_numerics as t
+        import normpass
+        assert normpass.FALLBACK_REASON is not None
+        for name in t.OPS:
+            for dtype in (torch.float32, torch.bfloat16):
+                x, r, w, b = t.make_inputs(name, (5, 33), dtype)
+                t.check_parity(name, x, r, w, b)
+            x, r, w, b = t.make_inputs(
+                name, (2, 3, 8), torch.float16, normalized_ndim=2, param_dtype=torch.float32
+            )
+            kw = dict(normalized_ndim=2, weight_offset=1.0, out_dtype=torch.float32)
+            if not t.is_center(name):
+                kw["p"] = 0.5
+            t.check_parity(name, x, r, w, b, **kw)
+        print("ok")
+        """
+    )
+    env = dict(os.environ, NORMPASS_FORCE_REFERENCE="1")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_parity_check_can_fail(monkeypatch, dtype):
+    """The margin is small enough to catch a slightly wrong op (weight off by 3%)."""
+    real_call = call
+
+    def off_by_a_bit(name, x, residual, w, b, eps=EPS, **kw):
+        return real_call(name, x, residual, w * 1.03, b, eps, **kw)
+
+    monkeypatch.setattr(sys.modules[__name__], "call", off_by_a_bit)
+    x, r, w, b = make_inputs("rms_norm", (8, 64), dtype)
+    with pytest.raises(AssertionError, match="normpass err"):
+        check_parity("rms_norm", x, r, w, b)

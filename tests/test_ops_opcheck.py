@@ -1,0 +1,61 @@
+"""torch.library.opcheck over every normpass op: schema, autograd registration, fake tensor and
+AOT dispatch (static and dynamic) agree with the real kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import normpass  # noqa: F401  (registers the ops)
+
+ops = torch.ops.normpass
+
+# (shape, normalized_ndim); a modest grid: opcheck traces each call several ways.
+SHAPES = [((4, 8), 1), ((2, 3, 16), 2)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def forward_args(name, shape, ndim, dtype, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    param_shape = shape[len(shape) - ndim :]
+
+    def t(s, dt=dtype):
+        return torch.randn(s, generator=g).to(dt).requires_grad_(requires_grad)
+
+    x, w, b = t(shape), t(param_shape, torch.float32), t(param_shape, torch.float32)
+    kw = dict(normalized_ndim=ndim, weight_offset=0.5)
+    if name == "rms_norm":
+        return (x, w, 1e-5, b), dict(kw, p=0.5)
+    if name == "layer_norm":
+        return (x, w, b, 1e-5), dict(kw, out_dtype=torch.float32)
+    if name == "add_rms_norm":
+        return (x, t(shape), w, 1e-5), dict(kw, p=1.0)
+    return (x, t(shape), None, b, 1e-5), kw
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,ndim", SHAPES, ids=str)
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm"])
+def test_opcheck_forward(name, shape, ndim, dtype, requires_grad):
+    args, kwargs = forward_args(name, shape, ndim, dtype, requires_grad)
+    torch.library.opcheck(getattr(ops, name).default, args, kwargs)
+
+
+def test_opcheck_forward_float64_no_params():
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(ops.rms_norm.default, (x, None, 1e-6))
+    torch.library.opcheck(ops.layer_norm.default, (x, None, None, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["rms_norm_backward", "layer_norm_backward"])
+def test_opcheck_backward(name, dtype):
+    g = torch.Generator().manual_seed(1)
+    x, dy, ds = (torch.randn(2, 3, 8, generator=g).to(dtype) for _ in range(3))
+    w = torch.randn(3, 8, generator=g)
+    kw = dict(has_bias=True, normalized_ndim=2, weight_offset=1.0)
+    if name == "rms_norm_backward":
+        kw["p"] = 0.5
+    torch.library.opcheck(getattr(ops, name).default, (dy, x, w, ds, 1e-5), kw)
+    torch.library.opcheck(getattr(ops, name).default, (dy, x, None, None, 1e-5), dict(kw, has_bias=False))
