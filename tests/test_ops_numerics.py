@@ -362,3 +362,33 @@ def test_parity_check_can_fail(monkeypatch, dtype):
     x, r, w, b = make_inputs("rms_norm", (8, 64), dtype)
     with pytest.raises(AssertionError, match="normpass err"):
         check_parity("rms_norm", x, r, w, b)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_parity_other_cpu_variants(isa):
+    """The kernels are compiled per instruction set; NORMPASS_CPU_ISA caps the one picked at run time,
+    so the variants this machine would not choose are checked too (half/bf16 conversions included)."""
+    code = textwrap.dedent(
+        """
+        import torch
+        import test_ops_numerics as t
+        for name in t.OPS:
+            for dtype in t.DTYPES:
+                x, r, w, b = t.make_inputs(name, (4, 100), dtype, layout="sliced")
+                t.check_parity(name, x, r, w, b)
+            x, r, w, b = t.make_inputs(name, (3, 40), torch.float16, param_dtype=torch.float32)
+            t.check_parity(name, x, r, w, b, weight_offset=1.0, out_dtype=torch.bfloat16)
+        # every float16 bit pattern survives the kernels' own conversions (x + 0 -> sum)
+        h = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(-1, 64)
+        _, s = torch.ops.normpass.add_rms_norm(h, torch.zeros_like(h), None, 1e-6)
+        want = h + torch.zeros_like(h)
+        assert torch.equal(s.isnan(), want.isnan())
+        assert torch.equal(s[~s.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+        print("ok")
+        """
+    )
+    env = dict(os.environ, NORMPASS_CPU_ISA=isa)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
