@@ -1,6 +1,4 @@
 // CUDA forward: normpass::norm_forward_cuda (contract in ../norm.h).
-#include <cstdlib>
-
 #include "../norm.h"
 #include "launch.h"
 
@@ -11,20 +9,11 @@ using at::Tensor;
 using std::optional;
 using namespace normpass::cuda;
 
-// NORMPASS_FWD_SMALL=1 picks the 2-vector forward variant (an experiment, for the benchmark).
-inline bool small_forward() {
-  static const bool small = [] {
-    const char* v = std::getenv("NORMPASS_FWD_SMALL");
-    return v != nullptr && v[0] == '1';
-  }();
-  return small;
-}
-
-template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL, bool SMALL>
-void forward_launch_items(const Tensor& x, const optional<Tensor>& residual,
-                          const optional<Tensor>& weight, const optional<Tensor>& bias,
-                          const NormParams& p, Tensor& out, optional<Tensor>& sum) {
-  const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC, SMALL>(),
+template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
+void forward_launch(const Tensor& x, const optional<Tensor>& residual,
+                    const optional<Tensor>& weight, const optional<Tensor>& bias,
+                    const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+  const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
                                    max_cluster(), kFwdMinThreads, kFwdMaxThreads);
   FwdArgs<T, W, O> a{};
   a.x = ptr<T>(x);
@@ -41,20 +30,7 @@ void forward_launch_items(const Tensor& x, const optional<Tensor>& residual,
   // One row block per CTA (cluster); the kernel loops if the grid is capped.
   const int64_t C = shape.layout.cluster;
   const int64_t ctas = std::min<int64_t>(shape.layout.row_blocks, (INT32_MAX / C)) * C;
-  launch(norm_fwd_kernel<T, W, O, VEC, CENTER, RESIDUAL, SMALL>, ctas, shape.threads, 0, C, a);
-}
-
-template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
-void forward_launch(const Tensor& x, const optional<Tensor>& residual,
-                    const optional<Tensor>& weight, const optional<Tensor>& bias,
-                    const NormParams& p, Tensor& out, optional<Tensor>& sum) {
-  if constexpr (VEC > 1) {
-    if (small_forward()) {
-      forward_launch_items<T, W, O, VEC, CENTER, RESIDUAL, true>(x, residual, weight, bias, p, out, sum);
-      return;
-    }
-  }
-  forward_launch_items<T, W, O, VEC, CENTER, RESIDUAL, false>(x, residual, weight, bias, p, out, sum);
+  launch(norm_fwd_kernel<T, W, O, VEC, CENTER, RESIDUAL>, ctas, shape.threads, 0, C, a);
 }
 
 template <typename T, typename W, typename O>

@@ -13,15 +13,13 @@ namespace normpass {
 namespace cuda {
 
 // Vectors per thread per tile. The forward keeps its share of the row as
-// packed input, 4 x 16 bytes = 16 registers, which keeps it under the 64
-// registers that let four 256-thread CTAs share an SM (the more independent
-// CTAs, the better one CTA's loads hide another's reductions). The backward
-// holds x and dy (2 x 4 x 16 bytes) and keeps its fp32 dweight/dbias
-// partials in shared memory, under 80 registers: three 256-thread CTAs per SM.
-// SMALL (experiment): 2 vectors per thread under 40 registers, 1536 threads per SM.
-template <int VEC, bool SMALL = false> __host__ __device__ constexpr int fwd_items() {
-  return VEC == 1 ? 8 : (SMALL ? 2 : 4);
-}
+// packed input, 4 x 16 bytes = 16 registers, and stays within 64 registers so
+// that 1024 threads share an SM (measured: 8 vectors at ~100 registers ran
+// 15% slower, 2 vectors at 40 registers 5-10% slower; see benchmarks/NOTES.md).
+// The backward holds x and dy (2 x 4 x 16 bytes) in registers and its fp32
+// dweight/dbias partials in shared memory; it takes up to 128 registers, two
+// 256-thread CTAs per SM (a cap of 80 for three CTAs made it spill).
+template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 8 : 4; }
 template <int VEC> __host__ __device__ constexpr int bwd_items() { return VEC == 1 ? 8 : 4; }
 constexpr int kFwdMinThreads = 128; // CTA size for short rows
 constexpr int kFwdMaxThreads = kMaxThreads;
@@ -50,9 +48,9 @@ struct FwdArgs {
   RowLayout layout;
 };
 
-template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL, bool SMALL = false>
-__global__ void __launch_bounds__(kMaxThreads, SMALL ? 3 : 2) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
-  constexpr int ITEMS = fwd_items<VEC, SMALL>();
+template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
+__global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
+  constexpr int ITEMS = fwd_items<VEC>();
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmem sh;
