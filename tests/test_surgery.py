@@ -151,7 +151,8 @@ def outputs_and_grads(model, x):
     model.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_()
     y = model(x)
-    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype))
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y.backward(g.to(y.dtype))  # the same upstream gradient in every dtype
     return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
 
 
