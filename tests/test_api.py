@@ -297,3 +297,21 @@ class TestRobustness(TestCase):
         code = gm.code
         _, rep = api.rewrite(gm, report=True)
         self.assertEqual((rep.rows, gm.code), ([], code))
+
+    def test_integer_input_keeps_its_cast(self):
+        # An int tensor cast to fp32 is not an "exact upcast" the op could absorb: the cast stays its input.
+        class IntRms(nn.Module):
+            def forward(self, x):
+                h = x.float()
+                return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+        x = torch.randint(-5, 5, (2, 8))
+        ep = normpass.rewrite(torch.export.export(IntRms(), (x,)))
+        self.assertExpectedInline(
+            compact(ep),
+            """\
+to = aten.to(x, float32)
+rms_norm_default = normpass.rms_norm(to, None, 1e-06)
+return [rms_norm_default]""",
+        )
+        torch.testing.assert_close(ep.module()(x), IntRms()(x))

@@ -125,7 +125,10 @@ class Matcher:
                 src = t.args[0]
                 src_dtype = meta.dtype(src.node) if isinstance(src, Term) and src.node is not None else None
                 target = t.attrs["dtype"]
-                exact = target == meta.accumulation_dtype(src_dtype) if src_dtype else target == torch.float32
+                if src_dtype is not None:
+                    exact = src_dtype.is_floating_point and target == meta.accumulation_dtype(src_dtype)
+                else:  # unknown source: a float32 upcast (a wrong guess fails loudly in the op's checks)
+                    exact = target == torch.float32
                 if not exact:
                     break
             self.keep.update(t.nodes)
