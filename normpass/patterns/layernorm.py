@@ -6,6 +6,11 @@ where the biased variance is spelled `mean((x - u)^2)` (L1), `var_mean(..., corr
 `var(..., unbiased=False)` (L3). Mean and variance must reduce the same trailing dims; an unbiased
 variance, or statistics over other dims (L4 channels-first, BatchNorm-like), are left alone with the
 reason.
+
+L4 (ConvNeXt's LayerNorm2d, statistics over dim 1 of NCHW) is a LayerNorm, but normpass ops normalize
+the trailing dims: the rewrite would be movedim(1, -1) -> op -> movedim(-1, 1) with the weight's
+[:, None, None] view undone, two transposing copies around a memory-bound op. It is left alone, and
+the report says so.
 """
 
 from __future__ import annotations
