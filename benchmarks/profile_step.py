@@ -1,0 +1,53 @@
+"""Where a training step's GPU time goes: torch.profiler tables for eager and normpass variants.
+
+python benchmarks/profile_step.py --model gpt2 --variants eager,normpass+eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from bench_e2e import build, variants
+from torch.profiler import ProfilerActivity, profile
+
+
+def train_step(fn, model, ids) -> None:
+    fn(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gpt2")
+    ap.add_argument("--variants", default="eager,normpass+eager")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=25)
+    args = ap.parse_args(argv)
+
+    model = build(args.model, tiny=False, device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
+    for name in args.variants.split(","):
+        backend = variants()[name]
+        torch._dynamo.reset()
+        fn = model if backend is None else torch.compile(model, backend=backend)
+
+        for _ in range(3):
+            train_step(fn, model, ids)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            train_step(fn, model, ids)
+            torch.cuda.synchronize()
+        print(f"\n===== {args.model} / {name} =====")
+        if backend is not None and getattr(backend, "reports", None):
+            print(backend.reports[-1])
+        averages = prof.key_averages()
+        table = averages.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60)
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
