@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "norm.h"
@@ -34,6 +35,25 @@ std::string dtype_name(at::ScalarType t) {
   return "torch." + std::string(c10::getDtypeNames(t).first);
 }
 
+// Messages format numbers here rather than through std::ostream: a CUDA build against torch
+// 2.11 on the GPU machine (GCC 13) segfaulted inside ostream's numeric formatting on the first
+// failing check (seen 2026-11-22); strings pass through unharmed.
+std::string num(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string num(int64_t v) {
+  return std::to_string(v);
+}
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + num(sizes[i]);
+  return out + "]";
+}
+
 void check_param(const char* op, const char* name, const optional<Tensor>& t,
                  const Tensor& input, int64_t ndim) {
   if (!t.has_value()) return;
@@ -42,16 +62,17 @@ void check_param(const char* op, const char* name, const optional<Tensor>& t,
   TORCH_CHECK(t->device() == input.device(), op, ": ", name, " is on ", t->device(),
               " but input is on ", input.device());
   auto expected = input.sizes().slice(input.dim() - ndim);
-  TORCH_CHECK(t->sizes() == expected, op, ": ", name, " has shape ", t->sizes(),
-              " but the normalized shape (the last ", ndim, " dims of input) is ", expected);
+  TORCH_CHECK(t->sizes() == expected, op, ": ", name, " has shape ", shape(t->sizes()),
+              " but the normalized shape (the last ", num(ndim), " dims of input) is ",
+              shape(expected));
 }
 
 // Checks everything a user can get wrong; returns the normalized size.
 void check_like_input(const char* op, const char* name, const Tensor& t, const Tensor& input) {
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(),
               " but input is on ", input.device());
-  TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " has shape ", t.sizes(),
-              " but input has shape ", input.sizes());
+  TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", name, " has shape ", shape(t.sizes()),
+              " but input has shape ", shape(input.sizes()));
   TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
               " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
 }
@@ -61,11 +82,11 @@ int64_t check_args(const char* op, const Tensor& input, const optional<Tensor>& 
                    int64_t ndim, double eps, double p) {
   TORCH_CHECK(is_float_dtype(input.scalar_type()), op,
               ": input must be a floating-point tensor, got ", dtype_name(input.scalar_type()));
-  TORCH_CHECK(ndim >= 1, op, ": normalized_ndim must be >= 1, got ", ndim);
-  TORCH_CHECK(ndim <= input.dim(), op, ": normalized_ndim (", ndim,
-              ") is larger than input.dim() (", input.dim(), ")");
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
-  TORCH_CHECK(p > 0 && p <= 1, op, ": p must be in (0, 1], got ", p);
+  TORCH_CHECK(ndim >= 1, op, ": normalized_ndim must be >= 1, got ", num(ndim));
+  TORCH_CHECK(ndim <= input.dim(), op, ": normalized_ndim (", num(ndim),
+              ") is larger than input.dim() (", num(input.dim()), ")");
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", num(eps));
+  TORCH_CHECK(p > 0 && p <= 1, op, ": p must be in (0, 1], got ", num(p));
   TORCH_CHECK(input.device().is_cpu() || input.scalar_type() != at::kDouble, op,
               ": float64 input is supported on CPU only, got it on ", input.device());
   if (residual.has_value()) {

@@ -68,7 +68,7 @@ inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().
 template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), int64_t ctas, int threads, size_t smem, int cluster,
             Args&&... args) {
-  TORCH_CHECK(ctas > 0 && ctas <= INT32_MAX, "normpass CUDA: grid of ", ctas, " CTAs");
+  TORCH_CHECK(ctas > 0 && ctas <= INT32_MAX, "normpass CUDA: grid of ", std::to_string(ctas), " CTAs");
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(ctas));
   cfg.blockDim = dim3(threads);

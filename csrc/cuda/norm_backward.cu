@@ -102,8 +102,8 @@ void norm_backward_cuda(const Tensor& grad_out, const Tensor& x, const optional<
               "normpass CUDA: weight must be of x's dtype or fp32, got ", weight->scalar_type());
   TORCH_CHECK(!grad_weight || grad_weight->scalar_type() == at::kFloat, "normpass CUDA: fp32 dweight");
   TORCH_CHECK(!grad_bias || grad_bias->scalar_type() == at::kFloat, "normpass CUDA: fp32 dbias");
-  TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", x.size(1), " elements (at most ",
-              kMaxCols, ")");
+  TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", std::to_string(x.size(1)),
+              " elements (at most ", std::to_string(kMaxCols), ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const bool fp32_weight = weight && weight->scalar_type() != x.scalar_type();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {

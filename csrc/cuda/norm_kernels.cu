@@ -65,8 +65,8 @@ void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
   TORCH_CHECK(!(weight && bias) || weight->scalar_type() == bias->scalar_type(),
               "normpass: weight and bias must share a dtype, got ", weight->scalar_type(),
               " and ", bias->scalar_type());
-  TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", x.size(1), " elements (at most ",
-              kMaxCols, ")");
+  TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", std::to_string(x.size(1)),
+              " elements (at most ", std::to_string(kMaxCols), ")");
   const c10::cuda::CUDAGuard guard(x.device());
   // Output dtypes other than x's or fp32 are computed in fp32 and cast once.
   if (out.scalar_type() != x.scalar_type() && out.scalar_type() != at::kFloat) {
