@@ -26,7 +26,7 @@ struct NormParams {
 
 // out: (rows, cols), out dtype. sum (only with residual): input dtype; the
 // kernel normalizes the rounded sum, exactly as `norm(x + residual)` would.
-using NormForwardFn = void (*)(
+using NormForward = void(
     const at::Tensor& x,
     const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& weight,
@@ -40,7 +40,7 @@ using NormForwardFn = void (*)(
 // flows into `sum` directly), and, when defined, grad_weight / grad_bias
 // (fp32 buffers of length cols; the front end casts them to the parameter
 // dtype). Reductions over rows must be deterministic.
-using NormBackwardFn = void (*)(
+using NormBackward = void(
     const at::Tensor& grad_out,
     const at::Tensor& x,
     const std::optional<at::Tensor>& weight,
@@ -50,44 +50,12 @@ using NormBackwardFn = void (*)(
     std::optional<at::Tensor>& grad_weight,
     std::optional<at::Tensor>& grad_bias);
 
-void norm_forward_cpu(
-    const at::Tensor& x,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const NormParams& params,
-    at::Tensor& out,
-    std::optional<at::Tensor>& sum);
-
-void norm_backward_cpu(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& grad_sum,
-    const NormParams& params,
-    at::Tensor& grad_input,
-    std::optional<at::Tensor>& grad_weight,
-    std::optional<at::Tensor>& grad_bias);
-
+// The kernels, declared through the two signatures above.
+NormForward norm_forward_cpu;
+NormBackward norm_backward_cpu;
 #ifdef NORMPASS_WITH_CUDA
-void norm_forward_cuda(
-    const at::Tensor& x,
-    const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias,
-    const NormParams& params,
-    at::Tensor& out,
-    std::optional<at::Tensor>& sum);
-
-void norm_backward_cuda(
-    const at::Tensor& grad_out,
-    const at::Tensor& x,
-    const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& grad_sum,
-    const NormParams& params,
-    at::Tensor& grad_input,
-    std::optional<at::Tensor>& grad_weight,
-    std::optional<at::Tensor>& grad_bias);
+NormForward norm_forward_cuda;
+NormBackward norm_backward_cuda;
 #endif
 
 } // namespace normpass

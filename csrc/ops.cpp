@@ -126,7 +126,7 @@ std::pair<optional<Tensor>, optional<Tensor>> kernel_params(
   return {flat(weight), flat(bias)};
 }
 
-NormForwardFn forward_kernel(const Tensor& input) {
+NormForward* forward_kernel(const Tensor& input) {
 #ifdef NORMPASS_WITH_CUDA
   if (input.is_cuda()) return norm_forward_cuda;
 #endif
@@ -134,7 +134,7 @@ NormForwardFn forward_kernel(const Tensor& input) {
   return norm_forward_cpu;
 }
 
-NormBackwardFn backward_kernel(const Tensor& input) {
+NormBackward* backward_kernel(const Tensor& input) {
 #ifdef NORMPASS_WITH_CUDA
   if (input.is_cuda()) return norm_backward_cuda;
 #endif
