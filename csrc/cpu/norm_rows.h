@@ -128,25 +128,23 @@ struct RowStats {
   acc_t rstd;
 };
 
-// Over the first k values of a cache-resident row: the mean, then the
-// centered second moment (a second pass, accurate when |mean| >> std).
+// Over the first k values of a row: one pass of moments shifted by the row's
+// first value (no cancellation unless that value is many deviations from the
+// mean), so the row is read once for its statistics.
 template <typename acc_t>
 NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool center,
                                     acc_t eps) {
-  acc_t mean = 0;
-  if (center) {
-    acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < k; ++i) s += h[i];
-    mean = s / static_cast<acc_t>(k);
-  }
-  acc_t ss = 0;
-#pragma omp simd reduction(+ : ss)
+  const acc_t shift = center ? h[0] : acc_t(0);
+  acc_t s = 0, ss = 0;
+#pragma omp simd reduction(+ : s, ss)
   for (int64_t i = 0; i < k; ++i) {
-    const acc_t d = h[i] - mean;
+    const acc_t d = h[i] - shift;
+    s += d;
     ss += d * d;
   }
-  return {mean, acc_t(1) / std::sqrt(ss / static_cast<acc_t>(k) + eps)};
+  const acc_t mean_d = center ? s / static_cast<acc_t>(k) : acc_t(0);
+  const acc_t var = std::max(ss / static_cast<acc_t>(k) - mean_d * mean_d, acc_t(0));
+  return {shift + mean_d, acc_t(1) / std::sqrt(var + eps)};
 }
 
 // ---- forward ----------------------------------------------------------------
