@@ -1,7 +1,8 @@
 """Fake (meta) impls and autograd for the normpass ops.
 
 The ops themselves are defined in C++ (csrc/ops.cpp) or, without the extension, by
-normpass._extension. Forward ops save only their input (or the residual sum they return) and the
+normpass._extension; the forward ops' autograd is C++ too (csrc/autograd.cpp), or registered here
+without the extension. Forward ops save only their input (or the residual sum they return) and the
 weight; the fused backward kernels recompute the row statistics, so no mean/rstd is kept alive.
 
 Example:
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from normpass import _extension, reference  # noqa: F401  (_extension registers the ops)
+from normpass import _extension, reference
 
 ops = torch.ops.normpass
 
@@ -88,24 +89,61 @@ def _(grad_out, input, weight, grad_sum, eps, *, has_bias, normalized_ndim, weig
     )
 
 
-# ---- autograd: one formula for the four forward ops --------------------------------------------------
+# ---- autograd -----------------------------------------------------------------------------------------
+#
+# The forward ops' autograd lives in C++ (csrc/autograd.cpp), so that forward + backward runs no Python;
+# without the extension it is registered here, with the same formula. Either way the gradients come from
+# the backward ops, and double backward goes through the backward ops' own formula below.
+
+
+def _backward_op_setup(center: bool):
+    def setup_context(ctx, inputs, keyword_only_inputs, output):
+        grad_out, input, weight, grad_sum, ctx.eps = inputs
+        ctx.kw = dict(keyword_only_inputs, center=center)
+        ctx.save_for_backward(grad_out, input, weight, grad_sum)
+
+    return setup_context
+
+
+def _backward_op_grads(ctx, *grads):
+    """Gradients of a backward op (double backward), by differentiating `reference.norm_backward`."""
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # Under create_graph, inputs already in a graph are used as they are, so that the result stays
+        # differentiable with respect to them (third and higher orders); the rest are fresh leaves.
+        ins = [
+            t if t is None or (create_graph and t.requires_grad) else t.detach().requires_grad_()
+            for t in ctx.saved_tensors
+        ]
+        outs = reference.norm_backward(*ins, ctx.eps, **ctx.kw)
+    # Absent dweight/dbias are empty tensors that depend on nothing.
+    used = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
+    wrt = [t for t in ins if t is not None]
+    found = iter(
+        torch.autograd.grad(
+            [o for o, _ in used], wrt, [g for _, g in used], allow_unused=True, create_graph=create_graph
+        )
+    )
+    return *(None if t is None else next(found) for t in ins), None  # none for eps
+
+
+torch.library.register_autograd(
+    "normpass::rms_norm_backward", _backward_op_grads, setup_context=_backward_op_setup(center=False)
+)
+torch.library.register_autograd(
+    "normpass::layer_norm_backward", _backward_op_grads, setup_context=_backward_op_setup(center=True)
+)
 
 
 def _norm_grads(ctx, grad_out: Tensor, grad_sum: Tensor | None):
-    """(grad_input, grad_weight, grad_bias) through the fused backward op.
-
-    Under create_graph (double backward) it goes through the differentiable reference instead.
-    """
+    """(grad_input, grad_weight, grad_bias) through the fused backward op (as csrc/autograd.cpp does)."""
     x, weight = ctx.saved_tensors
     kw = dict(has_bias=ctx.has_bias, normalized_ndim=ctx.normalized_ndim, weight_offset=ctx.weight_offset)
     if ctx.center:
         backward_op = ops.layer_norm_backward
     else:
         backward_op, kw["p"] = ops.rms_norm_backward, ctx.p
-    if torch.is_grad_enabled():
-        dx, dw, db = reference.norm_backward(grad_out, x, weight, grad_sum, ctx.eps, center=ctx.center, **kw)
-    else:
-        dx, dw, db = backward_op(grad_out, x, weight, grad_sum, ctx.eps, **kw)
+    dx, dw, db = backward_op(grad_out, x, weight, grad_sum, ctx.eps, **kw)
     dw = dw if weight is not None else None
     db = db.to(ctx.bias_dtype) if ctx.has_bias else None
     return dx, dw, db
@@ -138,23 +176,28 @@ def _reorder(center: bool, grads):
     return (dx, dw, db, None) if center else (dx, dw, None, db)
 
 
-torch.library.register_autograd(
-    "normpass::rms_norm",
-    lambda ctx, g: _reorder(False, _norm_grads(ctx, g, None)),
-    setup_context=_setup(center=False, residual=False),
-)
-torch.library.register_autograd(
-    "normpass::layer_norm",
-    lambda ctx, g: _reorder(True, _norm_grads(ctx, g, None)),
-    setup_context=_setup(center=True, residual=False),
-)
-torch.library.register_autograd(
-    "normpass::add_rms_norm",
-    lambda ctx, g, gs: (lambda dx, *rest: (dx, dx, *rest))(*_reorder(False, _norm_grads(ctx, g, gs))),
-    setup_context=_setup(center=False, residual=True),
-)
-torch.library.register_autograd(
-    "normpass::add_layer_norm",
-    lambda ctx, g, gs: (lambda dx, *rest: (dx, dx, *rest))(*_reorder(True, _norm_grads(ctx, g, gs))),
-    setup_context=_setup(center=True, residual=True),
-)
+def _register_forward_autograd() -> None:
+    torch.library.register_autograd(
+        "normpass::rms_norm",
+        lambda ctx, g: _reorder(False, _norm_grads(ctx, g, None)),
+        setup_context=_setup(center=False, residual=False),
+    )
+    torch.library.register_autograd(
+        "normpass::layer_norm",
+        lambda ctx, g: _reorder(True, _norm_grads(ctx, g, None)),
+        setup_context=_setup(center=True, residual=False),
+    )
+    torch.library.register_autograd(
+        "normpass::add_rms_norm",
+        lambda ctx, g, gs: (lambda dx, *rest: (dx, dx, *rest))(*_reorder(False, _norm_grads(ctx, g, gs))),
+        setup_context=_setup(center=False, residual=True),
+    )
+    torch.library.register_autograd(
+        "normpass::add_layer_norm",
+        lambda ctx, g, gs: (lambda dx, *rest: (dx, dx, *rest))(*_reorder(True, _norm_grads(ctx, g, gs))),
+        setup_context=_setup(center=True, residual=True),
+    )
+
+
+if _extension.FALLBACK_REASON is not None:
+    _register_forward_autograd()

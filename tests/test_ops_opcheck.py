@@ -48,12 +48,13 @@ def test_opcheck_forward_float64_no_params():
     torch.library.opcheck(ops.layer_norm.default, (x, None, None, 1e-6))
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])  # grad: double backward
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["rms_norm_backward", "layer_norm_backward"])
-def test_opcheck_backward(name, dtype):
+def test_opcheck_backward(name, dtype, requires_grad):
     g = torch.Generator().manual_seed(1)
-    x, dy, ds = (torch.randn(2, 3, 8, generator=g).to(dtype) for _ in range(3))
-    w = torch.randn(3, 8, generator=g)
+    x, dy, ds = (torch.randn(2, 3, 8, generator=g).to(dtype).requires_grad_(requires_grad) for _ in range(3))
+    w = torch.randn(3, 8, generator=g).requires_grad_(requires_grad)
     kw = dict(has_bias=True, normalized_ndim=2, weight_offset=1.0)
     if name == "rms_norm_backward":
         kw["p"] = 0.5

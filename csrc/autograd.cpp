@@ -1,0 +1,176 @@
+// Autograd of the four forward ops, in C++: a Python autograd formula (torch.library's
+// register_autograd) costs more host time per forward + backward than the kernels themselves
+// on small tensors. One Function serves the four ops; `center` and the residual pick the op.
+//
+// Forward saves the input (the residual ops: the sum they return, which is what they
+// normalize) and the weight; the backward ops recompute the row statistics. Under create_graph
+// the backward op is called through autograd, where normpass/ops.py gives it a formula (double
+// backward); otherwise it is called below autograd, so an ordinary backward runs no Python.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace normpass {
+
+using at::Tensor;
+using std::optional;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The scalar arguments of a forward op.
+struct NormArgs {
+  bool center;
+  double eps;
+  int64_t normalized_ndim;
+  double weight_offset;
+  double p;
+  optional<at::ScalarType> out_dtype;
+};
+
+namespace {
+
+using Grads = std::tuple<Tensor, Tensor, Tensor>;
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// (out) or (out, sum): the forward op named by `center` and `residual`, below autograd.
+variable_list run_forward(const NormArgs& a, const Tensor& input, const optional<Tensor>& residual,
+                          const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  static const auto rms_norm = op<Tensor(const Tensor&, const optional<Tensor>&, double,
+                                         const optional<Tensor>&, int64_t, double, double,
+                                         optional<at::ScalarType>)>("normpass::rms_norm");
+  static const auto layer_norm = op<Tensor(const Tensor&, const optional<Tensor>&,
+                                           const optional<Tensor>&, double, int64_t, double,
+                                           optional<at::ScalarType>)>("normpass::layer_norm");
+  static const auto add_rms_norm = op<std::tuple<Tensor, Tensor>(
+      const Tensor&, const Tensor&, const optional<Tensor>&, double, const optional<Tensor>&,
+      int64_t, double, double, optional<at::ScalarType>)>("normpass::add_rms_norm");
+  static const auto add_layer_norm = op<std::tuple<Tensor, Tensor>(
+      const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&, double,
+      int64_t, double, optional<at::ScalarType>)>("normpass::add_layer_norm");
+
+  at::AutoDispatchBelowADInplaceOrView below;
+  if (!residual.has_value()) {
+    return {a.center ? layer_norm.call(input, weight, bias, a.eps, a.normalized_ndim,
+                                       a.weight_offset, a.out_dtype)
+                     : rms_norm.call(input, weight, a.eps, bias, a.normalized_ndim,
+                                     a.weight_offset, a.p, a.out_dtype)};
+  }
+  auto [out, sum] = a.center ? add_layer_norm.call(input, *residual, weight, bias, a.eps,
+                                                   a.normalized_ndim, a.weight_offset, a.out_dtype)
+                             : add_rms_norm.call(input, *residual, weight, a.eps, bias,
+                                                 a.normalized_ndim, a.weight_offset, a.p,
+                                                 a.out_dtype);
+  return {out, sum};
+}
+
+Grads run_backward(const NormArgs& a, const Tensor& grad_out, const Tensor& x,
+                   const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
+                   bool has_bias) {
+  static const auto rms_norm_backward =
+      op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+               double, bool, int64_t, double, double)>("normpass::rms_norm_backward");
+  static const auto layer_norm_backward =
+      op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
+               double, bool, int64_t, double)>("normpass::layer_norm_backward");
+
+  std::optional<at::AutoDispatchBelowADInplaceOrView> below;
+  if (!at::GradMode::is_enabled()) below.emplace();
+  return a.center ? layer_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, has_bias,
+                                             a.normalized_ndim, a.weight_offset)
+                  : rms_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, has_bias,
+                                           a.normalized_ndim, a.weight_offset, a.p);
+}
+
+} // namespace
+
+// Not in the anonymous namespace: its name is the grad_fn's name, "normpass::NormFunction".
+struct NormFunction : torch::autograd::Function<NormFunction> {
+  static variable_list forward(AutogradContext* ctx, const NormArgs& a, const Tensor& input,
+                               const optional<Tensor>& residual, const optional<Tensor>& weight,
+                               const optional<Tensor>& bias) {
+    variable_list outs = run_forward(a, input, residual, weight, bias);
+    ctx->save_for_backward({residual.has_value() ? outs[1] : input, weight.value_or(Tensor())});
+    auto& saved = ctx->saved_data;
+    saved["center"] = a.center;
+    saved["residual"] = residual.has_value();
+    saved["eps"] = a.eps;
+    saved["normalized_ndim"] = a.normalized_ndim;
+    saved["weight_offset"] = a.weight_offset;
+    saved["p"] = a.p;
+    saved["bias_dtype"] = bias.has_value() ? c10::IValue(bias->scalar_type()) : c10::IValue();
+    return outs;
+  }
+
+  // Gradients are materialized: an unused output's gradient arrives as zeros, as it does for a
+  // Python autograd.Function.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto& saved = ctx->saved_data;
+    const NormArgs a{saved.at("center").toBool(), saved.at("eps").toDouble(),
+                     saved.at("normalized_ndim").toInt(), saved.at("weight_offset").toDouble(),
+                     saved.at("p").toDouble(), std::nullopt};
+    const bool residual = saved.at("residual").toBool();
+    const c10::IValue& bias_dtype = saved.at("bias_dtype");
+    const variable_list tensors = ctx->get_saved_variables();
+    const Tensor& weight = tensors[1];
+
+    auto [dx, dw, db] =
+        run_backward(a, grads[0], tensors[0], weight.defined() ? optional(weight) : std::nullopt,
+                     residual ? optional(grads[1]) : std::nullopt, !bias_dtype.isNone());
+    // One gradient per forward argument: (args, input, residual, weight, bias); d(sum)/d(input)
+    // and d(sum)/d(residual) are both the identity.
+    return {Tensor(), dx, residual ? dx : Tensor(), weight.defined() ? dw : Tensor(),
+            bias_dtype.isNone() ? Tensor() : db.to(bias_dtype.toScalarType())};
+  }
+};
+
+namespace {
+
+Tensor rms_norm(const Tensor& input, const optional<Tensor>& weight, double eps,
+                const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset,
+                double p, optional<at::ScalarType> out_dtype) {
+  const NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
+  return NormFunction::apply(a, input, optional<Tensor>(), weight, bias)[0];
+}
+
+Tensor layer_norm(const Tensor& input, const optional<Tensor>& weight,
+                  const optional<Tensor>& bias, double eps, int64_t normalized_ndim,
+                  double weight_offset, optional<at::ScalarType> out_dtype) {
+  const NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
+  return NormFunction::apply(a, input, optional<Tensor>(), weight, bias)[0];
+}
+
+std::tuple<Tensor, Tensor> add_rms_norm(
+    const Tensor& input, const Tensor& residual, const optional<Tensor>& weight, double eps,
+    const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset, double p,
+    optional<at::ScalarType> out_dtype) {
+  const NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
+  auto outs = NormFunction::apply(a, input, optional(residual), weight, bias);
+  return {outs[0], outs[1]};
+}
+
+std::tuple<Tensor, Tensor> add_layer_norm(
+    const Tensor& input, const Tensor& residual, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, double eps, int64_t normalized_ndim, double weight_offset,
+    optional<at::ScalarType> out_dtype) {
+  const NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
+  auto outs = NormFunction::apply(a, input, optional(residual), weight, bias);
+  return {outs[0], outs[1]};
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(normpass, Autograd, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("layer_norm", &layer_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("add_layer_norm", &add_layer_norm);
+}
+
+} // namespace normpass
