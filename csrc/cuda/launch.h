@@ -50,6 +50,13 @@ inline bool vector_ok(const std::optional<at::Tensor>& t, int vec) {
   return !t || vector_ok(*t, vec);
 }
 
+// The kernels take weight + weight_offset as one weight: folded here in fp32,
+// once per call, as eager `x * (1 + w.float())` (Gemma) computes it.
+inline std::optional<at::Tensor> fold_offset(const std::optional<at::Tensor>& weight, double offset) {
+  if (!weight || offset == 0) return weight;
+  return weight->to(at::kFloat).add(offset);
+}
+
 inline int device_attribute(cudaDeviceAttr attr) {
   int device = 0, value = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));

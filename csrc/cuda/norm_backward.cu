@@ -49,7 +49,6 @@ void backward_launch(const Tensor& grad_out, const Tensor& x, const optional<Ten
   a.x_stride = x.stride(0);
   a.ds_stride = grad_sum ? grad_sum->stride(0) : 0;
   a.eps = static_cast<float>(p.eps);
-  a.weight_offset = static_cast<float>(p.weight_offset);
   a.layout = L;
   launch(kernel, clusters * L.cluster, shape.threads, smem, L.cluster, a);
 
@@ -90,10 +89,11 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
 
 } // namespace
 
-void norm_backward_cuda(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
+void norm_backward_cuda(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& raw_weight,
                         const optional<Tensor>& grad_sum, const NormParams& p,
                         Tensor& grad_input, optional<Tensor>& grad_weight,
                         optional<Tensor>& grad_bias) {
+  const optional<Tensor> weight = fold_offset(raw_weight, p.weight_offset);
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() &&
                   (!grad_sum || grad_sum->scalar_type() == x.scalar_type()),
               "normpass CUDA: grad_out and grad_sum must have x's dtype");

@@ -25,7 +25,6 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   a.x_stride = x.stride(0);
   a.r_stride = residual ? residual->stride(0) : 0;
   a.eps = static_cast<float>(p.eps);
-  a.weight_offset = static_cast<float>(p.weight_offset);
   a.layout = shape.layout;
   // One row block per CTA (cluster); the kernel loops if the grid is capped.
   const int64_t C = shape.layout.cluster;
@@ -60,8 +59,12 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
 } // namespace
 
 void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
-                       const optional<Tensor>& weight, const optional<Tensor>& bias,
+                       const optional<Tensor>& raw_weight, const optional<Tensor>& raw_bias,
                        const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+  const optional<Tensor> weight = fold_offset(raw_weight, p.weight_offset);
+  const optional<Tensor> bias = weight && raw_bias && raw_bias->scalar_type() != weight->scalar_type()
+                                    ? optional<Tensor>(raw_bias->to(weight->scalar_type()))
+                                    : raw_bias;
   TORCH_CHECK(!(weight && bias) || weight->scalar_type() == bias->scalar_type(),
               "normpass: weight and bias must share a dtype, got ", weight->scalar_type(),
               " and ", bias->scalar_type());
@@ -71,7 +74,7 @@ void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
   // Output dtypes other than x's or fp32 are computed in fp32 and cast once.
   if (out.scalar_type() != x.scalar_type() && out.scalar_type() != at::kFloat) {
     Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-    norm_forward_cuda(x, residual, weight, bias, p, tmp, sum);
+    norm_forward_cuda(x, residual, raw_weight, raw_bias, p, tmp, sum);
     out.copy_(tmp);
     return;
   }

@@ -44,7 +44,7 @@ struct FwdArgs {
   O* out;            // contiguous (rows, cols)
   T* sum;            // RESIDUAL only, contiguous
   int64_t x_stride, r_stride;
-  float eps, weight_offset;
+  float eps; // weight offsets are folded into the weight on the host
   RowLayout layout;
 };
 
@@ -130,18 +130,17 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
         if (!resident) load_tile(t, false);
         if (!valid) continue;
         for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-          float w[VEC], b[VEC];
-          if constexpr (has_w.value) load_scale(w, a.weight, j * VEC, a.weight_offset);
-          if constexpr (has_b.value) load_bias(b, a.bias, j * VEC);
-          Pack<O, VEC> y;
+          float w[VEC], b[VEC], y[VEC];
+          if constexpr (has_w.value) load_param(w, a.weight, j * VEC, 1.f);
+          if constexpr (has_b.value) load_param(b, a.bias, j * VEC, 0.f);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
-            float v = (h(k, e) - mean) * rstd;
-            if constexpr (has_w.value) v *= w[e];
-            if constexpr (has_b.value) v += b[e];
-            y.v[e] = from_float<O>(v);
+            y[e] = (h(k, e) - mean) * rstd;
+            if constexpr (has_w.value && has_b.value) y[e] = fmaf(y[e], w[e], b[e]);
+            else if constexpr (has_w.value) y[e] *= w[e];
+            else if constexpr (has_b.value) y[e] += b[e];
           }
-          store(out + j * VEC, y);
+          store_floats(out + j * VEC, y);
         });
       }
     };
@@ -180,7 +179,7 @@ struct BwdArgs {
   float* dw_part;    // (clusters, cols) or null
   float* db_part;    // (clusters, cols) or null (BIAS_GRAD only)
   int64_t dy_stride, x_stride, ds_stride;
-  float eps, weight_offset;
+  float eps;
   RowLayout layout;
 };
 
@@ -284,7 +283,7 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
       });
       for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         float w[VEC];
-        load_scale(w, a.weight, j * VEC, a.weight_offset);
+        load_param(w, a.weight, j * VEC, 1.f);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float g = __fmul_rn(gf(k, e), w[e]);
@@ -310,26 +309,27 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
       if (!valid) continue;
       for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         const int col = j * VEC;
-        float w[VEC], gs[VEC], dwv[VEC], dbv[VEC];
-        load_scale(w, a.weight, col, a.weight_offset);
-        if (ds != nullptr) {
-          Pack<T, VEC> p;
-          load(p, ds + col);
+        float w[VEC], gs[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
+        load_param(w, a.weight, col, 1.f);
+        if (ds != nullptr) load_param(gs, ds, col, 0.f);
+        // Compiled twice: vectors wholly inside the statistics columns (all
+        // of them unless pRMSNorm) skip the per-element column test.
+        auto grads = [&](auto all_stat) {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) gs[e] = to_float(p.v[e]);
-        }
-        Pack<T, VEC> out;
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const float xhat = (xf(k, e) - mean) * rstd;
-          const float d = gf(k, e);
-          float v = rstd * (__fmul_rn(d, w[e]) - mean_g - (col + e < L.stat_cols ? xhat * c : 0.f));
-          if (ds != nullptr) v += gs[e];
-          out.v[e] = from_float<T>(v);
-          dwv[e] = d * xhat;
-          dbv[e] = d;
-        }
-        store(dx + col, out);
+          for (int e = 0; e < VEC; ++e) {
+            const float xhat = (xf(k, e) - mean) * rstd;
+            const float d = gf(k, e);
+            const float ce = all_stat.value || col + e < L.stat_cols ? c : 0.f;
+            // Exactly 0 for a constant row (xhat = 0, g = mean_g), as in torch.
+            dxv[e] = rstd * fmaf(-xhat, ce, __fmul_rn(d, w[e]) - mean_g);
+            if (ds != nullptr) dxv[e] += gs[e];
+            dwv[e] = d * xhat;
+            dbv[e] = d;
+          }
+        };
+        if (col + VEC <= L.stat_cols) grads(std::true_type{});
+        else grads(std::false_type{});
+        store_floats(dx + col, dxv);
         if (resident) {
           if (dw_part) dw_acc.add(k, dwv);
           if constexpr (BIAS_GRAD) db_acc.add(k, dbv);

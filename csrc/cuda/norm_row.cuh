@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace normpass {
 namespace cuda {
@@ -72,22 +73,31 @@ __device__ __forceinline__ void store(T* dst, const Pack<T, N>& p) {
   for (int i = 0; i < P::kWords; ++i) d[i] = s[i];
 }
 
-// Bias vector as fp32 (0 when absent).
+// A parameter vector as fp32: `absent` for every element when p is null (0
+// for a bias, 1 for a weight; weight offsets are folded in on the host).
 template <typename W, int N>
-__device__ __forceinline__ void load_bias(float (&out)[N], const W* p, int col) {
-  Pack<W, N> b;
-  if (p != nullptr) load(b, p + col);
+__device__ __forceinline__ void load_param(float (&out)[N], const W* p, int col, float absent) {
+  Pack<W, N> v;
+  if (p != nullptr) load(v, p + col);
 #pragma unroll
-  for (int e = 0; e < N; ++e) out[e] = p != nullptr ? to_float(b.v[e]) : 0.f;
+  for (int e = 0; e < N; ++e) out[e] = p != nullptr ? to_float(v.v[e]) : absent;
 }
 
-// Scale vector: weight + offset, or exactly 1 when there is no weight.
-template <typename W, int N>
-__device__ __forceinline__ void load_scale(float (&out)[N], const W* p, int col, float offset) {
-  Pack<W, N> w;
-  if (p != nullptr) load(w, p + col);
+// Stores N fp32 values as O, two per conversion instruction for 16-bit O.
+template <typename O, int N>
+__device__ __forceinline__ void store_floats(O* dst, const float (&v)[N]) {
+  Pack<O, N> p;
 #pragma unroll
-  for (int e = 0; e < N; ++e) out[e] = p != nullptr ? to_float(w.v[e]) + offset : 1.f;
+  for (int e = 0; e < N; ++e) {
+    if constexpr (std::is_same_v<O, __nv_bfloat16> && N % 2 == 0) {
+      if (e % 2 == 0) *reinterpret_cast<__nv_bfloat162*>(&p.v[e]) = __floats2bfloat162_rn(v[e], v[e + 1]);
+    } else if constexpr (std::is_same_v<O, __half> && N % 2 == 0) {
+      if (e % 2 == 0) *reinterpret_cast<__half2*>(&p.v[e]) = __floats2half2_rn(v[e], v[e + 1]);
+    } else {
+      p.v[e] = from_float<O>(v[e]);
+    }
+  }
+  store(dst, p);
 }
 
 // ---------------------------------------------------------------------------
