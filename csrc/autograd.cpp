@@ -75,17 +75,17 @@ Grads run_backward(const NormArgs& a, const Tensor& grad_out, const Tensor& x,
                    bool has_bias) {
   static const auto rms_norm_backward =
       op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-               double, bool, int64_t, double, double)>("normpass::rms_norm_backward");
+               double, optional<at::TensorList>, bool, int64_t, double, double)>("normpass::rms_norm_backward");
   static const auto layer_norm_backward =
       op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-               double, bool, int64_t, double)>("normpass::layer_norm_backward");
+               double, optional<at::TensorList>, bool, int64_t, double)>("normpass::layer_norm_backward");
 
   std::optional<at::AutoDispatchBelowADInplaceOrView> below;
   if (!at::GradMode::is_enabled()) below.emplace();
-  return a.center ? layer_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, has_bias,
-                                             a.normalized_ndim, a.weight_offset)
-                  : rms_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, has_bias,
-                                           a.normalized_ndim, a.weight_offset, a.p);
+  return a.center ? layer_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, std::nullopt,
+                                             has_bias, a.normalized_ndim, a.weight_offset)
+                  : rms_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, std::nullopt,
+                                           has_bias, a.normalized_ndim, a.weight_offset, a.p);
 }
 
 } // namespace
@@ -96,6 +96,8 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
                                const optional<Tensor>& residual, const optional<Tensor>& weight,
                                const optional<Tensor>& bias) {
     variable_list outs = run_forward(a, input, residual, weight, bias);
+    // An unused output's gradient stays undefined: no zeros are materialized (and read).
+    ctx->set_materialize_grads(false);
     ctx->save_for_backward({residual.has_value() ? outs[1] : input, weight.value_or(Tensor())});
     auto& saved = ctx->saved_data;
     saved["center"] = a.center;
@@ -108,8 +110,8 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
     return outs;
   }
 
-  // Gradients are materialized: an unused output's gradient arrives as zeros, as it does for a
-  // Python autograd.Function.
+  // An unused output's gradient arrives undefined: an unused `sum` passes no grad_sum; an
+  // unused `out` (rare) becomes zeros.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto& saved = ctx->saved_data;
     const NormArgs a{saved.at("center").toBool(), saved.at("eps").toDouble(),
@@ -120,9 +122,11 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
     const variable_list tensors = ctx->get_saved_variables();
     const Tensor& weight = tensors[1];
 
+    const Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(tensors[0]);
+    const bool grad_sum = residual && grads[1].defined();
     auto [dx, dw, db] =
-        run_backward(a, grads[0], tensors[0], weight.defined() ? optional(weight) : std::nullopt,
-                     residual ? optional(grads[1]) : std::nullopt, !bias_dtype.isNone());
+        run_backward(a, grad_out, tensors[0], weight.defined() ? optional(weight) : std::nullopt,
+                     grad_sum ? optional(grads[1]) : std::nullopt, !bias_dtype.isNone());
     // One gradient per forward argument: (args, input, residual, weight, bias); d(sum)/d(input)
     // and d(sum)/d(residual) are both the identity.
     return {Tensor(), dx, residual ? dx : Tensor(), weight.defined() ? dw : Tensor(),

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
 #include <optional>
 
 namespace normpass {
@@ -40,8 +41,14 @@ using NormForward = void(
 // flows into `sum` directly), and, when defined, grad_weight / grad_bias
 // (fp32 buffers of length cols; the front end casts them to the parameter
 // dtype). Reductions over rows must be deterministic.
+// extra_grad_outs (x's dtype and shape, like grad_out) are further terms of
+// the output's gradient: grad_out + extra[0] + ..., each sum rounded to x's
+// dtype as eager adds are. An output read by several ops (q, k and v
+// projections) gets one term per reader, so the backward sums them as it
+// loads them instead of after a separate add kernel.
 using NormBackward = void(
     const at::Tensor& grad_out,
+    at::TensorList extra_grad_outs,
     const at::Tensor& x,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& grad_sum,

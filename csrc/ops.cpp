@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "norm.h"
 
@@ -171,10 +172,11 @@ std::tuple<Tensor, Tensor> norm_forward(
 std::tuple<Tensor, Tensor, Tensor> norm_backward(
     const char* op, const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
     bool center, double eps, bool has_bias, int64_t ndim, double weight_offset, double p,
-    const optional<Tensor>& grad_sum) {
+    const optional<Tensor>& grad_sum, at::TensorList extra_grad_outs) {
   const int64_t cols = check_args(op, input, std::nullopt, weight, std::nullopt, ndim, eps, p);
   check_like_input(op, "grad_out", grad_out, input);
   if (grad_sum.has_value()) check_like_input(op, "grad_sum", *grad_sum, input);
+  for (const Tensor& g : extra_grad_outs) check_like_input(op, "extra_grad_outs[i]", g, input);
 
   const auto param_sizes = input.sizes().slice(input.dim() - ndim);
   const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
@@ -191,8 +193,11 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     optional<Tensor> grad_sum2d;
     if (grad_sum.has_value()) grad_sum2d = as_rows(grad_sum->to(input.scalar_type()), cols);
     auto w = kernel_params(weight, std::nullopt, input).first;
-    backward_kernel(input)(as_rows(grad_out.to(input.scalar_type()), cols), as_rows(input, cols),
-                           w, grad_sum2d, params, grad_input2d, grad_weight, grad_bias);
+    auto rows_of = [&](const Tensor& g) { return as_rows(g.to(input.scalar_type()), cols); };
+    std::vector<Tensor> extra2d;
+    for (const Tensor& g : extra_grad_outs) extra2d.push_back(rows_of(g));
+    backward_kernel(input)(rows_of(grad_out), extra2d, as_rows(input, cols), w, grad_sum2d, params,
+                           grad_input2d, grad_weight, grad_bias);
   }
   auto finish = [&](const optional<Tensor>& g) {
     return g.has_value() ? g->view(param_sizes).to(param_dtype)
@@ -233,18 +238,20 @@ std::tuple<Tensor, Tensor> add_layer_norm(
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(
     const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& grad_sum, double eps, bool has_bias, int64_t normalized_ndim,
-    double weight_offset, double p) {
+    const optional<Tensor>& grad_sum, double eps, optional<at::TensorList> extra_grad_outs,
+    bool has_bias, int64_t normalized_ndim, double weight_offset, double p) {
   return norm_backward("normpass.rms_norm_backward", grad_out, input, weight, false, eps,
-                       has_bias, normalized_ndim, weight_offset, p, grad_sum);
+                       has_bias, normalized_ndim, weight_offset, p, grad_sum,
+                       extra_grad_outs.value_or(at::TensorList()));
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
     const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& grad_sum, double eps, bool has_bias, int64_t normalized_ndim,
-    double weight_offset) {
+    const optional<Tensor>& grad_sum, double eps, optional<at::TensorList> extra_grad_outs,
+    bool has_bias, int64_t normalized_ndim, double weight_offset) {
   return norm_backward("normpass.layer_norm_backward", grad_out, input, weight, true, eps,
-                       has_bias, normalized_ndim, weight_offset, 1.0, grad_sum);
+                       has_bias, normalized_ndim, weight_offset, 1.0, grad_sum,
+                       extra_grad_outs.value_or(at::TensorList()));
 }
 
 } // namespace
@@ -263,11 +270,11 @@ TORCH_LIBRARY(normpass, m) {
         "*, int normalized_ndim=1, float weight_offset=0., ScalarType? out_dtype=None) "
         "-> (Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, "
-        "float eps, *, bool has_bias, int normalized_ndim, float weight_offset, float p) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float eps, Tensor[]? extra_grad_outs=None, *, bool has_bias, int normalized_ndim, "
+        "float weight_offset, float p) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, "
-        "float eps, *, bool has_bias, int normalized_ndim, float weight_offset) "
-        "-> (Tensor, Tensor, Tensor)");
+        "float eps, Tensor[]? extra_grad_outs=None, *, bool has_bias, int normalized_ndim, "
+        "float weight_offset) -> (Tensor, Tensor, Tensor)");
 }
 
 #define NORMPASS_IMPL(dispatch_key)                              \

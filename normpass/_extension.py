@@ -72,11 +72,15 @@ def _register_reference_ops() -> None:
     def add_layer_norm(input, residual, weight, bias, eps, **kw):
         return forward(input, residual, weight, bias, eps, center=True, **kw)
 
-    def rms_norm_backward(grad_out, input, weight, grad_sum, eps, **kw):
-        return reference.norm_backward(grad_out, input, weight, grad_sum, eps, center=False, **kw)
+    def rms_norm_backward(grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, **kw):
+        return reference.norm_backward(
+            grad_out, input, weight, grad_sum, eps, extra_grad_outs, center=False, **kw
+        )
 
-    def layer_norm_backward(grad_out, input, weight, grad_sum, eps, **kw):
-        return reference.norm_backward(grad_out, input, weight, grad_sum, eps, center=True, **kw)
+    def layer_norm_backward(grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, **kw):
+        return reference.norm_backward(
+            grad_out, input, weight, grad_sum, eps, extra_grad_outs, center=True, **kw
+        )
 
     for fn in (rms_norm, layer_norm, add_rms_norm, add_layer_norm, rms_norm_backward, layer_norm_backward):
         lib.impl(fn.__name__, fn, "CompositeExplicitAutograd")

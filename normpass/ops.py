@@ -62,9 +62,11 @@ def _(input, residual, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.
     )
 
 
-def _fake_backward(op, grad_out, input, weight, grad_sum, eps, has_bias, normalized_ndim, p):
+def _fake_backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, has_bias, normalized_ndim, p):
     reference.check_args(op, input, None, weight, None, normalized_ndim, eps, p)
     reference.check_like_input(op, "grad_out", grad_out, input)
+    for term in extra_grad_outs or ():
+        reference.check_like_input(op, "extra_grad_outs[i]", term, input)
     if grad_sum is not None:
         reference.check_like_input(op, "grad_sum", grad_sum, input)
     param_shape = input.shape[input.dim() - normalized_ndim :]
@@ -76,16 +78,32 @@ def _fake_backward(op, grad_out, input, weight, grad_sum, eps, has_bias, normali
 
 
 @torch.library.register_fake("normpass::rms_norm_backward")
-def _(grad_out, input, weight, grad_sum, eps, *, has_bias, normalized_ndim, weight_offset, p):
+def _(
+    grad_out,
+    input,
+    weight,
+    grad_sum,
+    eps,
+    extra_grad_outs=None,
+    *,
+    has_bias,
+    normalized_ndim,
+    weight_offset,
+    p,
+):
+    op = "normpass.rms_norm_backward"
     return _fake_backward(
-        "normpass.rms_norm_backward", grad_out, input, weight, grad_sum, eps, has_bias, normalized_ndim, p
+        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, has_bias, normalized_ndim, p
     )
 
 
 @torch.library.register_fake("normpass::layer_norm_backward")
-def _(grad_out, input, weight, grad_sum, eps, *, has_bias, normalized_ndim, weight_offset):
+def _(
+    grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, *, has_bias, normalized_ndim, weight_offset
+):
+    op = "normpass.layer_norm_backward"
     return _fake_backward(
-        "normpass.layer_norm_backward", grad_out, input, weight, grad_sum, eps, has_bias, normalized_ndim, 1.0
+        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, has_bias, normalized_ndim, 1.0
     )
 
 
@@ -98,9 +116,10 @@ def _(grad_out, input, weight, grad_sum, eps, *, has_bias, normalized_ndim, weig
 
 def _backward_op_setup(center: bool):
     def setup_context(ctx, inputs, keyword_only_inputs, output):
-        grad_out, input, weight, grad_sum, ctx.eps = inputs
+        grad_out, input, weight, grad_sum, ctx.eps, extra = (*inputs, None)[:6]
         ctx.kw = dict(keyword_only_inputs, center=center)
-        ctx.save_for_backward(grad_out, input, weight, grad_sum)
+        ctx.n_extra = None if extra is None else len(extra)
+        ctx.save_for_backward(grad_out, input, weight, grad_sum, *(extra or ()))
 
     return setup_context
 
@@ -115,7 +134,8 @@ def _backward_op_grads(ctx, *grads):
             t if t is None or (create_graph and t.requires_grad) else t.detach().requires_grad_()
             for t in ctx.saved_tensors
         ]
-        outs = reference.norm_backward(*ins, ctx.eps, **ctx.kw)
+        extra = None if ctx.n_extra is None else ins[4:]
+        outs = reference.norm_backward(*ins[:4], ctx.eps, extra, **ctx.kw)
     # Absent dweight/dbias are empty tensors that depend on nothing.
     used = [(o, g) for o, g in zip(outs, grads, strict=True) if o.requires_grad]
     wrt = [t for t in ins if t is not None]
@@ -124,7 +144,10 @@ def _backward_op_grads(ctx, *grads):
             [o for o, _ in used], wrt, [g for _, g in used], allow_unused=True, create_graph=create_graph
         )
     )
-    return *(None if t is None else next(found) for t in ins), None  # none for eps
+    grads_in = [None if t is None else next(found) for t in ins]
+    # One per argument the caller passed (a default extra_grad_outs is not among them): grad_out,
+    # input, weight, grad_sum, eps (none), extra_grad_outs (a list).
+    return (*grads_in[:4], None, None if extra is None else grads_in[4:])[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd(

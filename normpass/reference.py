@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -125,6 +126,7 @@ def norm_backward(
     weight: Tensor | None,
     grad_sum: Tensor | None,
     eps: float,
+    extra_grad_outs: Sequence[Tensor] | None = None,
     *,
     center: bool,
     has_bias: bool,
@@ -134,10 +136,13 @@ def norm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of `norm`, as the *_backward ops return them.
 
-    Written out in closed form (the formula the kernels use) rather than through torch.autograd.grad,
-    so it is itself differentiable with no re-entrant autograd call: the fused ops' double backward
-    goes through it.
+    The output's gradient is grad_out plus any `extra_grad_outs`, added in order in the input dtype
+    (as the eager adds the backward ops fold in). Written out in closed form (the formula the kernels
+    use) rather than through torch.autograd.grad, so it is itself differentiable with no re-entrant
+    autograd call: the fused ops' double backward goes through it.
     """
+    for term in extra_grad_outs or ():
+        grad_out = grad_out.to(input.dtype) + term.to(input.dtype)
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     param_shape = input.shape[input.dim() - normalized_ndim :]
     param_dtype = weight.dtype if weight is not None else input.dtype

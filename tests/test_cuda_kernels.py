@@ -303,3 +303,23 @@ def test_cuda_graph_capture():
         for c, e in zip(captured, eager, strict=True):
             if c.numel():
                 assert torch.equal(c, e), "graph replay differs from eager call"
+
+
+@pytest.mark.parametrize("terms", [1, 2, 3])  # 3: more than the kernel sums, added up front
+@pytest.mark.parametrize("n", [1024, 4099, 16384])  # 4099: the scalar (unaligned) path
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_extra_grad_outs(center, n, terms):
+    """The backward sums the output's gradient terms as it loads them: same bits as summing first."""
+    m = rows_for(n)
+    x, dy = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    extra = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(terms)]
+    summed = dy
+    for term in extra:
+        summed = summed + term
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    expected = op(summed, x, w, None, EPS, **kw)
+    got = op(dy, x, w, None, EPS, extra, **kw)
+    for name, e, o in zip(("dx", "dweight", "dbias"), expected, got, strict=True):
+        assert torch.equal(e, o), name

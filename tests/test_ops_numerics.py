@@ -429,3 +429,34 @@ def test_parity_other_cpu_variants(isa):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+# ---- extra_grad_outs: the backward ops sum the output's gradient terms as eager adds would -----------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+@pytest.mark.parametrize("terms", [1, 2, 3])
+def test_extra_grad_outs_equal_summed_grad_out(terms, center, dtype):
+    """Same bits as the backward of the eagerly summed gradient (one rounding per add, in order)."""
+    g = torch.Generator().manual_seed(terms)
+    x, dy, ds = (torch.randn(5, 24, generator=g).to(dtype) for _ in range(3))
+    w = torch.randn(24, generator=g).to(dtype)
+    extra = [torch.randn(5, 24, generator=g).to(dtype) for _ in range(terms)]
+    summed = dy
+    for term in extra:
+        summed = summed + term
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.25, **({} if center else {"p": 1.0}))
+    expected = op(summed, x, w, ds, 1e-5, **kw)
+    got = op(dy, x, w, ds, 1e-5, extra, **kw)
+    for name, e, o in zip(("dx", "dweight", "dbias"), expected, got, strict=True):
+        assert torch.equal(e, o), name
+
+
+def test_extra_grad_outs_checked():
+    x = torch.randn(3, 8)
+    kw = dict(has_bias=False, normalized_ndim=1, weight_offset=0.0, p=1.0)
+    message = r"extra_grad_outs\[i\] has shape \[3, 4\] but input has shape \[3, 8\]"
+    with pytest.raises(RuntimeError, match=message):
+        ops.rms_norm_backward(x, x, None, None, 1e-5, [torch.randn(3, 4)], **kw)

@@ -60,3 +60,15 @@ def test_opcheck_backward(name, dtype, requires_grad):
         kw["p"] = 0.5
     torch.library.opcheck(getattr(ops, name).default, (dy, x, w, ds, 1e-5), kw)
     torch.library.opcheck(getattr(ops, name).default, (dy, x, None, None, 1e-5), dict(kw, has_bias=False))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("name", ["rms_norm_backward", "layer_norm_backward"])
+def test_opcheck_backward_extra_grad_outs(name, requires_grad):
+    g = torch.Generator().manual_seed(2)
+    x, dy, e1, e2 = (torch.randn(4, 8, generator=g).requires_grad_(requires_grad) for _ in range(4))
+    w = torch.randn(8, generator=g).requires_grad_(requires_grad)
+    kw = dict(has_bias=False, normalized_ndim=1, weight_offset=0.0)
+    if name == "rms_norm_backward":
+        kw["p"] = 1.0
+    torch.library.opcheck(getattr(ops, name).default, (dy, x, w, None, 1e-5, [e1, e2]), kw)

@@ -250,15 +250,18 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
   });
 }
 
-void norm_backward_cpu(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
-                       const optional<Tensor>& grad_sum, const NormParams& p,
-                       Tensor& grad_input, optional<Tensor>& grad_weight,
+void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, const Tensor& x,
+                       const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
+                       const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
                        optional<Tensor>& grad_bias) {
+  // The output's gradient terms, summed up front (one rounding per add, as eager).
+  Tensor dy = grad_out;
+  for (const Tensor& g : extra_grad_outs) dy = dy.add(g);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normpass_bwd", [&] {
     using T = scalar_t;
     with_param_type<T>(weight, std::nullopt, [&](auto w_tag) {
       using W = decltype(w_tag);
-      backward_typed<T, W>(grad_out, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+      backward_typed<T, W>(dy, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
     });
   });
 }

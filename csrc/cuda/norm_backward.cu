@@ -10,7 +10,8 @@ using std::optional;
 using namespace normpass::cuda;
 
 template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD>
-void backward_launch(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
+void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& x,
+                     const optional<Tensor>& weight,
                      const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                      optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   const int64_t cols = x.size(1);
@@ -46,6 +47,11 @@ void backward_launch(const Tensor& grad_out, const Tensor& x, const optional<Ten
   a.dw_part = grad_weight ? mut_ptr<float>(dw_part) : nullptr;
   a.db_part = BIAS_GRAD ? mut_ptr<float>(db_part) : nullptr;
   a.dy_stride = grad_out.stride(0);
+  a.n_more = static_cast<int>(more.size());
+  for (size_t i = 0; i < more.size(); ++i) {
+    a.dy_more[i] = ptr<T>(more[i]);
+    a.dy_more_stride[i] = more[i].stride(0);
+  }
   a.x_stride = x.stride(0);
   a.ds_stride = grad_sum ? grad_sum->stride(0) : 0;
   a.eps = static_cast<float>(p.eps);
@@ -63,15 +69,17 @@ void backward_launch(const Tensor& grad_out, const Tensor& x, const optional<Ten
 }
 
 template <typename T, typename W>
-void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
+void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x,
+                    const optional<Tensor>& weight,
                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
-                   vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
+  bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
+             vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
+  for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
   auto go = [&](auto vec_tag, auto center_tag, auto bias_tag) {
     backward_launch<T, W, decltype(vec_tag)::value, decltype(center_tag)::value,
-                    decltype(bias_tag)::value>(grad_out, x, weight, grad_sum, p, grad_input,
+                    decltype(bias_tag)::value>(grad_out, more, x, weight, grad_sum, p, grad_input,
                                                grad_weight, grad_bias);
   };
   using std::integral_constant;
@@ -89,11 +97,19 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
 
 } // namespace
 
-void norm_backward_cuda(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& raw_weight,
-                        const optional<Tensor>& grad_sum, const NormParams& p,
-                        Tensor& grad_input, optional<Tensor>& grad_weight,
+void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, const Tensor& x,
+                        const optional<Tensor>& raw_weight, const optional<Tensor>& grad_sum,
+                        const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
                         optional<Tensor>& grad_bias) {
   const optional<Tensor> weight = fold_offset(raw_weight, p.weight_offset);
+  // The kernel sums up to kMaxGradTerms - 1 extra terms as it loads; more are added up front,
+  // in the same order and rounding.
+  at::TensorList more = extra_grad_outs;
+  Tensor dy = grad_out;
+  if (more.size() >= kMaxGradTerms) {
+    for (const Tensor& g : more) dy = dy.add(g);
+    more = {};
+  }
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() &&
                   (!grad_sum || grad_sum->scalar_type() == x.scalar_type()),
               "normpass CUDA: grad_out and grad_sum must have x's dtype");
@@ -109,9 +125,9 @@ void norm_backward_cuda(const Tensor& grad_out, const Tensor& x, const optional<
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
     if (fp32_weight) {
-      backward_typed<T, float>(grad_out, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+      backward_typed<T, float>(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
     } else {
-      backward_typed<T, T>(grad_out, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+      backward_typed<T, T>(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
     }
   });
 }

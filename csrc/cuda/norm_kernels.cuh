@@ -169,9 +169,16 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
 // tile adds into its cluster's partial row in memory instead. Either way each
 // partial element has one owner thread and a fixed summation order:
 // deterministic.
+// Terms of the output's gradient the backward sums as it loads them (more are
+// added up front on the host).
+constexpr int kMaxGradTerms = 3;
+
 template <typename T, typename W>
 struct BwdArgs {
   const T* dy;
+  const T* dy_more[kMaxGradTerms - 1]; // further gradient terms: dy + dy_more[0] + ...
+  int64_t dy_more_stride[kMaxGradTerms - 1];
+  int n_more;
   const T* x;
   const W* weight;   // may be null
   const T* grad_sum; // may be null
@@ -262,6 +269,17 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
         load(xf.v[k], x + j * VEC);
         load(gf.v[k], dy + j * VEC);
       });
+      // Further terms of dy, each sum rounded to T as the eager adds it replaces. A loop of its
+      // own, after all of the row's loads are issued: inside the one above it would hold them back.
+      for (int i = 0; i < a.n_more; ++i) {
+        const T* more = a.dy_more[i] + r0 * a.dy_more_stride[i];
+        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
+          Pack<T, VEC> term;
+          load(term, more + j * VEC);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) gf.v[k].v[e] = from_float<T>(to_float(gf.v[k].v[e]) + to_float(term.v[e]));
+        });
+      }
     };
     float shift = 0.f;
     if (CENTER && valid) {
