@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <optional>
+#include <type_traits>
 
 #include "norm_kernels.cuh"
 
@@ -20,6 +21,24 @@ template <typename T> struct Tag { using type = T; };
 constexpr int64_t kMaxCols = (int64_t(1) << 31) - 1024;
 
 // Calls f(Tag<T>{}) with T the CUDA storage type of `t`.
+// Calls f(vec, center, flag) with each runtime choice as a compile-time constant:
+// vec is an integral_constant of kVec (16-byte accesses) or 1 (scalar accesses),
+// center and flag are bool_constants (flag: the kernel's third switch, e.g.
+// the residual add or the bias gradient).
+template <int kVec, typename F>
+void dispatch_flags(bool vec, bool center, bool flag, F&& f) {
+  auto with_vec = [&](auto c, auto fl) {
+    if (vec) f(std::integral_constant<int, kVec>{}, c, fl);
+    else f(std::integral_constant<int, 1>{}, c, fl);
+  };
+  auto with_flag = [&](auto c) {
+    if (flag) with_vec(c, std::true_type{});
+    else with_vec(c, std::false_type{});
+  };
+  if (center) with_flag(std::true_type{});
+  else with_flag(std::false_type{});
+}
+
 template <typename F>
 void dispatch_float(at::ScalarType t, const char* what, F&& f) {
   switch (t) {

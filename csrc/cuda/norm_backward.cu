@@ -77,22 +77,10 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
   bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
              vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
   for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
-  auto go = [&](auto vec_tag, auto center_tag, auto bias_tag) {
-    backward_launch<T, W, decltype(vec_tag)::value, decltype(center_tag)::value,
-                    decltype(bias_tag)::value>(grad_out, more, x, weight, grad_sum, p, grad_input,
-                                               grad_weight, grad_bias);
-  };
-  using std::integral_constant;
-  auto with_vec = [&](auto center_tag, auto bias_tag) {
-    if (vec) go(integral_constant<int, kVec>{}, center_tag, bias_tag);
-    else go(integral_constant<int, 1>{}, center_tag, bias_tag);
-  };
-  auto with_bias = [&](auto center_tag) {
-    if (grad_bias) with_vec(center_tag, std::true_type{});
-    else with_vec(center_tag, std::false_type{});
-  };
-  if (p.center) with_bias(std::true_type{});
-  else with_bias(std::false_type{});
+  dispatch_flags<kVec>(vec, p.center, grad_bias.has_value(), [&](auto v, auto center, auto dbias) {
+    backward_launch<T, W, decltype(v)::value, decltype(center)::value, decltype(dbias)::value>(
+        grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+  });
 }
 
 } // namespace

@@ -39,21 +39,10 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = vector_ok(x, kVec) && vector_ok(residual, kVec) && vector_ok(out, kVec) &&
                    vector_ok(sum, kVec) && vector_ok(weight, kVec) && vector_ok(bias, kVec);
-  auto go = [&](auto vec_tag, auto center_tag, auto residual_tag) {
-    forward_launch<T, W, O, decltype(vec_tag)::value, decltype(center_tag)::value,
-                   decltype(residual_tag)::value>(x, residual, weight, bias, p, out, sum);
-  };
-  using std::integral_constant;
-  auto with_vec = [&](auto center_tag, auto residual_tag) {
-    if (vec) go(integral_constant<int, kVec>{}, center_tag, residual_tag);
-    else go(integral_constant<int, 1>{}, center_tag, residual_tag);
-  };
-  auto with_residual = [&](auto center_tag) {
-    if (residual) with_vec(center_tag, std::true_type{});
-    else with_vec(center_tag, std::false_type{});
-  };
-  if (p.center) with_residual(std::true_type{});
-  else with_residual(std::false_type{});
+  dispatch_flags<kVec>(vec, p.center, residual.has_value(), [&](auto v, auto center, auto res) {
+    forward_launch<T, W, O, decltype(v)::value, decltype(center)::value, decltype(res)::value>(
+        x, residual, weight, bias, p, out, sum);
+  });
 }
 
 } // namespace
