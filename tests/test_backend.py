@@ -265,3 +265,46 @@ def test_inductor_folds_gradient_sums_into_the_backward_ops():
     floor = grad_floor(ref_grads)
     for key, ref in ref_grads.items():
         assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + 1e-5, key
+
+
+def test_gradient_sum_pass_chains_a_users_post_grad_pass():
+    """inductor's post-grad custom pass slot holds one pass: a user's still runs after normpass's."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from torch._inductor.utils import run_and_get_code
+
+    class Counting(CustomGraphPass):
+        calls = 0
+
+        def __call__(self, graph):
+            Counting.calls += 1
+
+        def uuid(self):
+            return "counting-pass"
+
+    class TwoReaders(torch.nn.Module):  # the norm's output feeds two projections
+        def __init__(self, n: int = 16) -> None:
+            super().__init__()
+            self.norm, self.a, self.b = (
+                torch.nn.RMSNorm(n, eps=1e-6),
+                torch.nn.Linear(n, n),
+                torch.nn.Linear(n, n),
+            )
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.a(h) * self.b(h)
+
+    # 3-D, as in a transformer: 2-D mm + add would become one addmm before this pass sees it.
+    module, x = TwoReaders(), torch.randn(2, 3, 16, requires_grad=True)
+    expected = torch.autograd.grad(module(x).sum(), x)[0]
+    # No FX graph cache: a cache hit skips every pass (correctly), and this test counts them.
+    options = {"post_grad_custom_post_pass": Counting(), "fx_graph_cache": False}
+    be = normpass.backend(inductor_options=options)
+    compiled = torch.compile(module, backend=be)
+    grad, codes = run_and_get_code(lambda: torch.autograd.grad(compiled(x).sum(), x)[0])
+    torch.testing.assert_close(grad, expected)
+    assert Counting.calls == 2  # forward and backward graphs
+    backward_calls = [
+        line for code in codes for line in code.splitlines() if "rms_norm_backward.default(" in line
+    ]
+    assert len(backward_calls) == 1 and "[" in backward_calls[0].split("1e-06", 1)[1], backward_calls
