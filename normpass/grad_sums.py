@@ -60,7 +60,7 @@ def fold_grad_sums(graph: Graph) -> int:
     for node in backward_ops:
         grad, x, *rest = node.args
         like = _val(x)
-        if like is None or len(rest) > 3 and rest[3]:  # no metadata, or extra_grad_outs already given
+        if like is None or (len(rest) > 3 and rest[3]):  # no metadata, or extra_grad_outs already given
             continue
         terms = _addends(grad, like)
         if len(terms) < 2:
