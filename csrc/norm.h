@@ -57,6 +57,14 @@ using NormBackward = void(
     std::optional<at::Tensor>& grad_weight,
     std::optional<at::Tensor>& grad_bias);
 
+// grad_out + extra_grad_outs[0] + ..., added up front in order (one rounding
+// per add, as eager): for kernels, or terms, that do not sum while loading.
+inline at::Tensor sum_grad_terms(const at::Tensor& grad_out, at::TensorList extra_grad_outs) {
+  at::Tensor dy = grad_out;
+  for (const at::Tensor& g : extra_grad_outs) dy = dy.add(g);
+  return dy;
+}
+
 // The kernels, declared through the two signatures above.
 NormForward norm_forward_cpu;
 NormBackward norm_backward_cpu;

@@ -190,10 +190,11 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   if (input.numel() > 0) {
     NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
     Tensor grad_input2d = grad_input.view({-1, cols});
-    optional<Tensor> grad_sum2d;
-    if (grad_sum.has_value()) grad_sum2d = as_rows(grad_sum->to(input.scalar_type()), cols);
-    auto w = kernel_params(weight, std::nullopt, input).first;
+    // Gradients reach the kernels as (rows, cols) views in the input dtype.
     auto rows_of = [&](const Tensor& g) { return as_rows(g.to(input.scalar_type()), cols); };
+    optional<Tensor> grad_sum2d;
+    if (grad_sum.has_value()) grad_sum2d = rows_of(*grad_sum);
+    auto w = kernel_params(weight, std::nullopt, input).first;
     std::vector<Tensor> extra2d;
     for (const Tensor& g : extra_grad_outs) extra2d.push_back(rows_of(g));
     backward_kernel(input)(rows_of(grad_out), extra2d, as_rows(input, cols), w, grad_sum2d, params,

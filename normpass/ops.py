@@ -65,10 +65,10 @@ def _(input, residual, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.
 def _fake_backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, has_bias, normalized_ndim, p):
     reference.check_args(op, input, None, weight, None, normalized_ndim, eps, p)
     reference.check_like_input(op, "grad_out", grad_out, input)
-    for term in extra_grad_outs or ():
-        reference.check_like_input(op, "extra_grad_outs[i]", term, input)
     if grad_sum is not None:
         reference.check_like_input(op, "grad_sum", grad_sum, input)
+    for term in extra_grad_outs or ():
+        reference.check_like_input(op, "extra_grad_outs[i]", term, input)
     param_shape = input.shape[input.dim() - normalized_ndim :]
     param_dtype = weight.dtype if weight is not None else input.dtype
     # Absent gradients are distinct empty tensors, as the kernels return them (never aliases).

@@ -254,9 +254,7 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
                        const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
                        const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
                        optional<Tensor>& grad_bias) {
-  // The output's gradient terms, summed up front (one rounding per add, as eager).
-  Tensor dy = grad_out;
-  for (const Tensor& g : extra_grad_outs) dy = dy.add(g);
+  const Tensor dy = sum_grad_terms(grad_out, extra_grad_outs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normpass_bwd", [&] {
     using T = scalar_t;
     with_param_type<T>(weight, std::nullopt, [&](auto w_tag) {

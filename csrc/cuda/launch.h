@@ -20,7 +20,6 @@ template <typename T> struct Tag { using type = T; };
 // Column indices inside a row are 32-bit (row offsets are 64-bit).
 constexpr int64_t kMaxCols = (int64_t(1) << 31) - 1024;
 
-// Calls f(Tag<T>{}) with T the CUDA storage type of `t`.
 // Calls f(vec, center, flag) with each runtime choice as a compile-time constant:
 // vec is an integral_constant of kVec (16-byte accesses) or 1 (scalar accesses),
 // center and flag are bool_constants (flag: the kernel's third switch, e.g.
@@ -39,6 +38,7 @@ void dispatch_flags(bool vec, bool center, bool flag, F&& f) {
   else with_flag(std::false_type{});
 }
 
+// Calls f(Tag<T>{}) with T the CUDA storage type of `t`.
 template <typename F>
 void dispatch_float(at::ScalarType t, const char* what, F&& f) {
   switch (t) {

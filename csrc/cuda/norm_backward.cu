@@ -90,14 +90,6 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
                         const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
                         optional<Tensor>& grad_bias) {
   const optional<Tensor> weight = fold_offset(raw_weight, p.weight_offset);
-  // The kernel sums up to kMaxGradTerms - 1 extra terms as it loads; more are added up front,
-  // in the same order and rounding.
-  at::TensorList more = extra_grad_outs;
-  Tensor dy = grad_out;
-  if (more.size() >= kMaxGradTerms) {
-    for (const Tensor& g : more) dy = dy.add(g);
-    more = {};
-  }
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() &&
                   (!grad_sum || grad_sum->scalar_type() == x.scalar_type()),
               "normpass CUDA: grad_out and grad_sum must have x's dtype");
@@ -109,6 +101,10 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", std::to_string(x.size(1)),
               " elements (at most ", std::to_string(kMaxCols), ")");
   const c10::cuda::CUDAGuard guard(x.device());
+  // The kernel sums up to kMaxGradTerms - 1 extra terms as it loads; more are added up front.
+  const bool in_kernel = extra_grad_outs.size() < kMaxGradTerms;
+  const Tensor dy = in_kernel ? grad_out : sum_grad_terms(grad_out, extra_grad_outs);
+  const at::TensorList more = in_kernel ? extra_grad_outs : at::TensorList();
   const bool fp32_weight = weight && weight->scalar_type() != x.scalar_type();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;

@@ -158,6 +158,10 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
 }
 
 // ---------------------------------------------------------------------------
+// Terms of the output's gradient the backward sums as it loads them (more are
+// added up front on the host).
+constexpr int kMaxGradTerms = 3;
+
 // Backward. Per row, one reduction of
 //   sum (x-s)^2 and sum (x-s) over the stat columns, sum g*(x-s), sum g,
 // with g = dy * (w + offset) and s the LayerNorm shift (0 for RMSNorm),
@@ -169,10 +173,6 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
 // tile adds into its cluster's partial row in memory instead. Either way each
 // partial element has one owner thread and a fixed summation order:
 // deterministic.
-// Terms of the output's gradient the backward sums as it loads them (more are
-// added up front on the host).
-constexpr int kMaxGradTerms = 3;
-
 template <typename T, typename W>
 struct BwdArgs {
   const T* dy;
