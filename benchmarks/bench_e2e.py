@@ -51,12 +51,44 @@ MODELS = {
 }
 
 
-def build(name: str, tiny: bool, device: str, dtype: torch.dtype) -> torch.nn.Module:
+# "sdpa-causal": transformers' SDPA attention, with the causal mask left to SDPA's is_causal whenever
+# there is no padding, in eager and under Dynamo alike. Plain "sdpa" under Dynamo (transformers < 5.23
+# or torch < 2.14) builds an explicit mask tensor instead, which moves cuDNN/flash attention to a 2-3x
+# slower kernel in every compiled variant: a cost of the tracing, not of any compiler.
+ATTENTION = ("sdpa", "sdpa-causal")
+
+
+def _register_sdpa_causal() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask(*, attention_mask=None, q_length, kv_length, q_offset=0, allow_is_causal_skip=True, **kwargs):
+        if attention_mask is None and allow_is_causal_skip and q_length == kv_length and q_offset == 0:
+            return None  # SDPA applies the causal mask itself (is_causal=True)
+        return sdpa_mask(
+            attention_mask=attention_mask,
+            q_length=q_length,
+            kv_length=kv_length,
+            q_offset=q_offset,
+            allow_is_causal_skip=allow_is_causal_skip,
+            **kwargs,
+        )
+
+    AttentionInterface.register("sdpa-causal", sdpa_attention_forward)
+    AttentionMaskInterface.register("sdpa-causal", mask)
+
+
+def build(name: str, tiny: bool, device: str, dtype: torch.dtype, attention: str = "sdpa") -> torch.nn.Module:
     import transformers
 
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    if attention == "sdpa-causal":
+        _register_sdpa_causal()
     cls_name, full, small = MODELS[name]
     config = getattr(transformers, cls_name)(**(small if tiny else full))
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = attention
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
 
@@ -123,6 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--tiny", action="store_true", help="tiny models and shapes, for a quick check")
     ap.add_argument("--variants", default=",".join(variants()))
+    ap.add_argument("--attention", default="sdpa", choices=ATTENTION, help="see ATTENTION above")
     ap.add_argument("--out", default=None, help="folder for e2e.md")
     args = ap.parse_args(argv)
     if args.tiny:
@@ -132,7 +165,8 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     header = (
         f"{device_name}, torch {torch.__version__}, normpass {normpass.__version__}, "
-        f"{datetime.date.today()}; bf16 training step, batch {args.batch} x {args.seq} tokens"
+        f"{datetime.date.today()}; bf16 training step, batch {args.batch} x {args.seq} tokens, "
+        f"attention {args.attention}"
     )
     print(header, flush=True)
     lines = [
@@ -144,7 +178,7 @@ def main(argv=None) -> int:
     ]
     chosen = {k: v for k, v in variants().items() if k in args.variants.split(",")}
     for name in args.models.split(","):
-        model = build(name, args.tiny, args.device, dtype)
+        model = build(name, args.tiny, args.device, dtype, args.attention)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
         results = {}
         for i, (variant, backend) in enumerate(chosen.items(), 1):

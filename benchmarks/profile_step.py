@@ -9,7 +9,7 @@ import argparse
 import sys
 
 import torch
-from bench_e2e import build, variants
+from bench_e2e import ATTENTION, build, variants
 from torch.profiler import ProfilerActivity, profile
 
 
@@ -25,9 +25,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--attention", default="sdpa", choices=ATTENTION)
+    ap.add_argument("--grep", default="", help="comma-separated words: list the kernels named with one")
     args = ap.parse_args(argv)
 
-    model = build(args.model, tiny=False, device="cuda", dtype=torch.bfloat16)
+    model = build(args.model, tiny=False, device="cuda", dtype=torch.bfloat16, attention=args.attention)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     for name in args.variants.split(","):
         backend = variants()[name]
@@ -37,7 +39,9 @@ def main(argv=None) -> int:
         for _ in range(3):
             train_step(fn, model, ids)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        # record_shapes: a strided or misaligned operand sends normpass's kernels down their scalar
+        # path, which the kernel table alone does not show.
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             train_step(fn, model, ids)
             torch.cuda.synchronize()
         print(f"\n===== {args.model} / {name} =====")
@@ -46,6 +50,21 @@ def main(argv=None) -> int:
         averages = prof.key_averages()
         table = averages.table(sort_by="device_time_total", row_limit=args.rows, max_name_column_width=60)
         print(table)
+        calls: dict[str, int] = {}
+        for e in prof.events():
+            if e.name.startswith("normpass::"):
+                strides = getattr(e, "structured_input_strides", None)  # torch >= 2.13
+                key = f"{e.name} {e.input_shapes}" + (f" strides {strides}" if strides else "")
+                calls[key] = calls.get(key, 0) + 1
+        for call, count in calls.items():
+            print(f"{count:3d} x {call}")
+        if args.grep:
+            words = args.grep.split(",")
+            kernels = [e for e in averages if e.device_type.name == "CUDA" and any(w in e.key for w in words)]
+            total = sum(e.device_time_total for e in kernels)
+            print(f"kernels matching {args.grep!r}: {total / 1e3:.3f} ms")
+            for e in sorted(kernels, key=lambda e: -e.device_time_total):
+                print(f"  {e.count:3d} x {e.device_time_total / e.count:8.1f} us  {e.key[:200]}")
     return 0
 
 

@@ -325,11 +325,14 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
     for (int t = 0; t < L.tiles; ++t) {
       if (!resident) load_tile(t);
       if (!valid) continue;
+      // The tile's grad_sum, all loads issued before the first dx store (which
+      // the compiler may not move them past).
+      Frag<T, VEC, ITEMS> sf;
+      if (ds != nullptr) for_each_vec<ITEMS>(th, L, t, [&](int k, int j) { load(sf.v[k], ds + j * VEC); });
       for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         const int col = j * VEC;
-        float w[VEC], gs[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
+        float w[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
         load_param(w, a.weight, col, 1.f);
-        if (ds != nullptr) load_param(gs, ds, col, 0.f);
         // Compiled twice: vectors wholly inside the statistics columns (all
         // of them unless pRMSNorm) skip the per-element column test.
         auto grads = [&](auto all_stat) {
@@ -340,7 +343,7 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
             const float ce = all_stat.value || col + e < L.stat_cols ? c : 0.f;
             // Exactly 0 for a constant row (xhat = 0, g = mean_g), as in torch.
             dxv[e] = rstd * fmaf(-xhat, ce, __fmul_rn(d, w[e]) - mean_g);
-            if (ds != nullptr) dxv[e] += gs[e];
+            if (ds != nullptr) dxv[e] += sf(k, e);
             dwv[e] = d * xhat;
             dbv[e] = d;
           }
