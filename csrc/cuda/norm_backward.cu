@@ -9,7 +9,7 @@ using at::Tensor;
 using std::optional;
 using namespace normpass::cuda;
 
-template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD>
+template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE>
 void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& x,
                      const optional<Tensor>& weight,
                      const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
@@ -18,7 +18,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   const auto shape = choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(),
                                    max_cluster(), kBwdThreads, kBwdThreads);
   const RowLayout& L = shape.layout;
-  auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD>;
+  auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD, MORE>;
   // Shared memory for the per-thread dweight/dbias partials of a resident row.
   const size_t smem = L.tiles == 1 ? sizeof(float) * bwd_items<VEC>() * VEC * shape.threads *
                                          (BIAS_GRAD ? 2 : 1)
@@ -78,8 +78,13 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
              vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
   for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
   dispatch_flags<kVec>(vec, p.center, grad_bias.has_value(), [&](auto v, auto center, auto dbias) {
-    backward_launch<T, W, decltype(v)::value, decltype(center)::value, decltype(dbias)::value>(
-        grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+    auto with_more = [&](auto more_terms) {
+      backward_launch<T, W, decltype(v)::value, decltype(center)::value, decltype(dbias)::value,
+                      decltype(more_terms)::value>(grad_out, more, x, weight, grad_sum, p, grad_input,
+                                                   grad_weight, grad_bias);
+    };
+    if (more.empty()) with_more(std::false_type{});
+    else with_more(std::true_type{});
   });
 }
 

@@ -229,7 +229,7 @@ struct SmemPartial {
   }
 };
 
-template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD>
+template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE>
 __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(const BwdArgs<T, W> a) {
   constexpr int ITEMS = bwd_items<VEC>();
   using Part = SmemPartial<ITEMS, VEC>;
@@ -261,24 +261,43 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
     const T* dy = a.dy + r0 * a.dy_stride;
     const T* ds = a.grad_sum ? a.grad_sum + r0 * a.ds_stride : nullptr;
     T* dx = a.dx + r0 * L.cols;
-    Frag<T, VEC, ITEMS> xf, gf;
+    Frag<T, VEC, ITEMS> xf, gf, sf; // x, dy and grad_sum of one tile
 
+    // grad_sum is first needed after the reduction. Its loads go out before
+    // it (resident rows) or before the tile's first dx store (which the
+    // compiler may not move them past), so their latency is not exposed.
+    auto load_grad_sum = [&](int t) {
+      if (ds != nullptr && valid)
+        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) { load(sf.v[k], ds + j * VEC); });
+    };
     auto load_tile = [&](int t) {
       if (!valid) return;
       for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         load(xf.v[k], x + j * VEC);
         load(gf.v[k], dy + j * VEC);
       });
-      // Further terms of dy, each sum rounded to T as the eager adds it replaces. A loop of its
-      // own, after all of the row's loads are issued: inside the one above it would hold them back.
-      for (int i = 0; i < a.n_more; ++i) {
-        const T* more = a.dy_more[i] + r0 * a.dy_more_stride[i];
-        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-          Pack<T, VEC> term;
-          load(term, more + j * VEC);
+      if constexpr (MORE) {
+        // Further terms of dy, each sum rounded to T as the eager adds it replaces. Their
+        // loads go out after the row's and before any add, so all are in flight at once
+        // (a kernel of its own: the registers for them cost the usual call 1-3%).
+        Frag<T, VEC, ITEMS> terms[kMaxGradTerms - 1];
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) gf.v[k].v[e] = from_float<T>(to_float(gf.v[k].v[e]) + to_float(term.v[e]));
-        });
+        for (int i = 0; i < kMaxGradTerms - 1; ++i) {
+          if (i < a.n_more) {
+            const T* more = a.dy_more[i] + r0 * a.dy_more_stride[i];
+            for_each_vec<ITEMS>(th, L, t, [&](int k, int j) { load(terms[i].v[k], more + j * VEC); });
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < kMaxGradTerms - 1; ++i) {
+          if (i < a.n_more) {
+            for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
+#pragma unroll
+              for (int e = 0; e < VEC; ++e)
+                gf.v[k].v[e] = from_float<T>(to_float(gf.v[k].v[e]) + terms[i](k, e));
+            });
+          }
+        }
       }
     };
     float shift = 0.f;
@@ -310,6 +329,7 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
         }
       });
     }
+    if (resident) load_grad_sum(0);
     row_sum(acc, L, sh, parity);
     float mean = 0.f, var = acc[0] * inv_k, sum_gxm = acc[1], mean_g = 0.f;
     if constexpr (CENTER) {
@@ -323,12 +343,11 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
     const float c = sum_gxm * rstd * inv_k; // sum(g * xhat) / k
 
     for (int t = 0; t < L.tiles; ++t) {
-      if (!resident) load_tile(t);
+      if (!resident) {
+        load_tile(t);
+        load_grad_sum(t);
+      }
       if (!valid) continue;
-      // The tile's grad_sum, all loads issued before the first dx store (which
-      // the compiler may not move them past).
-      Frag<T, VEC, ITEMS> sf;
-      if (ds != nullptr) for_each_vec<ITEMS>(th, L, t, [&](int k, int j) { load(sf.v[k], ds + j * VEC); });
       for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         const int col = j * VEC;
         float w[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
