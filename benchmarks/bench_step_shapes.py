@@ -1,0 +1,95 @@
+"""normpass's ops at a transformer step's shape, with the gradient terms a training graph hands them.
+
+In a Llama step each norm's backward also reads the residual's gradient (grad_sum) and, after
+normpass's gradient-sum pass, one or two further terms of dy (the gate/up or q/k/v readers of the
+norm's output). bench_kernels.py times the plain ops on 2^26 elements; this times those calls at the
+step's own size. TB/s counts every tensor read and written, against the copy ceiling of the same run.
+
+    python benchmarks/bench_step_shapes.py                 # Llama's 4 x 2048 tokens, hidden 2048
+    python benchmarks/bench_step_shapes.py --rows 8192 32768 --cols 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import triton.testing
+
+import normpass  # noqa: F401  (registers torch.ops.normpass)
+
+EPS = 1e-6
+
+
+def bench_us(fn) -> float:
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_ceiling() -> float:
+    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()  # 1 GiB
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / bench_us(lambda: dst.copy_(src)) / 1e6  # TB/s
+
+
+def cases(rows: int, cols: int, device: str = "cuda"):
+    """(name, tensors moved, fn) for each call; every tensor is rows x cols bf16."""
+    ops = torch.ops.normpass
+    x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
+    r, dy, gsum, t1, t2 = (torch.randn_like(x) for _ in range(5))
+    w = torch.randn(cols, device=device, dtype=torch.bfloat16)
+    yield "rms_norm", 2, lambda: ops.rms_norm(x, w, EPS)
+    yield "add_rms_norm", 4, lambda: ops.add_rms_norm(x, r, w, EPS)
+    for terms in ([], [t1], [t1, t2]):
+        for gs in (None, gsum):
+            name = f"rms_norm_backward, {len(terms)} extra terms" + (", grad_sum" if gs is not None else "")
+            yield (
+                name,
+                3 + len(terms) + (gs is not None),
+                lambda gs=gs, terms=terms: ops.rms_norm_backward(
+                    dy,
+                    x,
+                    w,
+                    gs,
+                    EPS,
+                    terms or None,
+                    has_bias=False,
+                    normalized_ndim=1,
+                    weight_offset=0.0,
+                    p=1.0,
+                ),
+            )
+    for gs in (None, gsum):
+        yield (
+            "layer_norm_backward" + (", grad_sum" if gs is not None else ""),
+            3 + (gs is not None),
+            lambda gs=gs: ops.layer_norm_backward(
+                dy, x, w, gs, EPS, None, has_bias=True, normalized_ndim=1, weight_offset=0.0
+            ),
+        )
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[8192])
+    ap.add_argument("--cols", type=int, default=2048)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_step_shapes: needs a CUDA device", file=sys.stderr)
+        return 2
+    ceiling = copy_ceiling()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling:.2f} TB/s")
+    print("| rows x cols | call | µs | TB/s | % of ceiling |\n|---|---|---|---|---|")
+    for rows in args.rows:
+        for name, tensors, fn in cases(rows, args.cols):
+            us = bench_us(fn)
+            tbs = tensors * rows * args.cols * 2 / us / 1e6
+            print(
+                f"| {rows} x {args.cols} | {name} | {us:.1f} | {tbs:.2f} | {100 * tbs / ceiling:.0f}% |",
+                flush=True,
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
