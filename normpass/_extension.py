@@ -33,6 +33,7 @@ def _register_reference_ops() -> None:
         lib.define(name + schema)
 
     def forward(
+        op,
         input,
         residual,
         weight,
@@ -45,7 +46,7 @@ def _register_reference_ops() -> None:
         p=1.0,
         out_dtype=None,
     ):
-        reference.check_args("normpass", input, residual, weight, bias, normalized_ndim, eps, p)
+        reference.check_forward(op, input, residual, weight, bias, eps, normalized_ndim, p, out_dtype)
         x = input if residual is None else input + residual
         y = reference.norm(
             x,
@@ -58,29 +59,34 @@ def _register_reference_ops() -> None:
             p=p,
             out_dtype=out_dtype,
         )
-        return y if residual is None else (y, x)
+        # The ops' contract (as the kernels keep it): outputs are contiguous, whatever the input's layout.
+        return y.contiguous() if residual is None else (y.contiguous(), x.contiguous())
 
     def rms_norm(input, weight, eps, bias=None, **kw):
-        return forward(input, None, weight, bias, eps, center=False, **kw)
+        return forward("normpass.rms_norm", input, None, weight, bias, eps, center=False, **kw)
 
     def layer_norm(input, weight, bias, eps, **kw):
-        return forward(input, None, weight, bias, eps, center=True, **kw)
+        return forward("normpass.layer_norm", input, None, weight, bias, eps, center=True, **kw)
 
     def add_rms_norm(input, residual, weight, eps, bias=None, **kw):
-        return forward(input, residual, weight, bias, eps, center=False, **kw)
+        return forward("normpass.add_rms_norm", input, residual, weight, bias, eps, center=False, **kw)
 
     def add_layer_norm(input, residual, weight, bias, eps, **kw):
-        return forward(input, residual, weight, bias, eps, center=True, **kw)
+        return forward("normpass.add_layer_norm", input, residual, weight, bias, eps, center=True, **kw)
+
+    def backward(op, grad_out, input, weight, grad_sum, eps, more, *, normalized_ndim, p=1.0, **kw):
+        args = (grad_out, input, weight, grad_sum, eps, more)
+        reference.check_backward(op, *args, normalized_ndim, p)
+        dx, dw, db = reference.norm_backward(*args, normalized_ndim=normalized_ndim, p=p, **kw)
+        return dx.contiguous(), dw, db
 
     def rms_norm_backward(grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, **kw):
-        return reference.norm_backward(
-            grad_out, input, weight, grad_sum, eps, extra_grad_outs, center=False, **kw
-        )
+        op = "normpass.rms_norm_backward"
+        return backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, center=False, **kw)
 
     def layer_norm_backward(grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, **kw):
-        return reference.norm_backward(
-            grad_out, input, weight, grad_sum, eps, extra_grad_outs, center=True, **kw
-        )
+        op = "normpass.layer_norm_backward"
+        return backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, center=True, **kw)
 
     for fn in (rms_norm, layer_norm, add_rms_norm, add_layer_norm, rms_norm_backward, layer_norm_backward):
         lib.impl(fn.__name__, fn, "CompositeExplicitAutograd")

@@ -25,11 +25,7 @@ ops = torch.ops.normpass
 
 
 def _fake_forward(op, input, residual, weight, bias, eps, normalized_ndim, p, out_dtype):
-    reference.check_args(op, input, residual, weight, bias, normalized_ndim, eps, p)
-    torch._check(
-        out_dtype is None or reference.is_float_dtype(out_dtype),
-        lambda: f"{op}: out_dtype must be a floating-point dtype, got {out_dtype}",
-    )
+    reference.check_forward(op, input, residual, weight, bias, eps, normalized_ndim, p, out_dtype)
     out = input.new_empty(input.shape, dtype=out_dtype or input.dtype)
     return out if residual is None else (out, input.new_empty(input.shape))
 
@@ -63,12 +59,7 @@ def _(input, residual, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.
 
 
 def _fake_backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, has_bias, normalized_ndim, p):
-    reference.check_args(op, input, None, weight, None, normalized_ndim, eps, p)
-    reference.check_like_input(op, "grad_out", grad_out, input)
-    if grad_sum is not None:
-        reference.check_like_input(op, "grad_sum", grad_sum, input)
-    for term in extra_grad_outs or ():
-        reference.check_like_input(op, "extra_grad_outs[i]", term, input)
+    reference.check_backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, normalized_ndim, p)
     param_shape = input.shape[input.dim() - normalized_ndim :]
     param_dtype = weight.dtype if weight is not None else input.dtype
     # Absent gradients are distinct empty tensors, as the kernels return them (never aliases).

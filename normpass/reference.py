@@ -94,6 +94,45 @@ def _check_param(op: str, name: str, t: Tensor, input: Tensor, normalized_ndim: 
     )
 
 
+def check_forward(
+    op: str,
+    input: Tensor,
+    residual: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    normalized_ndim: int,
+    p: float,
+    out_dtype: torch.dtype | None,
+) -> None:
+    """Every check of a forward op (`check_args` and out_dtype), for fake and reference impls."""
+    check_args(op, input, residual, weight, bias, normalized_ndim, eps, p)
+    torch._check(
+        out_dtype is None or is_float_dtype(out_dtype),
+        lambda: f"{op}: out_dtype must be a floating-point dtype, got {out_dtype}",
+    )
+
+
+def check_backward(
+    op: str,
+    grad_out: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    grad_sum: Tensor | None,
+    eps: float,
+    extra_grad_outs: Sequence[Tensor] | None,
+    normalized_ndim: int,
+    p: float,
+) -> None:
+    """Every check of a backward op, for fake and reference impls."""
+    check_args(op, input, None, weight, None, normalized_ndim, eps, p)
+    check_like_input(op, "grad_out", grad_out, input)
+    if grad_sum is not None:
+        check_like_input(op, "grad_sum", grad_sum, input)
+    for term in extra_grad_outs or ():
+        check_like_input(op, "extra_grad_outs[i]", term, input)
+
+
 def norm(
     input: Tensor,
     weight: Tensor | None,

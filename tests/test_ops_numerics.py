@@ -377,6 +377,26 @@ def test_reference_fallback_parity():
             if not t.is_center(name):
                 kw["p"] = 0.5
             t.check_parity(name, x, r, w, b, **kw)
+        # The kernels' contract holds here too: contiguous outputs, the same op-named errors.
+        ops = torch.ops.normpass
+        xt = torch.randn(8, 6).t()
+        assert ops.rms_norm(xt, None, 1e-6).is_contiguous()
+        assert all(o.is_contiguous() for o in ops.add_layer_norm(xt, xt, None, None, 1e-6))
+        bwd = dict(has_bias=False, normalized_ndim=1, weight_offset=0.0, p=1.0)
+        assert ops.rms_norm_backward(xt, xt, None, None, 1e-6, None, **bwd)[0].is_contiguous()
+        for call, message in (
+            (lambda: ops.rms_norm(torch.randn(2, 8), torch.randn(7), 1e-6),
+             "normpass.rms_norm: weight has shape [7]"),
+            (lambda: ops.rms_norm_backward(
+                torch.randn(3, 8), torch.randn(3, 8), None, None, 1e-6, [torch.randn(3, 4)], **bwd),
+             "normpass.rms_norm_backward: extra_grad_outs[i] has shape [3, 4]"),
+        ):
+            try:
+                call()
+            except RuntimeError as e:
+                assert message in str(e), str(e)
+            else:
+                raise AssertionError("no error: " + message)
         print("ok")
         """
     )
