@@ -1,7 +1,8 @@
 // The normpass CUDA kernels: one templated forward row kernel, one backward
 // row kernel, and the small kernel that finishes dweight/dbias. Both row
 // kernels are parametrized by centering (LayerNorm vs RMSNorm); the forward
-// also by the fused residual add, the backward by whether dbias is wanted.
+// also by the fused residual add, the backward by whether dbias is wanted and
+// whether further terms of the output's gradient come with dy (MORE).
 // Pure CUDA: the ATen glue is in norm_kernels.cu / norm_backward.cu.
 #pragma once
 
