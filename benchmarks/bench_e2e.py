@@ -52,28 +52,29 @@ MODELS = {
 
 
 # "sdpa-causal": transformers' SDPA attention, with the causal mask left to SDPA's is_causal whenever
-# there is no padding, in eager and under Dynamo alike. Plain "sdpa" under Dynamo (transformers < 5.23
-# or torch < 2.14) builds an explicit mask tensor instead, which moves cuDNN/flash attention to a 2-3x
-# slower kernel in every compiled variant: a cost of the tracing, not of any compiler.
+# the mask would be plain causal (no padding, no offset, no window), in eager and under Dynamo alike.
+# Plain "sdpa" under Dynamo builds an explicit mask tensor instead with some versions (measured:
+# transformers 5.17 on torch 2.11; not transformers 5.23 on torch 2.13), which moves cuDNN attention to
+# a 2-3x slower kernel in every compiled variant: a cost of the tracing, not of any compiler.
 ATTENTION = ("sdpa", "sdpa-causal")
 
 
 def _register_sdpa_causal() -> None:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-    def mask(*, attention_mask=None, q_length, kv_length, q_offset=0, allow_is_causal_skip=True, **kwargs):
-        if attention_mask is None and allow_is_causal_skip and q_length == kv_length and q_offset == 0:
-            return None  # SDPA applies the causal mask itself (is_causal=True)
-        return sdpa_mask(
-            attention_mask=attention_mask,
-            q_length=q_length,
-            kv_length=kv_length,
-            q_offset=q_offset,
-            allow_is_causal_skip=allow_is_causal_skip,
-            **kwargs,
+    def mask(**kwargs):
+        plain_causal = (
+            kwargs.get("attention_mask") is None
+            and kwargs.get("allow_is_causal_skip", True)
+            and kwargs["q_length"] == kwargs["kv_length"]
+            and kwargs.get("q_offset", 0) == 0
+            and kwargs.get("kv_offset", 0) == 0
+            and kwargs.get("local_size") is None
+            and kwargs.get("mask_function", causal_mask_function) is causal_mask_function
         )
+        return None if plain_causal else sdpa_mask(**kwargs)  # None: SDPA's own is_causal=True
 
     AttentionInterface.register("sdpa-causal", sdpa_attention_forward)
     AttentionMaskInterface.register("sdpa-causal", mask)

@@ -32,12 +32,13 @@ def copy_ceiling() -> float:
     return 2 * src.numel() * src.element_size() / bench_us(lambda: dst.copy_(src)) / 1e6  # TB/s
 
 
-def cases(rows: int, cols: int, device: str = "cuda"):
-    """(name, tensors moved, fn) for each call; every tensor is rows x cols bf16."""
+def cases(rows: int, cols: int, device: str = "cuda", weight_dtype: torch.dtype = torch.bfloat16):
+    """(name, tensors moved, fn) for each call; every tensor is rows x cols bf16 (the weight: weight_dtype,
+    fp32 as under autocast)."""
     ops = torch.ops.normpass
     x = torch.randn(rows, cols, device=device, dtype=torch.bfloat16)
     r, dy, gsum, t1, t2 = (torch.randn_like(x) for _ in range(5))
-    w = torch.randn(cols, device=device, dtype=torch.bfloat16)
+    w = torch.randn(cols, device=device, dtype=weight_dtype)
     yield "rms_norm", 2, lambda: ops.rms_norm(x, w, EPS)
     yield "add_rms_norm", 4, lambda: ops.add_rms_norm(x, r, w, EPS)
     for terms in ([], [t1], [t1, t2]):
@@ -59,29 +60,36 @@ def cases(rows: int, cols: int, device: str = "cuda"):
                     p=1.0,
                 ),
             )
-    for gs in (None, gsum):
-        yield (
-            "layer_norm_backward" + (", grad_sum" if gs is not None else ""),
-            3 + (gs is not None),
-            lambda gs=gs: ops.layer_norm_backward(
-                dy, x, w, gs, EPS, None, has_bias=True, normalized_ndim=1, weight_offset=0.0
-            ),
-        )
+    for terms in ([], [t1, t2]):
+        for gs in (None, gsum):
+            name = f"layer_norm_backward, {len(terms)} extra terms" + (", grad_sum" if gs is not None else "")
+            yield (
+                name,
+                3 + len(terms) + (gs is not None),
+                lambda gs=gs, terms=terms: ops.layer_norm_backward(
+                    dy, x, w, gs, EPS, terms or None, has_bias=True, normalized_ndim=1, weight_offset=0.0
+                ),
+            )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[8192])
     ap.add_argument("--cols", type=int, default=2048)
+    ap.add_argument("--weight-dtype", choices=["bf16", "fp32"], default="bf16")
     args = ap.parse_args(argv)
+    weight_dtype = torch.float32 if args.weight_dtype == "fp32" else torch.bfloat16
     if not torch.cuda.is_available():
         print("bench_step_shapes: needs a CUDA device", file=sys.stderr)
         return 2
     ceiling = copy_ceiling()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling:.2f} TB/s")
+    print(
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling:.2f} TB/s; "
+        f"{args.weight_dtype} weights"
+    )
     print("| rows x cols | call | µs | TB/s | % of ceiling |\n|---|---|---|---|---|")
     for rows in args.rows:
-        for name, tensors, fn in cases(rows, args.cols):
+        for name, tensors, fn in cases(rows, args.cols, weight_dtype=weight_dtype):
             us = bench_us(fn)
             tbs = tensors * rows * args.cols * 2 / us / 1e6
             print(

@@ -11,8 +11,9 @@ import sys
 import pytest
 import torch
 
+pytest.importorskip("transformers")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-bench_e2e = pytest.importorskip("bench_e2e")
+import bench_e2e  # noqa: E402
 
 
 def logits(name: str, attention: str, ids, mask=None, compiled: bool = False):
@@ -29,6 +30,23 @@ def test_sdpa_causal_matches_sdpa(name, compiled):
     ids = torch.randint(0, 256, (2, 16))
     expected = logits(name, "sdpa", ids)
     torch.testing.assert_close(logits(name, "sdpa-causal", ids, compiled=compiled), expected)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_sdpa_causal_hands_sdpa_no_mask_under_dynamo(name):
+    """What the option is for: Dynamo's graph calls SDPA with is_causal=True and no mask tensor."""
+    calls = []
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.find_nodes(op="call_function", target=torch._C._nn.scaled_dot_product_attention):
+            mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+            calls.append((mask, node.kwargs.get("is_causal")))
+        return gm
+
+    torch._dynamo.reset()
+    model = bench_e2e.build(name, tiny=True, device="cpu", dtype=torch.float32, attention="sdpa-causal")
+    torch.compile(model, backend=backend)(input_ids=torch.randint(0, 256, (2, 16)))
+    assert calls == [(None, True)] * model.config.num_hidden_layers
 
 
 def test_sdpa_causal_keeps_padding_masks():
