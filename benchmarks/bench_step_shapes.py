@@ -41,35 +41,24 @@ def cases(rows: int, cols: int, device: str = "cuda", weight_dtype: torch.dtype 
     w = torch.randn(cols, device=device, dtype=weight_dtype)
     yield "rms_norm", 2, lambda: ops.rms_norm(x, w, EPS)
     yield "add_rms_norm", 4, lambda: ops.add_rms_norm(x, r, w, EPS)
-    for terms in ([], [t1], [t1, t2]):
-        for gs in (None, gsum):
-            name = f"rms_norm_backward, {len(terms)} extra terms" + (", grad_sum" if gs is not None else "")
-            yield (
-                name,
-                3 + len(terms) + (gs is not None),
-                lambda gs=gs, terms=terms: ops.rms_norm_backward(
-                    dy,
-                    x,
-                    w,
-                    gs,
-                    EPS,
-                    terms or None,
-                    has_bias=False,
-                    normalized_ndim=1,
-                    weight_offset=0.0,
-                    p=1.0,
-                ),
-            )
-    for terms in ([], [t1, t2]):
-        for gs in (None, gsum):
-            name = f"layer_norm_backward, {len(terms)} extra terms" + (", grad_sum" if gs is not None else "")
-            yield (
-                name,
-                3 + len(terms) + (gs is not None),
-                lambda gs=gs, terms=terms: ops.layer_norm_backward(
-                    dy, x, w, gs, EPS, terms or None, has_bias=True, normalized_ndim=1, weight_offset=0.0
-                ),
-            )
+    # (backward op, its own keyword arguments, the term counts to time): the terms are Llama's
+    # gate/up (1) and q/k/v (2) readers.
+    backwards = (
+        ("rms_norm_backward", dict(has_bias=False, p=1.0), ([], [t1], [t1, t2])),
+        ("layer_norm_backward", dict(has_bias=True), ([], [t1, t2])),
+    )
+    for op_name, kw, term_sets in backwards:
+        op = getattr(ops, op_name)
+        for terms in term_sets:
+            for gs in (None, gsum):
+                name = f"{op_name}, {len(terms)} extra terms" + (", grad_sum" if gs is not None else "")
+                yield (
+                    name,
+                    3 + len(terms) + (gs is not None),
+                    lambda op=op, kw=kw, gs=gs, terms=terms: op(
+                        dy, x, w, gs, EPS, terms or None, normalized_ndim=1, weight_offset=0.0, **kw
+                    ),
+                )
 
 
 def main(argv=None) -> int:
