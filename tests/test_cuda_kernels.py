@@ -21,7 +21,7 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-NS = [1, 3, 255, 1024, 4099, 8192, 65536, 262144]
+NS = [1, 3, 255, 1024, 4099, 8192, 65536, 262144, 1 << 20]
 # Absolute slack on top of 1.25 x torch's relative error.
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 1.5e-3}
 EPS = 1e-5
@@ -248,7 +248,7 @@ def test_unaligned_base():
 
 
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
-@pytest.mark.parametrize("n", [1024, 16384, 262144])
+@pytest.mark.parametrize("n", [1024, 16384, 262144, 1 << 20])
 def test_dweight_deterministic(center, n):
     m = max(64, (1 << 24) // n)
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)

@@ -7,7 +7,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <map>
+#include <mutex>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 
 #include "norm_kernels.cuh"
@@ -83,9 +86,27 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
-// Largest cluster the device can run (thread block clusters are sm_90+).
-inline int max_cluster() {
-  return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 ? 8 : 1;
+// Largest cluster (at most 16, Hopper's non-portable limit) of `threads`-thread
+// CTAs of `kernel` the device can run; 1 before sm_90 (no clusters). Cached:
+// the forward and backward ask on every call.
+template <typename... KArgs>
+int max_cluster(void (*kernel)(KArgs...), int threads) {
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor) < 9) return 1;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto f = reinterpret_cast<const void*>(kernel);
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int>, int> cache;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(f, threads, device);
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(16);
+  cfg.blockDim = dim3(threads);
+  int size = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, f, &cfg));
+  return cache[key] = std::max(1, std::min(size, 16));
 }
 
 // The current stream (the same as at::cuda::getCurrentCUDAStream()).
@@ -113,14 +134,32 @@ void launch(void (*kernel)(KArgs...), int64_t ctas, int threads, size_t smem, in
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// CTAs of `kernel` that fit on the whole device at once (at least one).
+// Clusters of `cluster` CTAs of `kernel` that run at once, 0 if none can.
+// A cluster lives in one GPC, so this can be less than the resident CTAs over
+// `cluster`: sizing a persistent grid by that quotient once left one cluster
+// to run after all the others.
 template <typename... KArgs>
-int64_t resident_ctas(void (*kernel)(KArgs...), int threads, size_t smem) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, reinterpret_cast<const void*>(kernel), threads, smem));
-  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
-  return std::max<int64_t>(1, int64_t(per_sm) * sms);
+int64_t resident_clusters(void (*kernel)(KArgs...), int threads, size_t smem, int cluster) {
+  const auto f = reinterpret_cast<const void*>(kernel);
+  if (cluster == 1) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, f, threads, smem));
+    return int64_t(per_sm) * device_attribute(cudaDevAttrMultiProcessorCount);
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(cluster);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, f, &cfg));
+  return n;
 }
 
 } // namespace cuda

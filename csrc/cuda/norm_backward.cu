@@ -15,23 +15,46 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
                      const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                      optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   const int64_t cols = x.size(1);
-  const auto shape = choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(),
-                                   max_cluster(), kBwdThreads, kBwdThreads);
-  const RowLayout& L = shape.layout;
   auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD, MORE>;
-  // Shared memory for the per-thread dweight/dbias partials of a resident row.
-  const size_t smem = L.tiles == 1 ? sizeof(float) * bwd_items<VEC>() * VEC * shape.threads *
-                                         (BIAS_GRAD ? 2 : 1)
-                                   : 0;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
-  // Persistent grid: as many clusters as fit at once, each accumulating one
+  const bool partials = grad_weight || BIAS_GRAD;
+  struct Plan {
+    LaunchShape shape;
+    size_t smem; // per-thread dweight/dbias partials of every tile, or 0
+    int64_t fit; // clusters that run at once; 0: not this plan
+  };
+  auto plan = [&](int cmax, size_t smem_limit) {
+    Plan q{choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, kBwdThreads,
+                         kBwdThreads),
+           0, 0};
+    if (partials && smem_limit > 0) {
+      q.smem = sizeof(float) * bwd_items<VEC>() * VEC * q.shape.threads * q.shape.layout.tiles *
+               (BIAS_GRAD ? 2 : 1);
+      if (q.smem > smem_limit) return q;
+      if (q.smem > 48 * 1024) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(q.smem)));
+      }
+    }
+    q.fit = resident_clusters(kernel, q.shape.threads, q.smem, q.shape.layout.cluster);
+    return q;
+  };
+  // In order of preference (measured, benchmarks/NOTES.md): clusters of at most
+  // 8 CTAs with the partials in shared memory at two CTAs per SM; the largest
+  // cluster (16 on Hopper) with them in shared memory at all; partials in
+  // global memory, re-read and re-written per row.
+  const size_t per_cta = sizeof(ReduceSmem) + 1024; // + the driver's reserve
+  const size_t one_cta = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) - per_cta;
+  const size_t two_ctas = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / 2 - per_cta;
+  const int big = max_cluster(kernel, kBwdThreads), small = std::min(big, 8);
+  Plan q = plan(small, two_ctas);
+  if (q.fit == 0) q = plan(big, one_cta);
+  if (q.fit == 0) q = plan(small, 0);
+  TORCH_CHECK(q.fit > 0, "normpass CUDA: no backward launch fits rows of ", std::to_string(cols));
+  const RowLayout& L = q.shape.layout;
+  // Persistent grid: as many clusters as run at once, each accumulating one
   // dweight/dbias partial row over the rows it visits.
-  const int64_t fit = resident_ctas(kernel, shape.threads, smem) / L.cluster;
-  const int64_t clusters = std::max<int64_t>(1, std::min<int64_t>(fit, L.row_blocks));
+  const int64_t clusters = std::min<int64_t>(q.fit, L.row_blocks);
 
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor dw_part, db_part;
@@ -55,8 +78,9 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   a.x_stride = x.stride(0);
   a.ds_stride = grad_sum ? grad_sum->stride(0) : 0;
   a.eps = static_cast<float>(p.eps);
+  a.smem_partials = q.smem > 0;
   a.layout = L;
-  launch(kernel, clusters * L.cluster, shape.threads, smem, L.cluster, a);
+  launch(kernel, clusters * L.cluster, q.shape.threads, q.smem, L.cluster, a);
 
   if (grad_weight || BIAS_GRAD) {
     const dim3 grid(static_cast<unsigned>((cols + 31) / 32), 2);

@@ -13,8 +13,10 @@ template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUA
 void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+  auto kernel = norm_fwd_kernel<T, W, O, VEC, CENTER, RESIDUAL>;
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
-                                   max_cluster(), kFwdMinThreads, kFwdMaxThreads);
+                                   max_cluster(kernel, kFwdMaxThreads), kFwdMinThreads,
+                                   kFwdMaxThreads, kFwdClusterTiles);
   FwdArgs<T, W, O> a{};
   a.x = ptr<T>(x);
   a.residual = ptr<T>(residual);
@@ -29,7 +31,7 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   // One row block per CTA (cluster); the kernel loops if the grid is capped.
   const int64_t C = shape.layout.cluster;
   const int64_t ctas = std::min<int64_t>(shape.layout.row_blocks, (INT32_MAX / C)) * C;
-  launch(norm_fwd_kernel<T, W, O, VEC, CENTER, RESIDUAL>, ctas, shape.threads, 0, C, a);
+  launch(kernel, ctas, shape.threads, 0, C, a);
 }
 
 template <typename T, typename W, typename O>

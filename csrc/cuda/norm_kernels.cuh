@@ -24,6 +24,10 @@ template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC ==
 template <int VEC> __host__ __device__ constexpr int bwd_items() { return VEC == 1 ? 8 : 4; }
 constexpr int kFwdMinThreads = 128; // CTA size for short rows
 constexpr int kFwdMaxThreads = kMaxThreads;
+// A forward row that needs a cluster is walked in two tiles by half as many
+// CTAs (measured: 65536 bf16 2.07 -> 2.33 TB/s, fp32 2.09 -> 2.56; one tile or
+// four are slower; see benchmarks/NOTES.md).
+constexpr int kFwdClusterTiles = 2;
 constexpr int kBwdThreads = 256;    // CTA size of the backward, any row length
 constexpr int kBwdCtasPerSm = 2;
 
@@ -170,10 +174,10 @@ constexpr int kMaxGradTerms = 3;
 //   dx = rstd * (g - mean(g) - xhat * sum(g*xhat) / k) (+ grad_sum).
 // dweight/dbias: fp32 partials per thread, in shared memory (registers are
 // for x and dy), across all rows a cluster visits (persistent grid); written
-// once at the end, one row of `partials` per cluster. A row too long for one
-// tile adds into its cluster's partial row in memory instead. Either way each
-// partial element has one owner thread and a fixed summation order:
-// deterministic.
+// once at the end, one row of `partials` per cluster. A row whose partials do
+// not fit in shared memory adds into its cluster's partial row in global
+// memory instead. Either way each partial element has one owner thread and a
+// fixed summation order: deterministic.
 template <typename T, typename W>
 struct BwdArgs {
   const T* dy;
@@ -188,17 +192,19 @@ struct BwdArgs {
   float* db_part;    // (clusters, cols) or null (BIAS_GRAD only)
   int64_t dy_stride, x_stride, ds_stride;
   float eps;
+  bool smem_partials; // dweight/dbias partials of every tile in shared memory
   RowLayout layout;
 };
 
 // A thread's fp32 partials in shared memory: chunks of Q floats, laid out
 // [item][chunk][thread] so that a warp's 16-byte accesses are contiguous.
+// Item k of tile t is item t * ITEMS + k.
 template <int ITEMS, int VEC>
 struct SmemPartial {
   static constexpr int Q = VEC < 4 ? VEC : 4;
   static constexpr int QV = VEC / Q;
-  static constexpr int kFloatsPerThread = ITEMS * VEC;
   float* base;
+  int items; // ITEMS * tiles
   __device__ float* chunk(int k, int q, int tid) const {
     return base + ((k * QV + q) * int(blockDim.x) + tid) * Q;
   }
@@ -215,7 +221,7 @@ struct SmemPartial {
     }
   }
   __device__ __forceinline__ void zero() const {
-    for (int k = 0; k < ITEMS; ++k)
+    for (int k = 0; k < items; ++k)
       for (int q = 0; q < QV; ++q) {
         Pack<float, Q> c;
 #pragma unroll
@@ -237,23 +243,24 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmem sh;
-  extern __shared__ float4 smem_partials[]; // dw then db partials (resident rows only)
+  extern __shared__ float4 smem_partials[]; // dw then db partials (if in_smem)
   int parity = 0;
   const bool resident = L.tiles == 1;
+  const bool in_smem = a.smem_partials;
   const int64_t cluster_id = blockIdx.x / L.cluster;
   const int64_t clusters = gridDim.x / L.cluster;
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);
   const float inv_n = 1.f / static_cast<float>(L.cols);
   float* dw_part = a.dw_part ? a.dw_part + cluster_id * L.cols : nullptr;
   float* db_part = BIAS_GRAD ? a.db_part + cluster_id * L.cols : nullptr;
-  const Part dw_acc{reinterpret_cast<float*>(smem_partials)};
-  const Part db_acc{dw_acc.base + Part::kFloatsPerThread * blockDim.x};
-  if (resident) {
+  const Part dw_acc{reinterpret_cast<float*>(smem_partials), ITEMS * L.tiles};
+  const Part db_acc{dw_acc.base + dw_acc.items * VEC * blockDim.x, dw_acc.items};
+  if (in_smem) {
     if (dw_part) dw_acc.zero();
     if (BIAS_GRAD) db_acc.zero();
   }
 
-  bool first_row = true; // non-resident rows: the first one stores its partials
+  bool first_row = true; // partials in global memory: the first row stores them
   for (int64_t rb = cluster_id; rb < L.row_blocks; rb += clusters) {
     const int64_t row = rb * L.rows_per_cta + th.group;
     const bool valid = row < L.rows;
@@ -371,9 +378,9 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
         if (col + VEC <= L.stat_cols) grads(std::true_type{});
         else grads(std::false_type{});
         store_floats(dx + col, dxv);
-        if (resident) {
-          if (dw_part) dw_acc.add(k, dwv);
-          if constexpr (BIAS_GRAD) db_acc.add(k, dbv);
+        if (in_smem) {
+          if (dw_part) dw_acc.add(t * ITEMS + k, dwv);
+          if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dbv);
         } else {
           // This cluster's own partial row: no other thread touches it.
 #pragma unroll
@@ -389,17 +396,19 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
 
   // Shared-memory partials out: one row per cluster, several rows per CTA
   // summed in row order.
-  if (resident) {
+  if (in_smem) {
     auto flush = [&](const Part& acc, float* part) {
       if (L.rows_per_cta == 1) {
-        for_each_vec<ITEMS>(th, L, 0, [&](int k, int j) {
+        for (int t = 0; t < L.tiles; ++t) {
+          for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
 #pragma unroll
-          for (int q = 0; q < Part::QV; ++q) {
-            Pack<float, Part::Q> c;
-            load<false>(c, acc.chunk(k, q, threadIdx.x));
-            store(part + j * VEC + q * Part::Q, c);
-          }
-        });
+            for (int q = 0; q < Part::QV; ++q) {
+              Pack<float, Part::Q> c;
+              load<false>(c, acc.chunk(t * ITEMS + k, q, threadIdx.x));
+              store(part + j * VEC + q * Part::Q, c);
+            }
+          });
+        }
         return;
       }
       __syncthreads();

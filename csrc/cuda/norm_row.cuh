@@ -250,8 +250,12 @@ struct LaunchShape {
   int threads; // blockDim.x
 };
 
+// A row longer than one CTA of max_threads goes to a cluster of CTAs walking
+// it in `cluster_tiles` tiles: fewer, busier CTAs pay the per-row cluster
+// barrier less often, and the second tile's re-read hits L2.
 inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, int vec, int items,
-                                 int max_cluster, int min_threads, int max_threads) {
+                                 int max_cluster, int min_threads, int max_threads,
+                                 int cluster_tiles = 1) {
   RowLayout L{};
   L.rows = rows;
   L.cols = static_cast<int>(cols);
@@ -261,8 +265,9 @@ inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, 
   if (need <= max_threads) {
     L.cluster = 1;
     L.tpr = next_pow2(need);
-  } else { // a cluster of CTAs of max_threads each
-    const int64_t c = (need + max_threads - 1) / max_threads;
+  } else {
+    const int64_t per_cta = int64_t(max_threads) * cluster_tiles;
+    const int64_t c = (need + per_cta - 1) / per_cta;
     L.cluster = static_cast<int>(c < max_cluster ? c : max_cluster);
     L.tpr = next_pow2((need + L.cluster - 1) / L.cluster);
     if (L.tpr > max_threads) L.tpr = max_threads;
