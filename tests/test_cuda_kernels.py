@@ -145,6 +145,7 @@ def run_case(
     param_dtype=None,
     strided=False,
     out_dtype=None,
+    x_mean=0.0,
 ):
     dev = "cuda"
     bias = center if bias is None else bias
@@ -162,6 +163,8 @@ def run_case(
         dy = rand(m, n + 5)[:, 1 : n + 1]
     else:
         x, dy = rand(m, n), rand(m, n)
+    if x_mean:
+        x = (x.float() + x_mean).to(dtype)
     r = rand(m, n) if residual else None
     w = (1 + 0.5 * rand(n, dt=torch.float32)).to(pd) if weight else None
     b = rand(n, dt=pd) if bias else None
@@ -224,6 +227,15 @@ def test_partial_rms(dtype, p, n):
 def test_fp32_params_bf16_input(center, n):
     run_case(rows_for(n), n, torch.bfloat16, center, param_dtype=torch.float32)
     run_case(rows_for(n), n, torch.float16, center, param_dtype=torch.float32, residual=True)
+
+
+@pytest.mark.parametrize("n", [1024, 8192])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_rows_far_from_zero(dtype, n):
+    # Rows whose mean is 64x their spread: the shifted moments and the one-fma (h - mean) * rstd of
+    # 16-bit outputs must stay as accurate as torch's.
+    run_case(rows_for(n), n, dtype, True, x_mean=64.0)
+    run_case(rows_for(n), n, dtype, True, x_mean=64.0, residual=True, grad_sum=True)
 
 
 @pytest.mark.parametrize("n", [64, 4096])
