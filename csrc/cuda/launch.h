@@ -86,6 +86,27 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
+// A launch configuration; the cluster dimension, when there is one, is its attribute.
+struct LaunchConfig {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1] = {};
+
+  LaunchConfig(int64_t ctas, int threads, size_t smem, int cluster) {
+    cfg.gridDim = dim3(static_cast<unsigned>(ctas));
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    if (cluster > 1) {
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = cluster;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+    }
+  }
+  LaunchConfig(const LaunchConfig&) = delete; // cfg.attrs points into this object
+};
+
 // Largest cluster (at most 16, Hopper's non-portable limit) of `threads`-thread
 // CTAs of `kernel` the device can run; 1 before sm_90 (no clusters). Cached:
 // the forward and backward ask on every call.
@@ -101,11 +122,9 @@ int max_cluster(void (*kernel)(KArgs...), int threads) {
   const auto key = std::make_tuple(f, threads, device);
   if (auto it = cache.find(key); it != cache.end()) return it->second;
   C10_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(16);
-  cfg.blockDim = dim3(threads);
+  const LaunchConfig c(16, threads, 0, 1);
   int size = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, f, &cfg));
+  C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, f, &c.cfg));
   return cache[key] = std::max(1, std::min(size, 16));
 }
 
@@ -116,21 +135,9 @@ template <typename... KArgs, typename... Args>
 void launch(void (*kernel)(KArgs...), int64_t ctas, int threads, size_t smem, int cluster,
             Args&&... args) {
   TORCH_CHECK(ctas > 0 && ctas <= INT32_MAX, "normpass CUDA: grid of ", std::to_string(ctas), " CTAs");
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(ctas));
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = current_stream();
-  cudaLaunchAttribute attr[1];
-  if (cluster > 1) {
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = cluster;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-  }
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  LaunchConfig c(ctas, threads, smem, cluster);
+  c.cfg.stream = current_stream();
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&c.cfg, kernel, std::forward<Args>(args)...));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -146,19 +153,9 @@ int64_t resident_clusters(void (*kernel)(KArgs...), int threads, size_t smem, in
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, f, threads, smem));
     return int64_t(per_sm) * device_attribute(cudaDevAttrMultiProcessorCount);
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(cluster);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const LaunchConfig c(cluster, threads, smem, cluster);
   int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, f, &cfg));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, f, &c.cfg));
   return n;
 }
 
