@@ -164,6 +164,7 @@ def run_case(
     else:
         x, dy = rand(m, n), rand(m, n)
     if x_mean:
+        assert not strided, "x_mean would make the strided x contiguous"
         x = (x.float() + x_mean).to(dtype)
     r = rand(m, n) if residual else None
     w = (1 + 0.5 * rand(n, dt=torch.float32)).to(pd) if weight else None
@@ -227,6 +228,14 @@ def test_partial_rms(dtype, p, n):
 def test_fp32_params_bf16_input(center, n):
     run_case(rows_for(n), n, torch.bfloat16, center, param_dtype=torch.float32)
     run_case(rows_for(n), n, torch.float16, center, param_dtype=torch.float32, residual=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_global_partials_accumulate(center, dtype):
+    # Rows too long for shared-memory partials, and more of them than clusters, so each cluster's
+    # partial row in global memory is added to, not only stored.
+    run_case(67, 1 << 20, dtype, center)
 
 
 @pytest.mark.parametrize("n", [1024, 8192])

@@ -30,11 +30,6 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
       q.smem = sizeof(float) * bwd_items<VEC>() * VEC * q.shape.threads * q.shape.layout.tiles *
                (BIAS_GRAD ? 2 : 1);
       if (q.smem > smem_limit) return q;
-      if (q.smem > 48 * 1024) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(q.smem)));
-      }
     }
     q.fit = resident_clusters(kernel, q.shape.threads, q.smem, q.shape.layout.cluster);
     return q;
@@ -46,12 +41,21 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   const size_t per_cta = sizeof(ReduceSmem) + 1024; // + the driver's reserve
   const size_t one_cta = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) - per_cta;
   const size_t two_ctas = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / 2 - per_cta;
+  // Always the same value (a lower one set per call could race a launch on another thread).
+  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(one_cta)));
   const int big = max_cluster(kernel, kBwdThreads), small = std::min(big, 8);
   Plan q = plan(small, two_ctas);
   if (q.fit == 0) q = plan(big, one_cta);
   if (q.fit == 0) q = plan(small, 0);
   TORCH_CHECK(q.fit > 0, "normpass CUDA: no backward launch fits rows of ", std::to_string(cols));
   const RowLayout& L = q.shape.layout;
+  // Partials in global memory have one owner per cluster: one row per CTA. Unreachable on sm_80+
+  // (short rows' partials fit in shared memory there); an error, not lost updates, elsewhere.
+  TORCH_CHECK(!partials || q.smem > 0 || L.rows_per_cta == 1,
+              "normpass CUDA: this device's shared memory cannot hold the dweight/dbias partials of "
+              "rows of ", std::to_string(cols), "; use NORMPASS_FORCE_REFERENCE=1");
   // Persistent grid: as many clusters as run at once, each accumulating one
   // dweight/dbias partial row over the rows it visits.
   const int64_t clusters = std::min<int64_t>(q.fit, L.row_blocks);
