@@ -16,6 +16,7 @@ import sys
 
 import torch
 import triton.testing
+from bench_kernels import copy_ceiling
 
 import normpass  # noqa: F401  (registers torch.ops.normpass)
 
@@ -24,12 +25,6 @@ EPS = 1e-6
 
 def bench_us(fn) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_ceiling() -> float:
-    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()  # 1 GiB
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / bench_us(lambda: dst.copy_(src)) / 1e6  # TB/s
 
 
 def cases(rows: int, cols: int, device: str = "cuda", weight_dtype: torch.dtype = torch.bfloat16):

@@ -86,7 +86,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   a.layout = L;
   launch(kernel, clusters * L.cluster, q.shape.threads, q.smem, L.cluster, a);
 
-  if (grad_weight || BIAS_GRAD) {
+  if (partials) {
     const dim3 grid(static_cast<unsigned>((cols + 31) / 32), 2);
     sum_partials_kernel<<<grid, dim3(32, 16), 0, current_stream()>>>(
         a.dw_part, a.db_part, clusters, cols,
