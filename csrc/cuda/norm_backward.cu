@@ -11,7 +11,7 @@ using namespace normpass::cuda;
 
 template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE>
 void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& x,
-                     const optional<Tensor>& weight,
+                     const Tensor& weight,
                      const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                      optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   const int64_t cols = x.size(1);
@@ -22,9 +22,11 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
     size_t smem; // per-thread dweight/dbias partials of every tile, or 0
     int64_t fit; // clusters that run at once; 0: not this plan
   };
+  const int64_t row_threads = ((cols + VEC - 1) / VEC + bwd_items<VEC>() - 1) / bwd_items<VEC>();
+  const int max_threads = row_threads <= kBwdMaxThreads ? kBwdMaxThreads : kBwdThreads;
   auto plan = [&](int cmax, size_t smem_limit) {
     Plan q{choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, kBwdThreads,
-                         kBwdThreads),
+                         max_threads),
            0, 0};
     if (partials && smem_limit > 0) {
       q.smem = sizeof(float) * bwd_items<VEC>() * VEC * q.shape.threads * q.shape.layout.tiles *
@@ -98,12 +100,12 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
 
 template <typename T, typename W>
 void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x,
-                    const optional<Tensor>& weight,
+                    const Tensor& weight,
                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   constexpr int kVec = 16 / sizeof(T);
   bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
-             vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
+             vector_ok(grad_input, kVec) && vector_ok(weight, kVec) && p.stat_cols % kVec == 0;
   for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
   dispatch_flags<kVec>(vec, p.center, grad_bias.has_value(), [&](auto v, auto center, auto dbias) {
     auto with_more = [&](auto more_terms) {
@@ -122,13 +124,14 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
                         const optional<Tensor>& raw_weight, const optional<Tensor>& grad_sum,
                         const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
                         optional<Tensor>& grad_bias) {
-  const optional<Tensor> weight = fold_offset(raw_weight, p.weight_offset);
+  // The kernel always reads a weight (no per-element test); ones stand in for none.
+  const Tensor weight = raw_weight ? *fold_offset(raw_weight, p.weight_offset)
+                                   : at::ones({x.size(1)}, x.options());
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() &&
                   (!grad_sum || grad_sum->scalar_type() == x.scalar_type()),
               "normpass CUDA: grad_out and grad_sum must have x's dtype");
-  TORCH_CHECK(!weight || weight->scalar_type() == x.scalar_type() ||
-                  weight->scalar_type() == at::kFloat,
-              "normpass CUDA: weight must be of x's dtype or fp32, got ", weight->scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
+              "normpass CUDA: weight must be of x's dtype or fp32, got ", weight.scalar_type());
   TORCH_CHECK(!grad_weight || grad_weight->scalar_type() == at::kFloat, "normpass CUDA: fp32 dweight");
   TORCH_CHECK(!grad_bias || grad_bias->scalar_type() == at::kFloat, "normpass CUDA: fp32 dbias");
   TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", std::to_string(x.size(1)),
@@ -138,7 +141,7 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   const bool in_kernel = extra_grad_outs.size() < kMaxGradTerms;
   const Tensor dy = in_kernel ? grad_out : sum_grad_terms(grad_out, extra_grad_outs);
   const at::TensorList more = in_kernel ? extra_grad_outs : at::TensorList();
-  const bool fp32_weight = weight && weight->scalar_type() != x.scalar_type();
+  const bool fp32_weight = weight.scalar_type() != x.scalar_type();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
     if (fp32_weight) {

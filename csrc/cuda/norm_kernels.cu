@@ -40,7 +40,8 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
                    const NormParams& p, Tensor& out, optional<Tensor>& sum) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = vector_ok(x, kVec) && vector_ok(residual, kVec) && vector_ok(out, kVec) &&
-                   vector_ok(sum, kVec) && vector_ok(weight, kVec) && vector_ok(bias, kVec);
+                   vector_ok(sum, kVec) && vector_ok(weight, kVec) && vector_ok(bias, kVec) &&
+                   p.stat_cols % kVec == 0;
   dispatch_flags<kVec>(vec, p.center, residual.has_value(), [&](auto v, auto center, auto res) {
     forward_launch<T, W, O, decltype(v)::value, decltype(center)::value, decltype(res)::value>(
         x, residual, weight, bias, p, out, sum);

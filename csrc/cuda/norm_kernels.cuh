@@ -28,14 +28,16 @@ constexpr int kFwdMaxThreads = kMaxThreads;
 // CTAs (measured: 65536 bf16 2.07 -> 2.33 TB/s, fp32 2.09 -> 2.56; one tile or
 // four are slower; see benchmarks/NOTES.md).
 constexpr int kFwdClusterTiles = 2;
-constexpr int kBwdThreads = 256;    // CTA size of the backward, any row length
-constexpr int kBwdCtasPerSm = 2;
+constexpr int kBwdThreads = 256; // CTA size of the backward
+// except rows of 257-512 threads, which take one CTA of 512 rather than a
+// cluster of two (same 128 registers, one CTA per SM).
+constexpr int kBwdMaxThreads = 512;
 
 // One thread's share of a row tile, packed in the storage type.
 template <typename T, int VEC, int ITEMS>
 struct Frag {
   Pack<T, VEC> v[ITEMS];
-  __device__ __forceinline__ float operator()(int k, int e) const { return to_float(v[k].v[e]); }
+  __device__ __forceinline__ float operator()(int k, int e) const { return element(v[k], e); }
 };
 
 // ---------------------------------------------------------------------------
@@ -88,7 +90,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
           load(rv, r + j * VEC);
 #pragma unroll
           for (int e = 0; e < VEC; ++e)
-            h.v[k].v[e] = from_float<T>(to_float(xv.v[e]) + to_float(rv.v[e]));
+            h.v[k].v[e] = from_float<T>(element(xv, e) + element(rv, e));
           store(sum + j * VEC, h.v[k]);
         } else {
           load(h.v[k], x + j * VEC);
@@ -136,8 +138,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
         if (!valid) continue;
         for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
           float w[VEC], b[VEC], y[VEC];
-          if constexpr (has_w.value) load_param(w, a.weight, j * VEC, 1.f);
-          if constexpr (has_b.value) load_param(b, a.bias, j * VEC, 0.f);
+          if constexpr (has_w.value) load_param(w, a.weight, j * VEC);
+          if constexpr (has_b.value) load_param(b, a.bias, j * VEC);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             y[e] = (h(k, e) - mean) * rstd;
@@ -185,7 +187,7 @@ struct BwdArgs {
   int64_t dy_more_stride[kMaxGradTerms - 1];
   int n_more;
   const T* x;
-  const W* weight;   // may be null
+  const W* weight;   // not null: ones when the norm has none
   const T* grad_sum; // may be null
   T* dx;             // contiguous
   float* dw_part;    // (clusters, cols) or null
@@ -237,7 +239,7 @@ struct SmemPartial {
 };
 
 template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE>
-__global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(const BwdArgs<T, W> a) {
+__global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdArgs<T, W> a) {
   constexpr int ITEMS = bwd_items<VEC>();
   using Part = SmemPartial<ITEMS, VEC>;
   const RowLayout& L = a.layout;
@@ -302,7 +304,7 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
             for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
 #pragma unroll
               for (int e = 0; e < VEC; ++e)
-                gf.v[k].v[e] = from_float<T>(to_float(gf.v[k].v[e]) + terms[i](k, e));
+                gf.v[k].v[e] = from_float<T>(gf(k, e) + terms[i](k, e));
             });
           }
         }
@@ -328,7 +330,7 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
       });
       for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         float w[VEC];
-        load_param(w, a.weight, j * VEC, 1.f);
+        load_param(w, a.weight, j * VEC);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           const float g = __fmul_rn(gf(k, e), w[e]);
@@ -350,47 +352,46 @@ __global__ void __launch_bounds__(kBwdThreads, kBwdCtasPerSm) norm_bwd_kernel(co
     const float rstd = rsqrtf(var + a.eps);
     const float c = sum_gxm * rstd * inv_k; // sum(g * xhat) / k
 
-    for (int t = 0; t < L.tiles; ++t) {
-      if (!resident) {
-        load_tile(t);
-        load_grad_sum(t);
-      }
-      if (!valid) continue;
-      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-        const int col = j * VEC;
-        float w[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
-        load_param(w, a.weight, col, 1.f);
-        // Compiled twice: vectors wholly inside the statistics columns (all
-        // of them unless pRMSNorm) skip the per-element column test.
-        auto grads = [&](auto all_stat) {
+    // Output pass, compiled with and without grad_sum: no per-element test.
+    auto output_pass = [&](auto has_ds) {
+      for (int t = 0; t < L.tiles; ++t) {
+        if (!resident) {
+          load_tile(t);
+          if constexpr (has_ds.value) load_grad_sum(t);
+        }
+        if (!valid) continue;
+        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
+          const int col = j * VEC;
+          float w[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
+          load_param(w, a.weight, col);
+          const float ce = col < L.stat_cols ? c : 0.f; // pRMSNorm: c only for statistics columns
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const float xhat = (xf(k, e) - mean) * rstd;
             const float d = gf(k, e);
-            const float ce = all_stat.value || col + e < L.stat_cols ? c : 0.f;
             // Exactly 0 for a constant row (xhat = 0, g = mean_g), as in torch.
             dxv[e] = rstd * fmaf(-xhat, ce, __fmul_rn(d, w[e]) - mean_g);
-            if (ds != nullptr) dxv[e] += sf(k, e);
+            if constexpr (has_ds.value) dxv[e] += sf(k, e);
             dwv[e] = d * xhat;
             dbv[e] = d;
           }
-        };
-        if (col + VEC <= L.stat_cols) grads(std::true_type{});
-        else grads(std::false_type{});
-        store_floats(dx + col, dxv);
-        if (in_smem) {
-          if (dw_part) dw_acc.add(t * ITEMS + k, dwv);
-          if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dbv);
-        } else {
-          // This cluster's own partial row: no other thread touches it.
+          store_floats(dx + col, dxv);
+          if (in_smem) {
+            if (dw_part) dw_acc.add(t * ITEMS + k, dwv);
+            if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dbv);
+          } else {
+            // This cluster's own partial row: no other thread touches it.
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            if (dw_part) dw_part[col + e] = (first_row ? 0.f : dw_part[col + e]) + dwv[e];
-            if constexpr (BIAS_GRAD) db_part[col + e] = (first_row ? 0.f : db_part[col + e]) + dbv[e];
+            for (int e = 0; e < VEC; ++e) {
+              if (dw_part) dw_part[col + e] = (first_row ? 0.f : dw_part[col + e]) + dwv[e];
+              if constexpr (BIAS_GRAD) db_part[col + e] = (first_row ? 0.f : db_part[col + e]) + dbv[e];
+            }
           }
-        }
-      });
-    }
+        });
+      }
+    };
+    if (a.grad_sum != nullptr) output_pass(std::true_type{});
+    else output_pass(std::false_type{});
     first_row = false;
   }
 

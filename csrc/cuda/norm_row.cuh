@@ -73,14 +73,26 @@ __device__ __forceinline__ void store(T* dst, const Pack<T, N>& p) {
   for (int i = 0; i < P::kWords; ++i) d[i] = s[i];
 }
 
-// A parameter vector as fp32: `absent` for every element when p is null (0
-// for a bias, 1 for a weight; weight offsets are folded in on the host).
+// Element e of a pack as fp32. A bf16 is the top half of an fp32, so the
+// pair sharing a 32-bit word unpacks with one shift and one mask (the
+// intrinsic extracts the odd one first: two instructions).
+template <typename T, int N>
+__device__ __forceinline__ float element(const Pack<T, N>& p, int e) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16> && N % 2 == 0) {
+    const uint32_t w = reinterpret_cast<const uint32_t*>(p.v)[e / 2];
+    return __uint_as_float(e % 2 == 0 ? w << 16 : w & 0xffff0000u);
+  } else {
+    return to_float(p.v[e]);
+  }
+}
+
+// A parameter vector (weight or bias; not null) as fp32.
 template <typename W, int N>
-__device__ __forceinline__ void load_param(float (&out)[N], const W* p, int col, float absent) {
+__device__ __forceinline__ void load_param(float (&out)[N], const W* p, int col) {
   Pack<W, N> v;
-  if (p != nullptr) load(v, p + col);
+  load(v, p + col);
 #pragma unroll
-  for (int e = 0; e < N; ++e) out[e] = p != nullptr ? to_float(v.v[e]) : absent;
+  for (int e = 0; e < N; ++e) out[e] = element(v, e);
 }
 
 // Stores N fp32 values as O, two per conversion instruction for 16-bit O.
@@ -201,17 +213,15 @@ __device__ __forceinline__ void cluster_exit_barrier(const RowLayout& L) {
 }
 
 // f(k, e) for the elements of tile t inside the statistics columns (all of
-// them unless pRMSNorm): vector k, element e.
+// them unless pRMSNorm): vector k, element e. The host gives vector kernels
+// only statistics columns that end on a vector boundary.
 template <int ITEMS, int VEC, typename F>
 __device__ __forceinline__ void for_each_stat(const RowThread& th, const RowLayout& L, int t, F&& f) {
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
-    const int col = th.vec<ITEMS>(t, k) * VEC;
-    if (col >= L.stat_cols) continue;
-    const bool full = col + VEC <= L.stat_cols; // the usual case: no per-element test
+    if (th.vec<ITEMS>(t, k) * VEC >= L.stat_cols) continue;
 #pragma unroll
-    for (int e = 0; e < VEC; ++e)
-      if (full || col + e < L.stat_cols) f(k, e);
+    for (int e = 0; e < VEC; ++e) f(k, e);
   }
 }
 
