@@ -28,10 +28,13 @@ constexpr int kFwdMaxThreads = kMaxThreads;
 // CTAs (measured: 65536 bf16 2.07 -> 2.33 TB/s, fp32 2.09 -> 2.56; one tile or
 // four are slower; see benchmarks/NOTES.md).
 constexpr int kFwdClusterTiles = 2;
-constexpr int kBwdThreads = 256; // CTA size of the backward
-// except rows of 257-512 threads, which take one CTA of 512 rather than a
-// cluster of two (same 128 registers, one CTA per SM).
+constexpr int kBwdThreads = 256; // CTA size of the backward, except:
+// rows of 257-2048 threads take CTAs of 512 (same 128 registers, one CTA per
+// SM): one CTA instead of a cluster of two, clusters of at most 4 instead of
+// 8 (fewer CTAs at the row's barrier). Longer rows measured faster in
+// clusters of 256-thread CTAs (see benchmarks/NOTES.md, v11).
 constexpr int kBwdMaxThreads = 512;
+constexpr int kBwdWideRowThreads = 4 * kBwdMaxThreads;
 
 // One thread's share of a row tile, packed in the storage type.
 template <typename T, int VEC, int ITEMS>
@@ -238,6 +241,24 @@ struct SmemPartial {
   }
 };
 
+// at(0) + ... + at(n - 1) for n a power of two <= 2^kMaxPairLevels, summed
+// pairwise: the rounding error grows with log2(n), not n (up to 256 row
+// groups of a CTA share its columns; fp32 dbias summed in a line missed the
+// parity bound at N = 1).
+constexpr int kMaxPairLevels = 8;
+template <typename F>
+__device__ float pairwise_sum(int n, F&& at) {
+  float level[kMaxPairLevels + 1];
+  int top = 0;
+  for (int i = 0; i < n; ++i) {
+    float v = at(i);
+    top = 0;
+    for (int m = i; m & 1; m >>= 1) v = level[top++] + v; // close the finished pairs
+    level[top] = v;
+  }
+  return level[top];
+}
+
 template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE>
 __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdArgs<T, W> a) {
   constexpr int ITEMS = bwd_items<VEC>();
@@ -323,18 +344,20 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
     for (int t = 0; t < L.tiles; ++t) {
       load_tile(t);
       if (!valid) continue;
-      for_each_stat<ITEMS, VEC>(th, L, t, [&](int k, int e) {
-        const float d = xf(k, e) - shift;
-        acc[0] += d * d;
-        if constexpr (CENTER) acc[3] += d;
-      });
+      // One loop over the tile, so x is unpacked and shifted once per element.
       for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
         float w[VEC];
         load_param(w, a.weight, j * VEC);
+        const bool stat = j * VEC < L.stat_cols; // per vector (see for_each_stat)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
+          const float d = xf(k, e) - shift;
+          if (stat) {
+            acc[0] += d * d;
+            if constexpr (CENTER) acc[3] += d;
+          }
           const float g = __fmul_rn(gf(k, e), w[e]);
-          acc[1] += g * (xf(k, e) - shift);
+          acc[1] += g * d;
           if constexpr (CENTER) acc[2] += g;
         }
       });
@@ -413,11 +436,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         return;
       }
       __syncthreads();
-      for (int col = threadIdx.x; col < L.cols; col += blockDim.x) {
-        float s = 0.f;
-        for (int g = 0; g < L.rows_per_cta; ++g) s += acc.at(g, col, L);
-        part[col] = s;
-      }
+      for (int col = threadIdx.x; col < L.cols; col += blockDim.x)
+        part[col] = pairwise_sum(L.rows_per_cta, [&](int g) { return acc.at(g, col, L); });
     };
     if (dw_part) flush(dw_acc, dw_part);
     if constexpr (BIAS_GRAD) flush(db_acc, db_part);

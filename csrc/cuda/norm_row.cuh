@@ -153,7 +153,7 @@ struct RowThread {
 // barrier in between.
 constexpr int kMaxSums = 4;
 struct ReduceSmem {
-  float warp[2][kMaxSums][kMaxWarps];
+  float4 warp[2][kMaxWarps]; // a warp's K <= 4 sums, read back as one vector
   float cta[2][kMaxSums];
 };
 
@@ -170,15 +170,18 @@ __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, Reduc
     const int warp = threadIdx.x / 32, nwarps = L.tpr / 32;
     const int first = (threadIdx.x / L.tpr) * nwarps;
     if (threadIdx.x % 32 == 0) {
+      float* slot = &sh.warp[parity][warp].x;
 #pragma unroll
-      for (int k = 0; k < K; ++k) sh.warp[parity][k][warp] = v[k];
+      for (int k = 0; k < K; ++k) slot[k] = v[k];
     }
     __syncthreads();
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      float s = 0.f;
-      for (int w = 0; w < nwarps; ++w) s += sh.warp[parity][k][first + w];
-      v[k] = s;
+    for (int k = 0; k < K; ++k) v[k] = 0.f;
+    for (int w = 0; w < nwarps; ++w) {
+      const float4 s = sh.warp[parity][first + w];
+      const float sk[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] += sk[k];
     }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
