@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 
 namespace normpass {
@@ -170,9 +171,10 @@ __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, Reduc
     const int warp = threadIdx.x / 32, nwarps = L.tpr / 32;
     const int first = (threadIdx.x / L.tpr) * nwarps;
     if (threadIdx.x % 32 == 0) {
-      float* slot = &sh.warp[parity][warp].x;
+      float s[4] = {};
 #pragma unroll
-      for (int k = 0; k < K; ++k) slot[k] = v[k];
+      for (int k = 0; k < K; ++k) s[k] = v[k];
+      sh.warp[parity][warp] = make_float4(s[0], s[1], s[2], s[3]);
     }
     __syncthreads();
 #pragma unroll
@@ -269,6 +271,10 @@ struct LaunchShape {
 inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, int vec, int items,
                                  int max_cluster, int min_threads, int max_threads,
                                  int cluster_tiles = 1) {
+  // for_each_stat and the backward test statistics columns per vector (an internal invariant: the
+  // entry points send other rows to the scalar kernels).
+  if (vec > 1 && stat_cols % vec != 0)
+    throw std::logic_error("normpass CUDA: vector kernels need statistics columns that end on a vector");
   RowLayout L{};
   L.rows = rows;
   L.cols = static_cast<int>(cols);
