@@ -216,8 +216,8 @@ def test_weight_offset_and_grad_sum(dtype, n):
     run_case(rows_for(n), n, dtype, True, offset=0.5, grad_sum=True, residual=True)
 
 
-# Statistics columns that end inside a 16-byte vector (p = 0.1 mostly) take the scalar kernels;
-# 16384 and 65536 run 512-thread backward CTAs, 262144 clusters of 256-thread ones.
+# Statistics columns that end inside a 16-byte vector (p = 0.1 mostly) take the vector kernels'
+# per-element column test; 16384 and 65536 run 512-thread backward CTAs, 262144 clusters of 256.
 @pytest.mark.parametrize("n", [7, 1000, 4096, 16384, 65536, 262144])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

@@ -105,7 +105,7 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
   constexpr int kVec = 16 / sizeof(T);
   bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
-             vector_ok(grad_input, kVec) && vector_ok(weight, kVec) && p.stat_cols % kVec == 0;
+             vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
   for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
   dispatch_flags<kVec>(vec, p.center, grad_bias.has_value(), [&](auto v, auto center, auto dbias) {
     auto with_more = [&](auto more_terms) {
@@ -124,6 +124,8 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
                         const optional<Tensor>& raw_weight, const optional<Tensor>& grad_sum,
                         const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
                         optional<Tensor>& grad_bias) {
+  // The kernels test statistics columns only for RMSNorm (pRMSNorm).
+  TORCH_INTERNAL_ASSERT(!p.center || p.stat_cols == x.size(1), "LayerNorm takes every column");
   // The kernel always reads a weight (no per-element test); ones stand in for none.
   const Tensor weight = raw_weight ? *fold_offset(raw_weight, p.weight_offset)
                                    : at::ones({x.size(1)}, x.options());

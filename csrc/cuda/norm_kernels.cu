@@ -40,8 +40,7 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
                    const NormParams& p, Tensor& out, optional<Tensor>& sum) {
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = vector_ok(x, kVec) && vector_ok(residual, kVec) && vector_ok(out, kVec) &&
-                   vector_ok(sum, kVec) && vector_ok(weight, kVec) && vector_ok(bias, kVec) &&
-                   p.stat_cols % kVec == 0;
+                   vector_ok(sum, kVec) && vector_ok(weight, kVec) && vector_ok(bias, kVec);
   dispatch_flags<kVec>(vec, p.center, residual.has_value(), [&](auto v, auto center, auto res) {
     forward_launch<T, W, O, decltype(v)::value, decltype(center)::value, decltype(res)::value>(
         x, residual, weight, bias, p, out, sum);
@@ -53,6 +52,8 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
 void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
                        const optional<Tensor>& raw_weight, const optional<Tensor>& raw_bias,
                        const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+  // The kernels test statistics columns only for RMSNorm (pRMSNorm).
+  TORCH_INTERNAL_ASSERT(!p.center || p.stat_cols == x.size(1), "LayerNorm takes every column");
   const optional<Tensor> weight = fold_offset(raw_weight, p.weight_offset);
   const optional<Tensor> bias = weight && raw_bias && raw_bias->scalar_type() != weight->scalar_type()
                                     ? optional<Tensor>(raw_bias->to(weight->scalar_type()))

@@ -117,13 +117,14 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
     float s[CENTER ? 2 : 1] = {};
     for (int t = 0; t < L.tiles; ++t) {
       load_tile(t, true);
-      if (valid) {
-        for_each_stat<ITEMS, VEC>(th, L, t, [&](int k, int e) {
+      if (!valid) continue;
+      with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
+        for_each_stat<ITEMS, VEC>(th, L, t, ragged, [&](int k, int e) {
           const float d = h(k, e) - shift;
           s[0] += d * d;
           if constexpr (CENTER) s[1] += d;
         });
-      }
+      });
     }
     row_sum(s, L, sh, parity);
     float mean = 0.f, var = s[0] * inv_k;
@@ -345,21 +346,24 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       load_tile(t);
       if (!valid) continue;
       // One loop over the tile, so x is unpacked and shifted once per element.
-      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-        float w[VEC];
-        load_param(w, a.weight, j * VEC);
-        const bool stat = j * VEC < L.stat_cols; // per vector (see for_each_stat)
+      with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
+        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
+          const int col = j * VEC;
+          float w[VEC];
+          load_param(w, a.weight, col);
+          const bool stat = col < L.stat_cols;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const float d = xf(k, e) - shift;
-          if (stat) {
-            acc[0] += d * d;
-            if constexpr (CENTER) acc[3] += d;
+          for (int e = 0; e < VEC; ++e) {
+            const float d = xf(k, e) - shift;
+            if (stat_column(L, col, e, stat, ragged)) {
+              acc[0] += d * d;
+              if constexpr (CENTER) acc[3] += d;
+            }
+            const float g = __fmul_rn(gf(k, e), w[e]);
+            acc[1] += g * d;
+            if constexpr (CENTER) acc[2] += g;
           }
-          const float g = __fmul_rn(gf(k, e), w[e]);
-          acc[1] += g * d;
-          if constexpr (CENTER) acc[2] += g;
-        }
+        });
       });
     }
     if (resident) load_grad_sum(0);
@@ -375,8 +379,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
     const float rstd = rsqrtf(var + a.eps);
     const float c = sum_gxm * rstd * inv_k; // sum(g * xhat) / k
 
-    // Output pass, compiled with and without grad_sum: no per-element test.
-    auto output_pass = [&](auto has_ds) {
+    // Output pass, compiled with and without grad_sum and ragged statistics
+    // columns: no per-element test in the usual call.
+    auto output_pass = [&](auto has_ds, auto ragged) {
       for (int t = 0; t < L.tiles; ++t) {
         if (!resident) {
           load_tile(t);
@@ -387,9 +392,10 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
           const int col = j * VEC;
           float w[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
           load_param(w, a.weight, col);
-          const float ce = col < L.stat_cols ? c : 0.f; // pRMSNorm: c only for statistics columns
+          const bool stat = col < L.stat_cols;
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
+            const float ce = stat_column(L, col, e, stat, ragged) ? c : 0.f; // pRMSNorm: c for statistics columns
             const float xhat = (xf(k, e) - mean) * rstd;
             const float d = gf(k, e);
             // Exactly 0 for a constant row (xhat = 0, g = mean_g), as in torch.
@@ -413,8 +419,10 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         });
       }
     };
-    if (a.grad_sum != nullptr) output_pass(std::true_type{});
-    else output_pass(std::false_type{});
+    with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
+      if (a.grad_sum != nullptr) output_pass(std::true_type{}, ragged);
+      else output_pass(std::false_type{}, ragged);
+    });
     first_row = false;
   }
 
