@@ -16,7 +16,7 @@ struct NormParams {
   bool center = false;        // subtract the mean (LayerNorm) or not (RMSNorm)
   double eps = 0.0;           // added to the variance / mean square, inside the root
   double weight_offset = 0.0; // y = xhat * (weight + weight_offset) + bias (Gemma: 1)
-  int64_t stat_cols = 0;      // columns the statistics are taken over (pRMSNorm); <= cols
+  int64_t stat_cols = 0;      // columns the statistics are taken over (pRMSNorm); <= cols, == cols if center
 };
 
 // Every tensor below is a 2-D (rows, cols) view with unit column stride; the

@@ -22,8 +22,8 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
     size_t smem; // per-thread dweight/dbias partials of every tile, or 0
     int64_t fit; // clusters that run at once; 0: not this plan
   };
-  const int64_t row_threads = ((cols + VEC - 1) / VEC + bwd_items<VEC>() - 1) / bwd_items<VEC>();
-  const int max_threads = row_threads <= kBwdWideRowThreads ? kBwdMaxThreads : kBwdThreads;
+  const int max_threads =
+      row_threads(cols, VEC, bwd_items<VEC>()) <= kBwdWideRowThreads ? kBwdMaxThreads : kBwdThreads;
   auto plan = [&](int cmax, size_t smem_limit) {
     Plan q{choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, kBwdThreads,
                          max_threads),

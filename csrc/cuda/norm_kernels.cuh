@@ -426,8 +426,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
     first_row = false;
   }
 
-  // Shared-memory partials out: one row per cluster, several rows per CTA
-  // summed in row order.
+  // Shared-memory partials out: one row per cluster, the row groups of a CTA
+  // summed pairwise.
   if (in_smem) {
     auto flush = [&](const Part& acc, float* part) {
       if (L.rows_per_cta == 1) {

@@ -284,6 +284,11 @@ inline int next_pow2(int64_t v) {
   return p;
 }
 
+// Threads a row of `cols` elements needs at `items` vectors of `vec` per thread.
+inline int64_t row_threads(int64_t cols, int vec, int items) {
+  return ((cols + vec - 1) / vec + items - 1) / items;
+}
+
 struct LaunchShape {
   RowLayout layout;
   int threads; // blockDim.x
@@ -300,7 +305,7 @@ inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, 
   L.cols = static_cast<int>(cols);
   L.stat_cols = static_cast<int>(stat_cols);
   L.nvec = static_cast<int>((cols + vec - 1) / vec);
-  const int64_t need = (L.nvec + items - 1) / items; // threads per row
+  const int64_t need = row_threads(cols, vec, items);
   if (need <= max_threads) {
     L.cluster = 1;
     L.tpr = next_pow2(need);
