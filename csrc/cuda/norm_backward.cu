@@ -29,7 +29,8 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
                          max_threads),
            0, 0};
     if (partials && smem_limit > 0) {
-      q.smem = sizeof(float) * bwd_items<VEC>() * VEC * q.shape.threads * q.shape.layout.tiles *
+      q.smem = sizeof(float) *
+               SmemPartial<bwd_items<VEC>(), VEC>::floats(q.shape.threads, q.shape.layout.tiles) *
                (BIAS_GRAD ? 2 : 1);
       if (q.smem > smem_limit) return q;
     }

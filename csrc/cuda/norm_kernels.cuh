@@ -211,6 +211,10 @@ struct SmemPartial {
   static constexpr int QV = VEC / Q;
   float* base;
   int items; // ITEMS * tiles
+  // Floats of one tensor's partials for a CTA (the host sizes shared memory by it).
+  __host__ __device__ static constexpr int64_t floats(int64_t threads, int64_t tiles) {
+    return ITEMS * tiles * VEC * threads;
+  }
   __device__ float* chunk(int k, int q, int tid) const {
     return base + ((k * QV + q) * int(blockDim.x) + tid) * Q;
   }
@@ -278,7 +282,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
   float* dw_part = a.dw_part ? a.dw_part + cluster_id * L.cols : nullptr;
   float* db_part = BIAS_GRAD ? a.db_part + cluster_id * L.cols : nullptr;
   const Part dw_acc{reinterpret_cast<float*>(smem_partials), ITEMS * L.tiles};
-  const Part db_acc{dw_acc.base + dw_acc.items * VEC * blockDim.x, dw_acc.items};
+  const Part db_acc{dw_acc.base + Part::floats(blockDim.x, L.tiles), dw_acc.items};
   if (in_smem) {
     if (dw_part) dw_acc.zero();
     if (BIAS_GRAD) db_acc.zero();
