@@ -38,11 +38,13 @@ def cases(rows: int, cols: int, device: str = "cuda", weight_dtype: torch.dtype 
     yield "add_rms_norm", 4, lambda: ops.add_rms_norm(x, r, w, EPS)
     # (backward op, its own keyword arguments, the term counts to time): the terms are Llama's
     # gate/up (1) and q/k/v (2) readers.
+    # Each backward reads the row statistics its forward saved, as under autograd.
     backwards = (
-        ("rms_norm_backward", dict(has_bias=False, p=1.0), ([], [t1], [t1, t2])),
-        ("layer_norm_backward", dict(has_bias=True), ([], [t1, t2])),
+        ("rms_norm_backward", dict(has_bias=False, p=1.0), ([], [t1], [t1, t2]), False),
+        ("layer_norm_backward", dict(has_bias=True), ([], [t1, t2]), True),
     )
-    for op_name, kw, term_sets in backwards:
+    for op_name, kw, term_sets, center in backwards:
+        stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2]
         op = getattr(ops, op_name)
         for terms in term_sets:
             for gs in (None, gsum):
@@ -50,8 +52,8 @@ def cases(rows: int, cols: int, device: str = "cuda", weight_dtype: torch.dtype 
                 yield (
                     name,
                     3 + len(terms) + (gs is not None),
-                    lambda op=op, kw=kw, gs=gs, terms=terms: op(
-                        dy, x, w, gs, EPS, terms or None, normalized_ndim=1, weight_offset=0.0, **kw
+                    lambda op=op, kw=kw, gs=gs, terms=terms, stats=stats: op(
+                        dy, x, w, gs, EPS, terms or None, stats, normalized_ndim=1, weight_offset=0.0, **kw
                     ),
                 )
 

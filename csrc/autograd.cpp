@@ -3,7 +3,8 @@
 // on small tensors. One Function serves the four ops; `center` and the residual pick the op.
 //
 // Forward saves the input (the residual ops: the sum they return, which is what they
-// normalize) and the weight; the backward ops recompute the row statistics. Under create_graph
+// normalize), the weight and each row's (mean, rstd), which the backward ops read instead of
+// recomputing them. Without gradients to record, the forward op runs alone. Under create_graph
 // the backward op is called through autograd, where normpass/ops.py gives it a formula (double
 // backward); otherwise it is called below autograd, so an ordinary backward runs no Python.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,6 +40,22 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+// (out, sum, stats) through norm_with_stats, below autograd; sum is empty without a residual.
+variable_list run_forward_with_stats(const NormArgs& a, const Tensor& input,
+                                     const optional<Tensor>& residual,
+                                     const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  static const auto norm_with_stats =
+      op<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const optional<Tensor>&,
+                                            const optional<Tensor>&, const optional<Tensor>&,
+                                            double, bool, int64_t, double, double,
+                                            optional<at::ScalarType>)>("normpass::norm_with_stats");
+  at::AutoDispatchBelowADInplaceOrView below;
+  auto [out, sum, stats] = norm_with_stats.call(input, residual, weight, bias, a.eps, a.center,
+                                                a.normalized_ndim, a.weight_offset, a.p,
+                                                a.out_dtype);
+  return {out, sum, stats};
+}
+
 // (out) or (out, sum): the forward op named by `center` and `residual`, below autograd.
 variable_list run_forward(const NormArgs& a, const Tensor& input, const optional<Tensor>& residual,
                           const optional<Tensor>& weight, const optional<Tensor>& bias) {
@@ -72,20 +89,32 @@ variable_list run_forward(const NormArgs& a, const Tensor& input, const optional
 
 Grads run_backward(const NormArgs& a, const Tensor& grad_out, const Tensor& x,
                    const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
-                   bool has_bias) {
+                   const Tensor& stats, bool has_bias) {
   static const auto rms_norm_backward =
       op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-               double, optional<at::TensorList>, bool, int64_t, double, double)>("normpass::rms_norm_backward");
+               double, optional<at::TensorList>, const optional<Tensor>&, bool, int64_t, double,
+               double)>("normpass::rms_norm_backward");
   static const auto layer_norm_backward =
       op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-               double, optional<at::TensorList>, bool, int64_t, double)>("normpass::layer_norm_backward");
+               double, optional<at::TensorList>, const optional<Tensor>&, bool, int64_t,
+               double)>("normpass::layer_norm_backward");
 
   std::optional<at::AutoDispatchBelowADInplaceOrView> below;
   if (!at::GradMode::is_enabled()) below.emplace();
   return a.center ? layer_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, std::nullopt,
-                                             has_bias, a.normalized_ndim, a.weight_offset)
+                                             stats, has_bias, a.normalized_ndim, a.weight_offset)
                   : rms_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, std::nullopt,
-                                           has_bias, a.normalized_ndim, a.weight_offset, a.p);
+                                           stats, has_bias, a.normalized_ndim, a.weight_offset,
+                                           a.p);
+}
+
+// Whether the forward has gradients to record: else it runs without NormFunction.
+bool records_grad(std::initializer_list<const optional<Tensor>*> tensors) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const optional<Tensor>* t : tensors) {
+    if (t->has_value() && (*t)->requires_grad()) return true;
+  }
+  return false;
 }
 
 } // namespace
@@ -95,10 +124,12 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
   static variable_list forward(AutogradContext* ctx, const NormArgs& a, const Tensor& input,
                                const optional<Tensor>& residual, const optional<Tensor>& weight,
                                const optional<Tensor>& bias) {
-    variable_list outs = run_forward(a, input, residual, weight, bias);
+    variable_list outs = run_forward_with_stats(a, input, residual, weight, bias);
     // An unused output's gradient stays undefined: no zeros are materialized (and read).
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({residual.has_value() ? outs[1] : input, weight.value_or(Tensor())});
+    ctx->save_for_backward(
+        {residual.has_value() ? outs[1] : input, weight.value_or(Tensor()), outs[2]});
+    outs.resize(residual.has_value() ? 2 : 1);
     auto& saved = ctx->saved_data;
     saved["center"] = a.center;
     saved["residual"] = residual.has_value();
@@ -126,7 +157,7 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
     const bool grad_sum = residual && grads[1].defined();
     auto [dx, dw, db] =
         run_backward(a, grad_out, tensors[0], weight.defined() ? optional(weight) : std::nullopt,
-                     grad_sum ? optional(grads[1]) : std::nullopt, !bias_dtype.isNone());
+                     grad_sum ? optional(grads[1]) : std::nullopt, tensors[2], !bias_dtype.isNone());
     // One gradient per forward argument: (args, input, residual, weight, bias); d(sum)/d(input)
     // and d(sum)/d(residual) are both the identity.
     return {Tensor(), dx, residual ? dx : Tensor(), weight.defined() ? dw : Tensor(),
@@ -140,6 +171,8 @@ Tensor rms_norm(const Tensor& input, const optional<Tensor>& weight, double eps,
                 const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset,
                 double p, optional<at::ScalarType> out_dtype) {
   const NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
+  const optional<Tensor> in(input);
+  if (!records_grad({&in, &weight, &bias})) return run_forward(a, input, std::nullopt, weight, bias)[0];
   return NormFunction::apply(a, input, optional<Tensor>(), weight, bias)[0];
 }
 
@@ -147,6 +180,8 @@ Tensor layer_norm(const Tensor& input, const optional<Tensor>& weight,
                   const optional<Tensor>& bias, double eps, int64_t normalized_ndim,
                   double weight_offset, optional<at::ScalarType> out_dtype) {
   const NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
+  const optional<Tensor> in(input);
+  if (!records_grad({&in, &weight, &bias})) return run_forward(a, input, std::nullopt, weight, bias)[0];
   return NormFunction::apply(a, input, optional<Tensor>(), weight, bias)[0];
 }
 
@@ -155,7 +190,10 @@ std::tuple<Tensor, Tensor> add_rms_norm(
     const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset, double p,
     optional<at::ScalarType> out_dtype) {
   const NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
-  auto outs = NormFunction::apply(a, input, optional(residual), weight, bias);
+  const optional<Tensor> in(input), res(residual);
+  auto outs = records_grad({&in, &res, &weight, &bias})
+                  ? NormFunction::apply(a, input, res, weight, bias)
+                  : run_forward(a, input, res, weight, bias);
   return {outs[0], outs[1]};
 }
 
@@ -164,7 +202,10 @@ std::tuple<Tensor, Tensor> add_layer_norm(
     const optional<Tensor>& bias, double eps, int64_t normalized_ndim, double weight_offset,
     optional<at::ScalarType> out_dtype) {
   const NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
-  auto outs = NormFunction::apply(a, input, optional(residual), weight, bias);
+  const optional<Tensor> in(input), res(residual);
+  auto outs = records_grad({&in, &res, &weight, &bias})
+                  ? NormFunction::apply(a, input, res, weight, bias)
+                  : run_forward(a, input, res, weight, bias);
   return {outs[0], outs[1]};
 }
 

@@ -27,6 +27,9 @@ struct NormParams {
 
 // out: (rows, cols), out dtype. sum (only with residual): input dtype; the
 // kernel normalizes the rounded sum, exactly as `norm(x + residual)` would.
+// stats (only when given): (rows, 2), fp32 (fp64 for fp64 input): each row's
+// (mean, rstd) as the forward used them (mean 0 for RMSNorm), for autograd to
+// hand to the backward.
 using NormForward = void(
     const at::Tensor& x,
     const std::optional<at::Tensor>& residual,
@@ -34,9 +37,11 @@ using NormForward = void(
     const std::optional<at::Tensor>& bias,
     const NormParams& params,
     at::Tensor& out,
-    std::optional<at::Tensor>& sum);
+    std::optional<at::Tensor>& sum,
+    std::optional<at::Tensor>& stats);
 
-// Recomputes the row statistics from x (no saved mean/rstd), then writes
+// Takes the row statistics from `stats` (the forward's, as above) or, without
+// them, recomputes them from x (the CPU kernels always do), then writes
 // grad_input = d(out)/dx . grad_out (+ grad_sum when given, the gradient that
 // flows into `sum` directly), and, when defined, grad_weight / grad_bias
 // (fp32 buffers of length cols; the front end casts them to the parameter
@@ -55,7 +60,8 @@ using NormBackward = void(
     const NormParams& params,
     at::Tensor& grad_input,
     std::optional<at::Tensor>& grad_weight,
-    std::optional<at::Tensor>& grad_bias);
+    std::optional<at::Tensor>& grad_bias,
+    const std::optional<at::Tensor>& stats);
 
 // grad_out + extra_grad_outs[0] + ..., added up front in order (one rounding
 // per add, as eager): for kernels, or terms, that do not sum while loading.

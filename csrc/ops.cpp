@@ -143,10 +143,17 @@ NormBackward* backward_kernel(const Tensor& input) {
   return norm_backward_cpu;
 }
 
-std::tuple<Tensor, Tensor> norm_forward(
+// The accumulation dtype of the kernels (norm.h): of dweight/dbias before their cast, and of stats.
+at::ScalarType acc_dtype(const Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// (out, sum, stats): sum is undefined without a residual, stats without want_stats.
+std::tuple<Tensor, Tensor, Tensor> norm_forward(
     const char* op, const Tensor& input, const optional<Tensor>& residual,
     const optional<Tensor>& weight, const optional<Tensor>& bias, bool center, double eps,
-    int64_t ndim, double weight_offset, double p, optional<at::ScalarType> out_dtype) {
+    int64_t ndim, double weight_offset, double p, optional<at::ScalarType> out_dtype,
+    bool want_stats = false) {
   const int64_t cols = check_args(op, input, residual, weight, bias, ndim, eps, p);
   if (out_dtype.has_value()) {
     TORCH_CHECK(is_float_dtype(*out_dtype), op,
@@ -154,34 +161,46 @@ std::tuple<Tensor, Tensor> norm_forward(
   }
   Tensor out = at::empty(input.sizes(), input.options().dtype(out_dtype.value_or(input.scalar_type())));
   Tensor sum = residual.has_value() ? at::empty(input.sizes(), input.options()) : Tensor();
-  if (input.numel() == 0) return {out, sum};
+  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  Tensor stats = want_stats ? at::empty({rows, 2}, input.options().dtype(acc_dtype(input))) : Tensor();
+  if (input.numel() == 0) return {out, sum, stats};
 
   NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
   Tensor out2d = out.view({-1, cols});
-  optional<Tensor> sum2d;
-  optional<Tensor> residual2d;
+  optional<Tensor> sum2d, residual2d, stats2d;
   if (residual.has_value()) {
     sum2d = sum.view({-1, cols});
     residual2d = as_rows(*residual, cols);
   }
+  if (want_stats) stats2d = stats;
   auto [w, b] = kernel_params(weight, bias, input);
-  forward_kernel(input)(as_rows(input, cols), residual2d, w, b, params, out2d, sum2d);
-  return {out, sum};
+  forward_kernel(input)(as_rows(input, cols), residual2d, w, b, params, out2d, sum2d, stats2d);
+  return {out, sum, stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> norm_backward(
     const char* op, const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
     bool center, double eps, bool has_bias, int64_t ndim, double weight_offset, double p,
-    const optional<Tensor>& grad_sum, at::TensorList extra_grad_outs) {
+    const optional<Tensor>& grad_sum, at::TensorList extra_grad_outs,
+    const optional<Tensor>& stats) {
   const int64_t cols = check_args(op, input, std::nullopt, weight, std::nullopt, ndim, eps, p);
   check_like_input(op, "grad_out", grad_out, input);
   if (grad_sum.has_value()) check_like_input(op, "grad_sum", *grad_sum, input);
   for (const Tensor& g : extra_grad_outs) check_like_input(op, "extra_grad_outs[i]", g, input);
+  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  if (stats.has_value()) {
+    TORCH_CHECK(stats->device() == input.device(), op, ": stats is on ", stats->device(),
+                " but input is on ", input.device());
+    TORCH_CHECK(stats->dim() == 2 && stats->size(0) == rows && stats->size(1) == 2, op,
+                ": stats has shape ", shape(stats->sizes()), " but the forward's statistics of ",
+                num(rows), " rows have shape [", num(rows), ", 2]");
+    TORCH_CHECK(stats->scalar_type() == acc_dtype(input), op, ": stats has dtype ",
+                dtype_name(stats->scalar_type()), " but must be ", dtype_name(acc_dtype(input)));
+  }
 
   const auto param_sizes = input.sizes().slice(input.dim() - ndim);
   const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
-  const auto acc = input.options().dtype(
-      input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto acc = input.options().dtype(acc_dtype(input));
   Tensor grad_input = at::empty(input.sizes(), input.options());
   optional<Tensor> grad_weight, grad_bias;
   if (weight.has_value()) grad_weight = at::zeros({cols}, acc);
@@ -197,8 +216,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     auto w = kernel_params(weight, std::nullopt, input).first;
     std::vector<Tensor> extra2d;
     for (const Tensor& g : extra_grad_outs) extra2d.push_back(rows_of(g));
+    optional<Tensor> stats2d;
+    if (stats.has_value()) stats2d = stats->contiguous();
     backward_kernel(input)(rows_of(grad_out), extra2d, as_rows(input, cols), w, grad_sum2d, params,
-                           grad_input2d, grad_weight, grad_bias);
+                           grad_input2d, grad_weight, grad_bias, stats2d);
   }
   auto finish = [&](const optional<Tensor>& g) {
     return g.has_value() ? g->view(param_sizes).to(param_dtype)
@@ -225,34 +246,53 @@ std::tuple<Tensor, Tensor> add_rms_norm(
     const Tensor& input, const Tensor& residual, const optional<Tensor>& weight, double eps,
     const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset, double p,
     optional<at::ScalarType> out_dtype) {
-  return norm_forward("normpass.add_rms_norm", input, residual, weight, bias, false, eps,
-                      normalized_ndim, weight_offset, p, out_dtype);
+  auto [out, sum, stats] = norm_forward("normpass.add_rms_norm", input, residual, weight, bias,
+                                        false, eps, normalized_ndim, weight_offset, p, out_dtype);
+  return {out, sum};
 }
 
 std::tuple<Tensor, Tensor> add_layer_norm(
     const Tensor& input, const Tensor& residual, const optional<Tensor>& weight,
     const optional<Tensor>& bias, double eps, int64_t normalized_ndim, double weight_offset,
     optional<at::ScalarType> out_dtype) {
-  return norm_forward("normpass.add_layer_norm", input, residual, weight, bias, true, eps,
-                      normalized_ndim, weight_offset, 1.0, out_dtype);
+  auto [out, sum, stats] = norm_forward("normpass.add_layer_norm", input, residual, weight, bias,
+                                        true, eps, normalized_ndim, weight_offset, 1.0, out_dtype);
+  return {out, sum};
+}
+
+// The forward as autograd runs it (csrc/autograd.cpp): any of the four ops, also returning each
+// row's (mean, rstd) for the backward; sum is empty without a residual.
+std::tuple<Tensor, Tensor, Tensor> norm_with_stats(
+    const Tensor& input, const optional<Tensor>& residual, const optional<Tensor>& weight,
+    const optional<Tensor>& bias, double eps, bool center, int64_t normalized_ndim,
+    double weight_offset, double p, optional<at::ScalarType> out_dtype) {
+  TORCH_CHECK(!center || p == 1.0, "normpass.norm_with_stats: p must be 1 for LayerNorm, got ", num(p));
+  // Errors name the op the user called, which autograd runs as this one.
+  const char* op = residual ? (center ? "normpass.add_layer_norm" : "normpass.add_rms_norm")
+                            : (center ? "normpass.layer_norm" : "normpass.rms_norm");
+  auto [out, sum, stats] = norm_forward(op, input, residual, weight, bias, center, eps,
+                                        normalized_ndim, weight_offset, p, out_dtype,
+                                        /*want_stats=*/true);
+  return {out, sum.defined() ? sum : at::empty({0}, input.options()), stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(
     const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
     const optional<Tensor>& grad_sum, double eps, optional<at::TensorList> extra_grad_outs,
-    bool has_bias, int64_t normalized_ndim, double weight_offset, double p) {
+    const optional<Tensor>& stats, bool has_bias, int64_t normalized_ndim, double weight_offset,
+    double p) {
   return norm_backward("normpass.rms_norm_backward", grad_out, input, weight, false, eps,
                        has_bias, normalized_ndim, weight_offset, p, grad_sum,
-                       extra_grad_outs.value_or(at::TensorList()));
+                       extra_grad_outs.value_or(at::TensorList()), stats);
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
     const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
     const optional<Tensor>& grad_sum, double eps, optional<at::TensorList> extra_grad_outs,
-    bool has_bias, int64_t normalized_ndim, double weight_offset) {
+    const optional<Tensor>& stats, bool has_bias, int64_t normalized_ndim, double weight_offset) {
   return norm_backward("normpass.layer_norm_backward", grad_out, input, weight, true, eps,
                        has_bias, normalized_ndim, weight_offset, 1.0, grad_sum,
-                       extra_grad_outs.value_or(at::TensorList()));
+                       extra_grad_outs.value_or(at::TensorList()), stats);
 }
 
 } // namespace
@@ -270,12 +310,15 @@ TORCH_LIBRARY(normpass, m) {
   m.def("add_layer_norm(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, float eps, "
         "*, int normalized_ndim=1, float weight_offset=0., ScalarType? out_dtype=None) "
         "-> (Tensor, Tensor)");
+  m.def("norm_with_stats(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, "
+        "*, bool center, int normalized_ndim=1, float weight_offset=0., float p=1., "
+        "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, "
-        "float eps, Tensor[]? extra_grad_outs=None, *, bool has_bias, int normalized_ndim, "
-        "float weight_offset, float p) -> (Tensor, Tensor, Tensor)");
+        "float eps, Tensor[]? extra_grad_outs=None, Tensor? stats=None, *, bool has_bias, "
+        "int normalized_ndim, float weight_offset, float p) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, "
-        "float eps, Tensor[]? extra_grad_outs=None, *, bool has_bias, int normalized_ndim, "
-        "float weight_offset) -> (Tensor, Tensor, Tensor)");
+        "float eps, Tensor[]? extra_grad_outs=None, Tensor? stats=None, *, bool has_bias, "
+        "int normalized_ndim, float weight_offset) -> (Tensor, Tensor, Tensor)");
 }
 
 #define NORMPASS_IMPL(dispatch_key)                              \
@@ -284,6 +327,7 @@ TORCH_LIBRARY(normpass, m) {
     m.impl("layer_norm", &layer_norm);                           \
     m.impl("add_rms_norm", &add_rms_norm);                       \
     m.impl("add_layer_norm", &add_layer_norm);                   \
+    m.impl("norm_with_stats", &norm_with_stats);                 \
     m.impl("rms_norm_backward", &rms_norm_backward);             \
     m.impl("layer_norm_backward", &layer_norm_backward);         \
   }

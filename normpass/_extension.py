@@ -74,21 +74,44 @@ def _register_reference_ops() -> None:
     def add_layer_norm(input, residual, weight, bias, eps, **kw):
         return forward("normpass.add_layer_norm", input, residual, weight, bias, eps, center=True, **kw)
 
-    def backward(op, grad_out, input, weight, grad_sum, eps, more, *, normalized_ndim, p=1.0, **kw):
+    def norm_with_stats(input, residual, weight, bias, eps, *, center, normalized_ndim=1, p=1.0, **kw):
+        torch._check(
+            not center or p == 1.0, lambda: f"normpass.norm_with_stats: p must be 1 for LayerNorm, got {p}"
+        )
+        op = reference.forward_op_name(center, residual is not None)
+        kw.update(center=center, normalized_ndim=normalized_ndim, p=p)
+        outs = forward(op, input, residual, weight, bias, eps, **kw)
+        out, total = outs if residual is not None else (outs, input.new_empty(0))
+        x = input if residual is None else total
+        stats = reference.row_stats(x, eps, center=center, normalized_ndim=normalized_ndim, p=p)
+        return out, total, stats
+
+    # The statistics are checked, then recomputed (as the CPU kernels do).
+    def backward(op, grad_out, input, weight, grad_sum, eps, more, stats, *, normalized_ndim, p=1.0, **kw):
         args = (grad_out, input, weight, grad_sum, eps, more)
-        reference.check_backward(op, *args, normalized_ndim, p)
+        reference.check_backward(op, *args, normalized_ndim, p, stats)
         dx, dw, db = reference.norm_backward(*args, normalized_ndim=normalized_ndim, p=p, **kw)
         return dx.contiguous(), dw, db
 
-    def rms_norm_backward(grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, **kw):
+    def rms_norm_backward(grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, stats=None, **kw):
         op = "normpass.rms_norm_backward"
-        return backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, center=False, **kw)
+        args = (grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats)
+        return backward(op, *args, center=False, **kw)
 
-    def layer_norm_backward(grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, **kw):
+    def layer_norm_backward(grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, stats=None, **kw):
         op = "normpass.layer_norm_backward"
-        return backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, center=True, **kw)
+        args = (grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats)
+        return backward(op, *args, center=True, **kw)
 
-    for fn in (rms_norm, layer_norm, add_rms_norm, add_layer_norm, rms_norm_backward, layer_norm_backward):
+    for fn in (
+        rms_norm,
+        layer_norm,
+        add_rms_norm,
+        add_layer_norm,
+        norm_with_stats,
+        rms_norm_backward,
+        layer_norm_backward,
+    ):
         lib.impl(fn.__name__, fn, "CompositeExplicitAutograd")
     _register_reference_ops.lib = lib  # keep the registrations alive
 

@@ -14,10 +14,13 @@ SCHEMAS = {
     "-> (Tensor, Tensor)",
     "add_layer_norm": "(Tensor input, Tensor residual, Tensor? weight, Tensor? bias, float eps, *, "
     "int normalized_ndim=1, float weight_offset=0., ScalarType? out_dtype=None) -> (Tensor, Tensor)",
+    "norm_with_stats": "(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float eps, *, "
+    "bool center, int normalized_ndim=1, float weight_offset=0., float p=1., ScalarType? out_dtype=None) "
+    "-> (Tensor, Tensor, Tensor)",
     "rms_norm_backward": "(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, float eps, "
-    "Tensor[]? extra_grad_outs=None, *, bool has_bias, int normalized_ndim, float weight_offset, float p) "
-    "-> (Tensor, Tensor, Tensor)",
+    "Tensor[]? extra_grad_outs=None, Tensor? stats=None, *, bool has_bias, int normalized_ndim, "
+    "float weight_offset, float p) -> (Tensor, Tensor, Tensor)",
     "layer_norm_backward": "(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, float eps, "
-    "Tensor[]? extra_grad_outs=None, *, bool has_bias, int normalized_ndim, float weight_offset) "
-    "-> (Tensor, Tensor, Tensor)",
+    "Tensor[]? extra_grad_outs=None, Tensor? stats=None, *, bool has_bias, int normalized_ndim, "
+    "float weight_offset) -> (Tensor, Tensor, Tensor)",
 }

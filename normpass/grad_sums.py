@@ -65,11 +65,13 @@ def fold_grad_sums(graph: Graph) -> int:
         terms = _addends(grad, like)
         if len(terms) < 2:
             continue
-        node.args = (terms[0], x, *rest[:3], terms[1:])
+        # (grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats): stats, when passed, stay.
+        stats = rest[4:]
+        node.args = (terms[0], x, *rest[:3], terms[1:], *stats)
         # Inductor lays out a custom op's inputs as the eager call had them: record the new call.
         if "eager_input_vals" in node.meta:
             fake_args, fake_kwargs = node.meta["eager_input_vals"]
-            fake_args = (_val(terms[0]), *fake_args[1:5], [_val(t) for t in terms[1:]])
+            fake_args = (_val(terms[0]), *fake_args[1:5], [_val(t) for t in terms[1:]], *fake_args[6:])
             node.meta["eager_input_vals"] = (fake_args, fake_kwargs)
         folded += 1
     if folded:

@@ -2,8 +2,9 @@
 
 The ops themselves are defined in C++ (csrc/ops.cpp) or, without the extension, by
 normpass._extension; the forward ops' autograd is C++ too (csrc/autograd.cpp), or registered here
-without the extension. Forward ops save only their input (or the residual sum they return) and the
-weight; the fused backward kernels recompute the row statistics, so no mean/rstd is kept alive.
+without the extension. Under autograd a forward op runs as `norm_with_stats`, which also returns each
+row's (mean, rstd); it saves those, its input (or the residual sum it returns) and the weight, and the
+backward op reads the statistics instead of recomputing them.
 
 Example:
     >>> x, w = torch.randn(4, 8, requires_grad=True), torch.randn(8)
@@ -12,6 +13,8 @@ Example:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -58,8 +61,26 @@ def _(input, residual, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.
     )
 
 
-def _fake_backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, has_bias, normalized_ndim, p):
-    reference.check_backward(op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, normalized_ndim, p)
+@torch.library.register_fake("normpass::norm_with_stats")
+def _(
+    input, residual, weight, bias, eps, *, center, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None
+):
+    torch._check(
+        not center or p == 1.0, lambda: f"normpass.norm_with_stats: p must be 1 for LayerNorm, got {p}"
+    )
+    op = reference.forward_op_name(center, residual is not None)
+    outs = _fake_forward(op, input, residual, weight, bias, eps, normalized_ndim, p, out_dtype)
+    out, total = outs if residual is not None else (outs, input.new_empty(0))
+    rows = math.prod(input.shape[: input.dim() - normalized_ndim])
+    return out, total, input.new_empty(rows, 2, dtype=reference.acc_dtype(input))
+
+
+def _fake_backward(
+    op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats, has_bias, normalized_ndim, p
+):
+    reference.check_backward(
+        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, normalized_ndim, p, stats
+    )
     param_shape = input.shape[input.dim() - normalized_ndim :]
     param_dtype = weight.dtype if weight is not None else input.dtype
     # Absent gradients are distinct empty tensors, as the kernels return them (never aliases).
@@ -76,6 +97,7 @@ def _(
     grad_sum,
     eps,
     extra_grad_outs=None,
+    stats=None,
     *,
     has_bias,
     normalized_ndim,
@@ -84,17 +106,27 @@ def _(
 ):
     op = "normpass.rms_norm_backward"
     return _fake_backward(
-        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, has_bias, normalized_ndim, p
+        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats, has_bias, normalized_ndim, p
     )
 
 
 @torch.library.register_fake("normpass::layer_norm_backward")
 def _(
-    grad_out, input, weight, grad_sum, eps, extra_grad_outs=None, *, has_bias, normalized_ndim, weight_offset
+    grad_out,
+    input,
+    weight,
+    grad_sum,
+    eps,
+    extra_grad_outs=None,
+    stats=None,
+    *,
+    has_bias,
+    normalized_ndim,
+    weight_offset,
 ):
     op = "normpass.layer_norm_backward"
     return _fake_backward(
-        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, has_bias, normalized_ndim, 1.0
+        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats, has_bias, normalized_ndim, 1.0
     )
 
 
@@ -136,9 +168,11 @@ def _backward_op_grads(ctx, *grads):
         )
     )
     grads_in = [None if t is None else next(found) for t in ins]
-    # One per argument the caller passed (a default extra_grad_outs is not among them): grad_out,
-    # input, weight, grad_sum, eps (none), extra_grad_outs (a list).
-    return (*grads_in[:4], None, None if extra is None else grads_in[4:])[: len(ctx.needs_input_grad)]
+    # One per argument the caller passed (defaults are not among them): grad_out, input, weight,
+    # grad_sum, eps (none), extra_grad_outs (a list), stats (none: the formula recomputes them from
+    # input, so their dependence on it is already counted).
+    grads_all = (*grads_in[:4], None, None if extra is None else grads_in[4:], None)
+    return grads_all[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd(

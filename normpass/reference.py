@@ -123,6 +123,7 @@ def check_backward(
     extra_grad_outs: Sequence[Tensor] | None,
     normalized_ndim: int,
     p: float,
+    stats: Tensor | None = None,
 ) -> None:
     """Every check of a backward op, for fake and reference impls."""
     check_args(op, input, None, weight, None, normalized_ndim, eps, p)
@@ -131,6 +132,47 @@ def check_backward(
         check_like_input(op, "grad_sum", grad_sum, input)
     for term in extra_grad_outs or ():
         check_like_input(op, "extra_grad_outs[i]", term, input)
+    if stats is not None:
+        n = math.prod(input.shape[input.dim() - normalized_ndim :])
+        rows = input.numel() // n if n else 0
+        acc = acc_dtype(input)
+        torch._check(
+            stats.device == input.device,
+            lambda: f"{op}: stats is on {stats.device} but input is on {input.device}",
+        )
+        torch._check(
+            stats.shape == (rows, 2),
+            lambda: (
+                f"{op}: stats has shape {list(stats.shape)} but the forward's statistics of {rows} rows "
+                f"have shape [{rows}, 2]"
+            ),
+        )
+        torch._check(stats.dtype == acc, lambda: f"{op}: stats has dtype {stats.dtype} but must be {acc}")
+
+
+def forward_op_name(center: bool, residual: bool) -> str:
+    """The forward op `norm_with_stats` stands in for under autograd: its errors name that op."""
+    return f"normpass.{'add_' if residual else ''}{'layer' if center else 'rms'}_norm"
+
+
+def acc_dtype(input: Tensor) -> torch.dtype:
+    """The dtype the kernels accumulate in: float64 for float64 input, else float32."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
+def row_stats(input: Tensor, eps: float, *, center: bool, normalized_ndim: int = 1, p: float = 1.0) -> Tensor:
+    """Each row's (mean, rstd) as `norm` uses them (mean 0 for RMSNorm): the forward's saved statistics.
+
+    Example:
+        >>> row_stats(torch.randn(4, 8), 1e-6, center=True).shape
+        torch.Size([4, 2])
+    """
+    h = input.to(acc_dtype(input)).flatten(input.dim() - normalized_ndim)
+    h = h.reshape(-1, h.shape[-1])
+    stats = h[:, : stat_cols(p, h.shape[-1])]
+    mean = stats.mean(-1) if center else torch.zeros_like(stats[:, 0])
+    rstd = torch.rsqrt((stats - mean[:, None]).square().mean(-1) + eps)
+    return torch.stack([mean, rstd], -1)
 
 
 def norm(
@@ -146,7 +188,7 @@ def norm(
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """LayerNorm (center=True) or (partial) RMSNorm over the last normalized_ndim dims, in fp32 (fp64)."""
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(input)
     h = input.to(acc).flatten(input.dim() - normalized_ndim)
     stats = h[..., : stat_cols(p, h.shape[-1])]
     mean = stats.mean(-1, keepdim=True) if center else 0.0
@@ -182,7 +224,7 @@ def norm_backward(
     """
     for term in extra_grad_outs or ():
         grad_out = grad_out.to(input.dtype) + term.to(input.dtype)
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(input)
     param_shape = input.shape[input.dim() - normalized_ndim :]
     param_dtype = weight.dtype if weight is not None else input.dtype
     n = math.prod(param_shape)

@@ -16,12 +16,23 @@ import normpass
 from normpass.backend import BackendOptions
 
 FORWARD_OPS = {"rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm"}
+# Under autograd the forward ops run as norm_with_stats, which also returns each row's (mean, rstd).
+TRAINING_FORWARD_OPS = {f"norm_with_stats:{op}" for op in FORWARD_OPS}
 BACKWARD_OPS = {"rms_norm_backward", "layer_norm_backward"}
+
+
+def op_name(n: torch.fx.Node) -> str:
+    """The op's name; for norm_with_stats, with the forward op it stands for."""
+    name = n.target._opname
+    if name == "norm_with_stats":
+        residual = n.args[1] is not None
+        name += f":{'add_' if residual else ''}{'layer' if n.kwargs['center'] else 'rms'}_norm"
+    return name
 
 
 def normpass_ops(gm: torch.fx.GraphModule) -> list[str]:
     return [
-        n.target._opname
+        op_name(n)
         for n in gm.graph.nodes
         if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "normpass"
     ]
@@ -46,6 +57,15 @@ class Recorder:
 
     def count(self, kind: str, names: set[str]) -> int:
         return sum(op in names for gm in self.graphs[kind] for op in normpass_ops(gm))
+
+    def backward_ops_reading_stats(self) -> int:
+        """Backward op calls handed the forward's statistics (their `stats` argument)."""
+        return sum(
+            n.target._opname in BACKWARD_OPS and len(n.args) > 6 and n.args[6] is not None
+            for gm in self.graphs["backward"]
+            for n in gm.graph.nodes
+            if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "normpass"
+        )
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> float:
@@ -148,8 +168,10 @@ def test_training_matches_eager_and_fuses_every_norm(name):
     np_loss, np_grads = loss_and_grads(model, batch, compiled)
 
     norms = models.count_norm_modules(model)
-    assert recorder.count("forward", FORWARD_OPS) == norms
+    assert recorder.count("forward", TRAINING_FORWARD_OPS) == norms
+    assert recorder.count("forward", FORWARD_OPS) == 0
     assert recorder.count("backward", BACKWARD_OPS) == norms
+    assert recorder.backward_ops_reading_stats() == norms
     margin = 1e-5
     assert rel_err(np_loss, ref_loss) <= rel_err(eager_loss, ref_loss) + margin
     assert np_grads.keys() == eager_grads.keys()
@@ -167,7 +189,7 @@ def test_autocast_bf16_training_matches_eager():
         recorder = Recorder()
         compiled = torch.compile(model, backend=normpass.backend(compiler=recorder))
         np_loss, np_grads = loss_and_grads(model, batch, compiled)
-    assert recorder.count("forward", FORWARD_OPS) == models.count_norm_modules(model)
+    assert recorder.count("forward", TRAINING_FORWARD_OPS) == models.count_norm_modules(model)
     assert rel_err(np_loss, ref_loss) <= 1.5 * rel_err(eager_loss, ref_loss) + 1e-3
     floor = grad_floor(ref_grads)
     for key, ref in ref_grads.items():
@@ -222,7 +244,10 @@ def test_graph_breaks_rewrite_every_graph():
     torch.testing.assert_close(y, module(x, graph_break=True))
     assert len(recorder.graphs["forward"]) == 2
     # The second graph's residual add goes into the norm.
-    assert [normpass_ops(gm) for gm in recorder.graphs["forward"]] == [["layer_norm"], ["add_rms_norm"]]
+    assert [normpass_ops(gm) for gm in recorder.graphs["forward"]] == [
+        ["norm_with_stats:layer_norm"],
+        ["norm_with_stats:add_rms_norm"],
+    ]
 
 
 def test_fullgraph_with_inductor_and_cache_hit(tmp_path, monkeypatch):

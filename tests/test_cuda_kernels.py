@@ -93,41 +93,29 @@ def torch_side(x, r, w, b, dy, ds, eps, center, k, offset, native: bool):
 
 
 def run_normpass(x, r, w, b, dy, ds, eps, center, p, offset, out_dtype=None):
+    """The forward op, then the backward op both ways: reading the statistics `norm_with_stats` saved
+    (as autograd calls it) and recomputing them. Returns y, the sum, and the two (dx, dweight, dbias)."""
     kw = dict(normalized_ndim=1, weight_offset=offset, out_dtype=out_dtype)
     if center:
-        y, s = (
-            ops.add_layer_norm(x, r, w, b, eps, **kw)
-            if r is not None
-            else (ops.layer_norm(x, w, b, eps, **kw), None)
-        )
-        dx, dw, db = ops.layer_norm_backward(
-            dy,
-            s if r is not None else x,
-            w,
-            ds,
-            eps,
-            has_bias=b is not None,
-            normalized_ndim=1,
-            weight_offset=offset,
-        )
+        y = ops.add_layer_norm(x, r, w, b, eps, **kw) if r is not None else ops.layer_norm(x, w, b, eps, **kw)
     else:
-        y, s = (
+        y = (
             ops.add_rms_norm(x, r, w, eps, b, p=p, **kw)
             if r is not None
-            else (ops.rms_norm(x, w, eps, b, p=p, **kw), None)
+            else ops.rms_norm(x, w, eps, b, p=p, **kw)
         )
-        dx, dw, db = ops.rms_norm_backward(
-            dy,
-            s if r is not None else x,
-            w,
-            ds,
-            eps,
-            has_bias=b is not None,
-            normalized_ndim=1,
-            weight_offset=offset,
-            p=p,
-        )
-    return y, s, dx, dw, db
+    y, s = y if r is not None else (y, None)
+    y2, s2, stats = ops.norm_with_stats(x, r, w, b, eps, center=center, p=p, **kw)
+    assert torch.equal(y2, y), "norm_with_stats must give the forward op's bits"
+    assert r is None or torch.equal(s2, s)
+    backward = ops.layer_norm_backward if center else ops.rms_norm_backward
+    bkw = dict(
+        has_bias=b is not None, normalized_ndim=1, weight_offset=offset, **({} if center else {"p": p})
+    )
+    h = s if r is not None else x
+    saved = backward(dy, h, w, ds, eps, None, stats, **bkw)
+    recomputed = backward(dy, h, w, ds, eps, **bkw)
+    return y, s, saved, recomputed
 
 
 def run_case(
@@ -171,7 +159,7 @@ def run_case(
     b = rand(n, dt=pd) if bias else None
     ds = rand(m, n) if grad_sum else None
 
-    y, s, dx, dw, db = run_normpass(x, r, w, b, dy, ds, EPS, center, p, offset, out_dtype)
+    y, s, *grads = run_normpass(x, r, w, b, dy, ds, EPS, center, p, offset, out_dtype)
     torch.cuda.synchronize()
     y_ref, h, dx_ref, dw_ref, db_ref = reference(x, r, w, b, dy, ds, EPS, center, k, offset)
     y_t, dx_t, dw_t, db_t = torch_side(x, r, w, b, dy, ds, EPS, center, k, offset, native)
@@ -180,12 +168,13 @@ def run_case(
     check("y", y, y_t, y_ref, dtype)
     if residual:
         assert torch.equal(s, h), "sum must equal x + residual rounded to the input dtype"
-    check("dx", dx, dx_t, dx_ref, dtype)
-    if weight:
-        assert dw.dtype == pd
-        check("dweight", dw, dw_t, dw_ref, dtype)
-    if bias:
-        check("dbias", db, db_t, db_ref, dtype)
+    for how, (dx, dw, db) in zip(("saved stats", "recomputed stats"), grads, strict=True):
+        check(f"dx ({how})", dx, dx_t, dx_ref, dtype)
+        if weight:
+            assert dw.dtype == pd
+            check(f"dweight ({how})", dw, dw_t, dw_ref, dtype)
+        if bias:
+            check(f"dbias ({how})", db, db_t, db_ref, dtype)
 
 
 @pytest.mark.parametrize("n", NS)
@@ -331,7 +320,8 @@ def test_cuda_graph_capture():
 # 4099: the scalar (unaligned) path; 262144: rows walked in two tiles
 @pytest.mark.parametrize("n", [1024, 4099, 16384, 262144])
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
-def test_extra_grad_outs(center, n, terms):
+@pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
+def test_extra_grad_outs(center, n, terms, saved):
     """The backward sums the output's gradient terms as it loads them: same bits as summing first."""
     m = rows_for(n)
     x, dy = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
@@ -342,7 +332,8 @@ def test_extra_grad_outs(center, n, terms):
         summed = summed + term
     op = ops.layer_norm_backward if center else ops.rms_norm_backward
     kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
-    expected = op(summed, x, w, None, EPS, **kw)
-    got = op(dy, x, w, None, EPS, extra, **kw)
+    stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2] if saved else None
+    expected = op(summed, x, w, None, EPS, None, stats, **kw)
+    got = op(dy, x, w, None, EPS, extra, stats, **kw)
     for name, e, o in zip(("dx", "dweight", "dbias"), expected, got, strict=True):
         assert torch.equal(e, o), name

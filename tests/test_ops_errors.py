@@ -152,6 +152,17 @@ CASES = {
         lambda x, r, w, b: ((r, x, w[:4], None, 1e-5), BWD),
         r"normpass\.layer_norm_backward: weight has shape \[4\]",
     ),
+    "bwd_stats_shape": (
+        "layer_norm_backward",
+        lambda x, r, w, b: ((r, x, w, None, 1e-5, None, x.new_zeros(6, 3).float()), BWD),
+        r"normpass\.layer_norm_backward: stats has shape \[6, 3\] but the forward's statistics of 6 rows "
+        r"have shape \[6, 2\]",
+    ),
+    "bwd_stats_dtype": (
+        "rms_norm_backward",
+        lambda x, r, w, b: ((r, x, w, None, 1e-5, None, x.new_zeros(6, 2).bfloat16()), dict(BWD, p=1.0)),
+        r"normpass\.rms_norm_backward: stats has dtype torch\.bfloat16 but must be torch\.float32",
+    ),
     "bwd_negative_eps": (
         "rms_norm_backward",
         lambda x, r, w, b: ((r, x, w, None, -1.0), dict(BWD, p=1.0)),

@@ -72,3 +72,30 @@ def test_opcheck_backward_extra_grad_outs(name, requires_grad):
     if name == "rms_norm_backward":
         kw["p"] = 1.0
     torch.library.opcheck(getattr(ops, name).default, (dy, x, w, None, 1e-5, [e1, e2]), kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "add_rms_norm", "add_layer_norm"])
+def test_opcheck_norm_with_stats(name, dtype):
+    """The forward as autograd runs it, for each op it stands in for (no autograd of its own)."""
+    (x, *rest), kw = forward_args(name, (2, 3, 16), 2, dtype, requires_grad=False)
+    residual = rest.pop(0) if name.startswith("add_") else None
+    center = "layer" in name
+    if center:
+        w, b, eps = rest
+    else:
+        w, eps, *b = rest
+        b = b[0] if b else None
+    torch.library.opcheck(ops.norm_with_stats.default, (x, residual, w, b, eps), dict(kw, center=center))
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])  # grad: double backward
+@pytest.mark.parametrize("name", ["rms_norm_backward", "layer_norm_backward"])
+def test_opcheck_backward_saved_stats(name, requires_grad):
+    g = torch.Generator().manual_seed(3)
+    x, dy = (torch.randn(4, 8, generator=g).requires_grad_(requires_grad) for _ in range(2))
+    w = torch.randn(8, generator=g).requires_grad_(requires_grad)
+    center = name == "layer_norm_backward"
+    stats = ops.norm_with_stats(x.detach(), None, w.detach(), None, 1e-5, center=center)[2]
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    torch.library.opcheck(getattr(ops, name).default, (dy, x, w, None, 1e-5, None, stats), kw)

@@ -36,6 +36,7 @@ struct ForwardArgs {
   const void* weight;    // nullable
   const void* bias;      // nullable
   void* out;             // contiguous rows
+  void* stats;           // nullable; (rows, 2) accumulation values: mean, rstd
   int64_t cols;
   NormParams params;
 };
@@ -143,7 +144,8 @@ constexpr int64_t kWeightBlocks = 32;
 template <typename T, typename W, typename O>
 void forward_typed(const Tensor& x, const optional<Tensor>& residual,
                    const optional<Tensor>& weight, const optional<Tensor>& bias,
-                   const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+                   const NormParams& p, Tensor& out, optional<Tensor>& sum,
+                   optional<Tensor>& stats) {
   using acc_t = at::opmath_type<T>;
   const int64_t rows = x.size(0), cols = x.size(1);
   ForwardArgs a{x.const_data_ptr(),
@@ -154,6 +156,7 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
                 weight ? weight->const_data_ptr() : nullptr,
                 bias ? bias->const_data_ptr() : nullptr,
                 out.mutable_data_ptr(),
+                stats ? stats->mutable_data_ptr() : nullptr,
                 cols,
                 p};
   const auto rows_fn = forward_rows_fn<T, W, O>();
@@ -225,7 +228,8 @@ void with_param_type(const optional<Tensor>& weight, const optional<Tensor>& bia
 
 void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
                       const optional<Tensor>& weight, const optional<Tensor>& bias,
-                      const NormParams& p, Tensor& out, optional<Tensor>& sum) {
+                      const NormParams& p, Tensor& out, optional<Tensor>& sum,
+                      optional<Tensor>& stats) {
   TORCH_CHECK(!(weight && bias) || weight->scalar_type() == bias->scalar_type(),
               "normpass: weight and bias must share a dtype, got ", weight->scalar_type(),
               " and ", bias->scalar_type());
@@ -233,7 +237,7 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (out.scalar_type() != x.scalar_type() && out.scalar_type() != acc) {
     Tensor tmp = at::empty(out.sizes(), out.options().dtype(acc));
-    norm_forward_cpu(x, residual, weight, bias, p, tmp, sum);
+    norm_forward_cpu(x, residual, weight, bias, p, tmp, sum, stats);
     out.copy_(tmp);
     return;
   }
@@ -242,9 +246,9 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
     with_param_type<T>(weight, bias, [&](auto w_tag) {
       using W = decltype(w_tag);
       if (out.scalar_type() == x.scalar_type()) {
-        forward_typed<T, W, T>(x, residual, weight, bias, p, out, sum);
+        forward_typed<T, W, T>(x, residual, weight, bias, p, out, sum, stats);
       } else {
-        forward_typed<T, W, at::opmath_type<T>>(x, residual, weight, bias, p, out, sum);
+        forward_typed<T, W, at::opmath_type<T>>(x, residual, weight, bias, p, out, sum, stats);
       }
     });
   });
@@ -253,7 +257,7 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
 void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, const Tensor& x,
                        const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
                        const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
-                       optional<Tensor>& grad_bias) {
+                       optional<Tensor>& grad_bias, const optional<Tensor>& /*stats: recomputed*/) {
   const Tensor dy = sum_grad_terms(grad_out, extra_grad_outs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normpass_bwd", [&] {
     using T = scalar_t;

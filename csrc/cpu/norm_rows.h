@@ -162,6 +162,7 @@ NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
   const W* w = static_cast<const W*>(a.weight);
   const W* b = static_cast<const W*>(a.bias);
   O* out = static_cast<O*>(a.out);
+  acc_t* stats = static_cast<acc_t*>(a.stats);
   acc_t* __restrict wa = scratch + n;
   acc_t* __restrict ba = scratch + 2 * n;
   widen_params(w, b, static_cast<acc_t>(a.params.weight_offset), n, wa, ba);
@@ -173,6 +174,10 @@ NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
                                           sum ? sum + row * n : nullptr, scratch, n);
     const auto st = row_stats(xr, k, a.params.center, eps);
     const acc_t mean = st.mean, rstd = st.rstd;
+    if (stats) {
+      stats[2 * row] = mean;
+      stats[2 * row + 1] = rstd;
+    }
     O* __restrict y = out + row * n;
     // One loop per parameter combination: no branches left in the hot loop.
     if (w && b) {

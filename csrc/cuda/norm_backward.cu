@@ -9,13 +9,14 @@ using at::Tensor;
 using std::optional;
 using namespace normpass::cuda;
 
-template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE>
+template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE, bool SAVED>
 void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& x,
                      const Tensor& weight,
                      const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
-                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
+                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias,
+                     const optional<Tensor>& stats) {
   const int64_t cols = x.size(1);
-  auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD, MORE>;
+  auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD, MORE, SAVED>;
   const bool partials = grad_weight || BIAS_GRAD;
   struct Plan {
     LaunchShape shape;
@@ -85,6 +86,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   a.x_stride = x.stride(0);
   a.ds_stride = grad_sum ? grad_sum->stride(0) : 0;
   a.eps = static_cast<float>(p.eps);
+  a.stats = SAVED ? ptr<float2>(*stats) : nullptr;
   a.smem_partials = q.smem > 0;
   a.layout = L;
   launch(kernel, clusters * L.cluster, q.shape.threads, q.smem, L.cluster, a);
@@ -103,16 +105,21 @@ template <typename T, typename W>
 void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x,
                     const Tensor& weight,
                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
-                    optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
+                    optional<Tensor>& grad_weight, optional<Tensor>& grad_bias,
+                    const optional<Tensor>& stats) {
   constexpr int kVec = 16 / sizeof(T);
   bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
              vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
   for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
   dispatch_flags<kVec>(vec, p.center, grad_bias.has_value(), [&](auto v, auto center, auto dbias) {
-    auto with_more = [&](auto more_terms) {
+    auto with_flags = [&](auto more_terms, auto saved) {
       backward_launch<T, W, decltype(v)::value, decltype(center)::value, decltype(dbias)::value,
-                      decltype(more_terms)::value>(grad_out, more, x, weight, grad_sum, p, grad_input,
-                                                   grad_weight, grad_bias);
+                      decltype(more_terms)::value, decltype(saved)::value>(
+          grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
+    };
+    auto with_more = [&](auto more_terms) {
+      if (stats) with_flags(more_terms, std::true_type{});
+      else with_flags(more_terms, std::false_type{});
     };
     if (more.empty()) with_more(std::false_type{});
     else with_more(std::true_type{});
@@ -124,7 +131,7 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
 void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, const Tensor& x,
                         const optional<Tensor>& raw_weight, const optional<Tensor>& grad_sum,
                         const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
-                        optional<Tensor>& grad_bias) {
+                        optional<Tensor>& grad_bias, const optional<Tensor>& stats) {
   // The kernels test statistics columns only for RMSNorm (pRMSNorm).
   TORCH_INTERNAL_ASSERT(!p.center || p.stat_cols == x.size(1), "LayerNorm takes every column");
   // The kernel always reads a weight (no per-element test); ones stand in for none.
@@ -148,9 +155,11 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
     if (fp32_weight) {
-      backward_typed<T, float>(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+      backward_typed<T, float>(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias,
+                               stats);
     } else {
-      backward_typed<T, T>(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+      backward_typed<T, T>(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias,
+                           stats);
     }
   });
 }
