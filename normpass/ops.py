@@ -75,59 +75,47 @@ def _(
     return out, total, input.new_empty(rows, 2, dtype=reference.acc_dtype(input))
 
 
-def _fake_backward(
-    op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats, has_bias, normalized_ndim, p
-):
-    reference.check_backward(
-        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, normalized_ndim, p, stats
-    )
-    param_shape = input.shape[input.dim() - normalized_ndim :]
-    param_dtype = weight.dtype if weight is not None else input.dtype
-    # Absent gradients are distinct empty tensors, as the kernels return them (never aliases).
-    grad_weight = input.new_empty(param_shape if weight is not None else (0,), dtype=param_dtype)
-    grad_bias = input.new_empty(param_shape if has_bias else (0,), dtype=param_dtype)
-    return input.new_empty(input.shape), grad_weight, grad_bias
+def _backward_fake(name: str):
+    """The fake impl of a backward op; `p` is RMSNorm's only (LayerNorm's schema has none)."""
+
+    def fake(
+        grad_out,
+        input,
+        weight,
+        grad_sum,
+        eps,
+        extra_grad_outs=None,
+        stats=None,
+        *,
+        has_bias,
+        normalized_ndim,
+        weight_offset,
+        p=1.0,
+    ):
+        reference.check_backward(
+            f"normpass.{name}",
+            grad_out,
+            input,
+            weight,
+            grad_sum,
+            eps,
+            extra_grad_outs,
+            normalized_ndim,
+            p,
+            stats,
+        )
+        param_shape = input.shape[input.dim() - normalized_ndim :]
+        param_dtype = weight.dtype if weight is not None else input.dtype
+        # Absent gradients are distinct empty tensors, as the kernels return them (never aliases).
+        grad_weight = input.new_empty(param_shape if weight is not None else (0,), dtype=param_dtype)
+        grad_bias = input.new_empty(param_shape if has_bias else (0,), dtype=param_dtype)
+        return input.new_empty(input.shape), grad_weight, grad_bias
+
+    return fake
 
 
-@torch.library.register_fake("normpass::rms_norm_backward")
-def _(
-    grad_out,
-    input,
-    weight,
-    grad_sum,
-    eps,
-    extra_grad_outs=None,
-    stats=None,
-    *,
-    has_bias,
-    normalized_ndim,
-    weight_offset,
-    p,
-):
-    op = "normpass.rms_norm_backward"
-    return _fake_backward(
-        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats, has_bias, normalized_ndim, p
-    )
-
-
-@torch.library.register_fake("normpass::layer_norm_backward")
-def _(
-    grad_out,
-    input,
-    weight,
-    grad_sum,
-    eps,
-    extra_grad_outs=None,
-    stats=None,
-    *,
-    has_bias,
-    normalized_ndim,
-    weight_offset,
-):
-    op = "normpass.layer_norm_backward"
-    return _fake_backward(
-        op, grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats, has_bias, normalized_ndim, 1.0
-    )
+for _name in ("rms_norm_backward", "layer_norm_backward"):
+    torch.library.register_fake(f"normpass::{_name}")(_backward_fake(_name))
 
 
 # ---- autograd -----------------------------------------------------------------------------------------
