@@ -4,7 +4,8 @@
 //
 // Forward saves the input (the residual ops: the sum they return, which is what they
 // normalize), the weight and each row's (mean, rstd), which the backward ops read instead of
-// recomputing them. Without gradients to record, the forward op runs alone. Under create_graph
+// recomputing them. Without gradients to record (inference) the plain forward op runs, and no
+// statistics are kept. Under create_graph
 // the backward op is called through autograd, where normpass/ops.py gives it a formula (double
 // backward); otherwise it is called below autograd, so an ordinary backward runs no Python.
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -29,6 +30,7 @@ struct NormArgs {
   double weight_offset;
   double p;
   optional<at::ScalarType> out_dtype;
+  bool save_stats = false; // run as norm_with_stats and keep (mean, rstd) for the backward
 };
 
 namespace {
@@ -89,7 +91,7 @@ variable_list run_forward(const NormArgs& a, const Tensor& input, const optional
 
 Grads run_backward(const NormArgs& a, const Tensor& grad_out, const Tensor& x,
                    const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
-                   const Tensor& stats, bool has_bias) {
+                   const optional<Tensor>& stats, bool has_bias) {
   static const auto rms_norm_backward =
       op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                double, optional<at::TensorList>, const optional<Tensor>&, bool, int64_t, double,
@@ -108,7 +110,7 @@ Grads run_backward(const NormArgs& a, const Tensor& grad_out, const Tensor& x,
                                            a.p);
 }
 
-// Whether the forward has gradients to record: else it runs without NormFunction.
+// Whether the forward has gradients to record, so that its statistics are worth keeping.
 bool records_grad(std::initializer_list<const optional<Tensor>*> tensors) {
   if (!at::GradMode::is_enabled()) return false;
   for (const optional<Tensor>* t : tensors) {
@@ -124,11 +126,12 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
   static variable_list forward(AutogradContext* ctx, const NormArgs& a, const Tensor& input,
                                const optional<Tensor>& residual, const optional<Tensor>& weight,
                                const optional<Tensor>& bias) {
-    variable_list outs = run_forward_with_stats(a, input, residual, weight, bias);
+    variable_list outs = a.save_stats ? run_forward_with_stats(a, input, residual, weight, bias)
+                                      : run_forward(a, input, residual, weight, bias);
     // An unused output's gradient stays undefined: no zeros are materialized (and read).
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward(
-        {residual.has_value() ? outs[1] : input, weight.value_or(Tensor()), outs[2]});
+    ctx->save_for_backward({residual.has_value() ? outs[1] : input, weight.value_or(Tensor()),
+                            a.save_stats ? outs[2] : Tensor()});
     outs.resize(residual.has_value() ? 2 : 1);
     auto& saved = ctx->saved_data;
     saved["center"] = a.center;
@@ -152,12 +155,14 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
     const c10::IValue& bias_dtype = saved.at("bias_dtype");
     const variable_list tensors = ctx->get_saved_variables();
     const Tensor& weight = tensors[1];
+    const Tensor& stats = tensors[2];
 
     const Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(tensors[0]);
     const bool grad_sum = residual && grads[1].defined();
     auto [dx, dw, db] =
         run_backward(a, grad_out, tensors[0], weight.defined() ? optional(weight) : std::nullopt,
-                     grad_sum ? optional(grads[1]) : std::nullopt, tensors[2], !bias_dtype.isNone());
+                     grad_sum ? optional(grads[1]) : std::nullopt,
+                     stats.defined() ? optional(stats) : std::nullopt, !bias_dtype.isNone());
     // One gradient per forward argument: (args, input, residual, weight, bias); d(sum)/d(input)
     // and d(sum)/d(residual) are both the identity.
     return {Tensor(), dx, residual ? dx : Tensor(), weight.defined() ? dw : Tensor(),
@@ -170,18 +175,18 @@ namespace {
 Tensor rms_norm(const Tensor& input, const optional<Tensor>& weight, double eps,
                 const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset,
                 double p, optional<at::ScalarType> out_dtype) {
-  const NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
+  NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
   const optional<Tensor> in(input);
-  if (!records_grad({&in, &weight, &bias})) return run_forward(a, input, std::nullopt, weight, bias)[0];
+  a.save_stats = records_grad({&in, &weight, &bias});
   return NormFunction::apply(a, input, optional<Tensor>(), weight, bias)[0];
 }
 
 Tensor layer_norm(const Tensor& input, const optional<Tensor>& weight,
                   const optional<Tensor>& bias, double eps, int64_t normalized_ndim,
                   double weight_offset, optional<at::ScalarType> out_dtype) {
-  const NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
+  NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
   const optional<Tensor> in(input);
-  if (!records_grad({&in, &weight, &bias})) return run_forward(a, input, std::nullopt, weight, bias)[0];
+  a.save_stats = records_grad({&in, &weight, &bias});
   return NormFunction::apply(a, input, optional<Tensor>(), weight, bias)[0];
 }
 
@@ -189,11 +194,10 @@ std::tuple<Tensor, Tensor> add_rms_norm(
     const Tensor& input, const Tensor& residual, const optional<Tensor>& weight, double eps,
     const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset, double p,
     optional<at::ScalarType> out_dtype) {
-  const NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
+  NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
   const optional<Tensor> in(input), res(residual);
-  auto outs = records_grad({&in, &res, &weight, &bias})
-                  ? NormFunction::apply(a, input, res, weight, bias)
-                  : run_forward(a, input, res, weight, bias);
+  a.save_stats = records_grad({&in, &res, &weight, &bias});
+  auto outs = NormFunction::apply(a, input, res, weight, bias);
   return {outs[0], outs[1]};
 }
 
@@ -201,11 +205,10 @@ std::tuple<Tensor, Tensor> add_layer_norm(
     const Tensor& input, const Tensor& residual, const optional<Tensor>& weight,
     const optional<Tensor>& bias, double eps, int64_t normalized_ndim, double weight_offset,
     optional<at::ScalarType> out_dtype) {
-  const NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
+  NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
   const optional<Tensor> in(input), res(residual);
-  auto outs = records_grad({&in, &res, &weight, &bias})
-                  ? NormFunction::apply(a, input, res, weight, bias)
-                  : run_forward(a, input, res, weight, bias);
+  a.save_stats = records_grad({&in, &res, &weight, &bias});
+  auto outs = NormFunction::apply(a, input, res, weight, bias);
   return {outs[0], outs[1]};
 }
 

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -216,8 +217,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     auto w = kernel_params(weight, std::nullopt, input).first;
     std::vector<Tensor> extra2d;
     for (const Tensor& g : extra_grad_outs) extra2d.push_back(rows_of(g));
+    // The CUDA kernels read a row's pair as one 8-byte load: contiguous and aligned.
     optional<Tensor> stats2d;
-    if (stats.has_value()) stats2d = stats->contiguous();
+    if (stats.has_value()) {
+      stats2d = stats->contiguous();
+      if (reinterpret_cast<uintptr_t>(stats2d->const_data_ptr()) % (2 * stats2d->element_size()))
+        stats2d = stats2d->clone();
+    }
     backward_kernel(input)(rows_of(grad_out), extra2d, as_rows(input, cols), w, grad_sum2d, params,
                            grad_input2d, grad_weight, grad_bias, stats2d);
   }

@@ -71,7 +71,8 @@ def _(
     op = reference.forward_op_name(center, residual is not None)
     outs = _fake_forward(op, input, residual, weight, bias, eps, normalized_ndim, p, out_dtype)
     out, total = outs if residual is not None else (outs, input.new_empty(0))
-    rows = math.prod(input.shape[: input.dim() - normalized_ndim])
+    n = math.prod(input.shape[input.dim() - normalized_ndim :])
+    rows = input.numel() // n if n else 0  # as the kernels count them: none without columns
     return out, total, input.new_empty(rows, 2, dtype=reference.acc_dtype(input))
 
 

@@ -168,8 +168,9 @@ def row_stats(input: Tensor, eps: float, *, center: bool, normalized_ndim: int =
         torch.Size([4, 2])
     """
     h = input.to(acc_dtype(input)).flatten(input.dim() - normalized_ndim)
-    h = h.reshape(-1, h.shape[-1])
-    stats = h[:, : stat_cols(p, h.shape[-1])]
+    n = h.shape[-1]
+    h = h.reshape(h.numel() // n if n else 0, n)  # no rows without columns, as the kernels count
+    stats = h[:, : stat_cols(p, n)]
     mean = stats.mean(-1) if center else torch.zeros_like(stats[:, 0])
     rstd = torch.rsqrt((stats - mean[:, None]).square().mean(-1) + eps)
     return torch.stack([mean, rstd], -1)

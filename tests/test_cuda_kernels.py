@@ -337,3 +337,18 @@ def test_extra_grad_outs(center, n, terms, saved):
     got = op(dy, x, w, None, EPS, extra, stats, **kw)
     for name, e, o in zip(("dx", "dweight", "dbias"), expected, got, strict=True):
         assert torch.equal(e, o), name
+
+
+def test_misaligned_stats():
+    """Statistics whose rows are not 8-byte aligned are copied first, not read misaligned."""
+    m, n = 33, 1024
+    x, dy = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    stats = ops.norm_with_stats(x, None, w, None, EPS, center=True)[2]
+    odd = torch.empty(2 * m + 1, device="cuda")[1:].view(m, 2)  # 4 bytes past an 8-byte boundary
+    odd.copy_(stats)
+    kw = dict(has_bias=True, normalized_ndim=1, weight_offset=0.0)
+    want = ops.layer_norm_backward(dy, x, w, None, EPS, None, stats, **kw)
+    got = ops.layer_norm_backward(dy, x, w, None, EPS, None, odd, **kw)
+    for a, b in zip(want, got, strict=True):
+        assert torch.equal(a, b)

@@ -287,6 +287,16 @@ def test_zero_size(name, shape):
         assert not g.any()  # an empty sum: dweight and dbias are zero, the rest is empty
 
 
+@pytest.mark.parametrize("name", OPS)
+def test_forward_ad_is_refused_not_dropped(name):
+    """Forward-mode AD has no formula here: an error, never a silently dropped tangent."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, r, w, b = make_inputs(name, (4, 8), torch.float32)
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+        call(name, fwAD.make_dual(x, torch.randn_like(x)), r, w, b)
+
+
 # ---- gradcheck / gradgradcheck in fp64 over every flag combination --------------------------------------
 
 

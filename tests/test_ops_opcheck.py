@@ -99,3 +99,10 @@ def test_opcheck_backward_saved_stats(name, requires_grad):
     stats = ops.norm_with_stats(x.detach(), None, w.detach(), None, 1e-5, center=center)[2]
     kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
     torch.library.opcheck(getattr(ops, name).default, (dy, x, w, None, 1e-5, None, stats), kw)
+
+
+def test_opcheck_norm_with_stats_no_columns():
+    """Rows without columns have no statistics: (0, 2), as the kernels count rows."""
+    x = torch.randn(5, 0)
+    torch.library.opcheck(ops.norm_with_stats.default, (x, None, None, None, 1e-5), dict(center=False))
+    assert ops.norm_with_stats(x, None, None, None, 1e-5, center=True)[2].shape == (0, 2)
