@@ -110,15 +110,6 @@ Grads run_backward(const NormArgs& a, const Tensor& grad_out, const Tensor& x,
                                            a.p);
 }
 
-// Whether the forward has gradients to record, so that its statistics are worth keeping.
-bool records_grad(std::initializer_list<const optional<Tensor>*> tensors) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const optional<Tensor>* t : tensors) {
-    if (t->has_value() && (*t)->requires_grad()) return true;
-  }
-  return false;
-}
-
 } // namespace
 
 // Not in the anonymous namespace: its name is the grad_fn's name, "normpass::NormFunction".
@@ -172,32 +163,36 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
 
 namespace {
 
+// NormFunction, keeping the statistics only where a gradient is recorded (not in inference).
+variable_list apply_norm(NormArgs a, const Tensor& input, const optional<Tensor>& residual,
+                         const optional<Tensor>& weight, const optional<Tensor>& bias) {
+  auto requires_grad = [](const optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
+  a.save_stats = at::GradMode::is_enabled() &&
+                 (input.requires_grad() || requires_grad(residual) || requires_grad(weight) ||
+                  requires_grad(bias));
+  return NormFunction::apply(a, input, residual, weight, bias);
+}
+
 Tensor rms_norm(const Tensor& input, const optional<Tensor>& weight, double eps,
                 const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset,
                 double p, optional<at::ScalarType> out_dtype) {
-  NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
-  const optional<Tensor> in(input);
-  a.save_stats = records_grad({&in, &weight, &bias});
-  return NormFunction::apply(a, input, optional<Tensor>(), weight, bias)[0];
+  const NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
+  return apply_norm(a, input, std::nullopt, weight, bias)[0];
 }
 
 Tensor layer_norm(const Tensor& input, const optional<Tensor>& weight,
                   const optional<Tensor>& bias, double eps, int64_t normalized_ndim,
                   double weight_offset, optional<at::ScalarType> out_dtype) {
-  NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
-  const optional<Tensor> in(input);
-  a.save_stats = records_grad({&in, &weight, &bias});
-  return NormFunction::apply(a, input, optional<Tensor>(), weight, bias)[0];
+  const NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
+  return apply_norm(a, input, std::nullopt, weight, bias)[0];
 }
 
 std::tuple<Tensor, Tensor> add_rms_norm(
     const Tensor& input, const Tensor& residual, const optional<Tensor>& weight, double eps,
     const optional<Tensor>& bias, int64_t normalized_ndim, double weight_offset, double p,
     optional<at::ScalarType> out_dtype) {
-  NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
-  const optional<Tensor> in(input), res(residual);
-  a.save_stats = records_grad({&in, &res, &weight, &bias});
-  auto outs = NormFunction::apply(a, input, res, weight, bias);
+  const NormArgs a{false, eps, normalized_ndim, weight_offset, p, out_dtype};
+  auto outs = apply_norm(a, input, residual, weight, bias);
   return {outs[0], outs[1]};
 }
 
@@ -205,10 +200,8 @@ std::tuple<Tensor, Tensor> add_layer_norm(
     const Tensor& input, const Tensor& residual, const optional<Tensor>& weight,
     const optional<Tensor>& bias, double eps, int64_t normalized_ndim, double weight_offset,
     optional<at::ScalarType> out_dtype) {
-  NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
-  const optional<Tensor> in(input), res(residual);
-  a.save_stats = records_grad({&in, &res, &weight, &bias});
-  auto outs = NormFunction::apply(a, input, res, weight, bias);
+  const NormArgs a{true, eps, normalized_ndim, weight_offset, 1.0, out_dtype};
+  auto outs = apply_norm(a, input, residual, weight, bias);
   return {outs[0], outs[1]};
 }
 

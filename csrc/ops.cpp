@@ -102,11 +102,15 @@ int64_t check_args(const char* op, const Tensor& input, const optional<Tensor>& 
   return c10::multiply_integers(input.sizes().slice(input.dim() - ndim));
 }
 
+// Rows of `cols` elements in t; none without columns.
+int64_t row_count(const Tensor& t, int64_t cols) {
+  return cols == 0 ? 0 : t.numel() / cols;
+}
+
 // A (rows, cols) view with unit column stride, copying only when the layout
 // has no such view.
 Tensor as_rows(const Tensor& t, int64_t cols) {
-  const int64_t rows = cols == 0 ? 0 : t.numel() / cols;
-  Tensor v = t.reshape({rows, cols});
+  Tensor v = t.reshape({row_count(t, cols), cols});
   return (cols <= 1 || v.stride(1) == 1) ? v : v.contiguous();
 }
 
@@ -162,8 +166,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_forward(
   }
   Tensor out = at::empty(input.sizes(), input.options().dtype(out_dtype.value_or(input.scalar_type())));
   Tensor sum = residual.has_value() ? at::empty(input.sizes(), input.options()) : Tensor();
-  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
-  Tensor stats = want_stats ? at::empty({rows, 2}, input.options().dtype(acc_dtype(input))) : Tensor();
+  Tensor stats = want_stats ? at::empty({row_count(input, cols), 2}, input.options().dtype(acc_dtype(input)))
+                            : Tensor();
   if (input.numel() == 0) return {out, sum, stats};
 
   NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
@@ -188,7 +192,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   check_like_input(op, "grad_out", grad_out, input);
   if (grad_sum.has_value()) check_like_input(op, "grad_sum", *grad_sum, input);
   for (const Tensor& g : extra_grad_outs) check_like_input(op, "extra_grad_outs[i]", g, input);
-  const int64_t rows = cols == 0 ? 0 : input.numel() / cols;
+  const int64_t rows = row_count(input, cols);
   if (stats.has_value()) {
     TORCH_CHECK(stats->device() == input.device(), op, ": stats is on ", stats->device(),
                 " but input is on ", input.device());

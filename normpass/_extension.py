@@ -75,10 +75,7 @@ def _register_reference_ops() -> None:
         return forward("normpass.add_layer_norm", input, residual, weight, bias, eps, center=True, **kw)
 
     def norm_with_stats(input, residual, weight, bias, eps, *, center, normalized_ndim=1, p=1.0, **kw):
-        torch._check(
-            not center or p == 1.0, lambda: f"normpass.norm_with_stats: p must be 1 for LayerNorm, got {p}"
-        )
-        op = reference.forward_op_name(center, residual is not None)
+        op = reference.with_stats_op(center, residual is not None, p)
         kw.update(center=center, normalized_ndim=normalized_ndim, p=p)
         outs = forward(op, input, residual, weight, bias, eps, **kw)
         out, total = outs if residual is not None else (outs, input.new_empty(0))

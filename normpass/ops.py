@@ -14,8 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -65,14 +63,10 @@ def _(input, residual, weight, bias, eps, *, normalized_ndim=1, weight_offset=0.
 def _(
     input, residual, weight, bias, eps, *, center, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None
 ):
-    torch._check(
-        not center or p == 1.0, lambda: f"normpass.norm_with_stats: p must be 1 for LayerNorm, got {p}"
-    )
-    op = reference.forward_op_name(center, residual is not None)
+    op = reference.with_stats_op(center, residual is not None, p)
     outs = _fake_forward(op, input, residual, weight, bias, eps, normalized_ndim, p, out_dtype)
     out, total = outs if residual is not None else (outs, input.new_empty(0))
-    n = math.prod(input.shape[input.dim() - normalized_ndim :])
-    rows = input.numel() // n if n else 0  # as the kernels count them: none without columns
+    rows = reference.row_count(input, normalized_ndim)
     return out, total, input.new_empty(rows, 2, dtype=reference.acc_dtype(input))
 
 

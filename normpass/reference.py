@@ -133,8 +133,7 @@ def check_backward(
     for term in extra_grad_outs or ():
         check_like_input(op, "extra_grad_outs[i]", term, input)
     if stats is not None:
-        n = math.prod(input.shape[input.dim() - normalized_ndim :])
-        rows = input.numel() // n if n else 0
+        rows = row_count(input, normalized_ndim)
         acc = acc_dtype(input)
         torch._check(
             stats.device == input.device,
@@ -150,9 +149,25 @@ def check_backward(
         torch._check(stats.dtype == acc, lambda: f"{op}: stats has dtype {stats.dtype} but must be {acc}")
 
 
-def forward_op_name(center: bool, residual: bool) -> str:
-    """The forward op `norm_with_stats` stands in for under autograd: its errors name that op."""
+def with_stats_op(center: bool, residual: bool, p: float) -> str:
+    """The forward op `norm_with_stats` stands in for under autograd (its errors name that op)."""
+    torch._check(
+        not center or p == 1.0, lambda: f"normpass.norm_with_stats: p must be 1 for LayerNorm, got {p}"
+    )
     return f"normpass.{'add_' if residual else ''}{'layer' if center else 'rms'}_norm"
+
+
+def row_count(input: Tensor, normalized_ndim: int) -> int:
+    """Rows of the normalized shape in input; none without columns, as the kernels count them."""
+    n = math.prod(input.shape[input.dim() - normalized_ndim :])
+    return input.numel() // n if n else 0
+
+
+def _mean_rstd(h: Tensor, k: int, center: bool, eps: float) -> tuple[Tensor | float, Tensor]:
+    """Mean (0.0 for RMSNorm) and rstd over the first k values of h's last dim, keeping that dim."""
+    stats = h[..., :k]
+    mean = stats.mean(-1, keepdim=True) if center else 0.0
+    return mean, torch.rsqrt((stats - mean).square().mean(-1, keepdim=True) + eps)
 
 
 def acc_dtype(input: Tensor) -> torch.dtype:
@@ -167,13 +182,10 @@ def row_stats(input: Tensor, eps: float, *, center: bool, normalized_ndim: int =
         >>> row_stats(torch.randn(4, 8), 1e-6, center=True).shape
         torch.Size([4, 2])
     """
-    h = input.to(acc_dtype(input)).flatten(input.dim() - normalized_ndim)
-    n = h.shape[-1]
-    h = h.reshape(h.numel() // n if n else 0, n)  # no rows without columns, as the kernels count
-    stats = h[:, : stat_cols(p, n)]
-    mean = stats.mean(-1) if center else torch.zeros_like(stats[:, 0])
-    rstd = torch.rsqrt((stats - mean[:, None]).square().mean(-1) + eps)
-    return torch.stack([mean, rstd], -1)
+    n = math.prod(input.shape[input.dim() - normalized_ndim :])
+    h = input.to(acc_dtype(input)).reshape(row_count(input, normalized_ndim), n)
+    mean, rstd = _mean_rstd(h, stat_cols(p, n), center, eps)
+    return torch.cat([mean if center else torch.zeros_like(rstd), rstd], -1)
 
 
 def norm(
@@ -191,10 +203,8 @@ def norm(
     """LayerNorm (center=True) or (partial) RMSNorm over the last normalized_ndim dims, in fp32 (fp64)."""
     acc = acc_dtype(input)
     h = input.to(acc).flatten(input.dim() - normalized_ndim)
-    stats = h[..., : stat_cols(p, h.shape[-1])]
-    mean = stats.mean(-1, keepdim=True) if center else 0.0
-    var = (stats - mean).square().mean(-1, keepdim=True)
-    y = ((h - mean) * torch.rsqrt(var + eps)).view(input.shape)
+    mean, rstd = _mean_rstd(h, stat_cols(p, h.shape[-1]), center, eps)
+    y = ((h - mean) * rstd).view(input.shape)
     if weight is not None:
         y = y * (weight.to(acc) + weight_offset)
     if bias is not None:
@@ -229,13 +239,11 @@ def norm_backward(
     param_shape = input.shape[input.dim() - normalized_ndim :]
     param_dtype = weight.dtype if weight is not None else input.dtype
     n = math.prod(param_shape)
-    rows = input.numel() // n if n else 0
+    rows = row_count(input, normalized_ndim)
     h = input.to(acc).reshape(rows, n)
     dy = grad_out.to(acc).reshape(rows, n)
     k = stat_cols(p, n)
-    stats = h[:, :k]
-    mean = stats.mean(-1, keepdim=True) if center else 0.0
-    rstd = torch.rsqrt((stats - mean).square().mean(-1, keepdim=True) + eps)
+    mean, rstd = _mean_rstd(h, k, center, eps)
     xhat = (h - mean) * rstd
     g = dy * (weight.to(acc).reshape(n) + weight_offset) if weight is not None else dy
     mean_g = g.mean(-1, keepdim=True) if center else 0.0

@@ -55,7 +55,7 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
 void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
                        const optional<Tensor>& raw_weight, const optional<Tensor>& raw_bias,
                        const NormParams& p, Tensor& out, optional<Tensor>& sum,
-                   optional<Tensor>& stats) {
+                       optional<Tensor>& stats) {
   // The kernels test statistics columns only for RMSNorm (pRMSNorm).
   TORCH_INTERNAL_ASSERT(!p.center || p.stat_cols == x.size(1), "LayerNorm takes every column");
   const optional<Tensor> weight = fold_offset(raw_weight, p.weight_offset);
