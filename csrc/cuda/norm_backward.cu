@@ -23,10 +23,11 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
     size_t smem; // per-thread dweight/dbias partials of every tile, or 0
     int64_t fit; // clusters that run at once; 0: not this plan
   };
-  const int max_threads =
-      row_threads(cols, VEC, bwd_items<VEC>()) <= kBwdWideRowThreads ? kBwdMaxThreads : kBwdThreads;
+  const int64_t need = row_threads(cols, VEC, bwd_items<VEC>());
+  const int min_threads = need > kBwdRowCtaThreads / 2 ? kBwdRowCtaThreads : kBwdThreads;
+  const int max_threads = need <= kBwdWideRowThreads ? kBwdMaxThreads : kBwdThreads;
   auto plan = [&](int cmax, size_t smem_limit) {
-    Plan q{choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, kBwdThreads,
+    Plan q{choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, min_threads,
                          max_threads),
            0, 0};
     if (partials && smem_limit > 0) {

@@ -29,10 +29,15 @@ constexpr int kFwdMaxThreads = kMaxThreads;
 // four are slower; see benchmarks/NOTES.md).
 constexpr int kFwdClusterTiles = 2;
 constexpr int kBwdThreads = 256; // CTA size of the backward, except:
+// a row of 65-128 threads takes a CTA of 128 to itself (four CTAs per SM out
+// of phase instead of two: LayerNorm 4096 +4%); shorter rows share CTAs of 256
+// (at 128, twice the CTAs and dweight partials: the 8192-row step shape lost
+// 2-5%);
 // rows of 257-2048 threads take CTAs of 512 (same 128 registers, one CTA per
 // SM): one CTA instead of a cluster of two, clusters of at most 4 instead of
 // 8 (fewer CTAs at the row's barrier). Longer rows measured faster in
 // clusters of 256-thread CTAs (see benchmarks/NOTES.md, v11).
+constexpr int kBwdRowCtaThreads = 128;
 constexpr int kBwdMaxThreads = 512;
 constexpr int kBwdWideRowThreads = 4 * kBwdMaxThreads;
 
