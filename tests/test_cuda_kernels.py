@@ -224,9 +224,9 @@ def test_fp32_params_bf16_input(center, n):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
-def test_global_partials_accumulate(center, dtype):
-    # Rows too long for shared-memory partials, and more of them than clusters, so each cluster's
-    # partial row in global memory is added to, not only stored.
+def test_split_rows_accumulate(center, dtype):
+    # Rows whose partials would cost a cluster occupancy run split over CTAs (two launches); more
+    # rows than groups of CTAs, so each group's partials add up several rows.
     run_case(67, 1 << 20, dtype, center)
 
 
@@ -278,8 +278,9 @@ def test_dweight_deterministic(center, n):
             assert torch.equal(a, b), "backward is not bitwise deterministic"
 
 
-def test_cuda_graph_capture():
-    n, m = 4096, 512
+# 262144: LayerNorm's rows split over CTAs (two launches)
+@pytest.mark.parametrize("n, m", [(4096, 512), (262144, 16)])
+def test_cuda_graph_capture(n, m):
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     r = torch.randn_like(x)
     dy = torch.randn_like(x)

@@ -79,11 +79,31 @@ inline std::optional<at::Tensor> fold_offset(const std::optional<at::Tensor>& we
   return weight->to(at::kFloat).add(offset);
 }
 
-inline int device_attribute(cudaDeviceAttr attr) {
-  int device = 0, value = 0;
+inline int current_device() {
+  int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
-  return value;
+  return device;
+}
+
+// f() computed once per key and current device. The occupancy queries below
+// cost tens of microseconds of host time each, per call, and never change.
+template <typename F, typename... Key>
+auto memoized(F&& f, const Key&... key) {
+  using Value = decltype(f());
+  static std::mutex mutex;
+  static std::map<std::tuple<int, Key...>, Value> cache;
+  const auto k = std::make_tuple(current_device(), key...);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (auto it = cache.find(k); it != cache.end()) return it->second;
+  return cache[k] = f();
+}
+
+inline int device_attribute(cudaDeviceAttr attr) {
+  return memoized([&] {
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, current_device()));
+    return value;
+  }, attr);
 }
 
 // A launch configuration; the cluster dimension, when there is one, is its attribute.
@@ -108,24 +128,18 @@ struct LaunchConfig {
 };
 
 // Largest cluster (at most 16, Hopper's non-portable limit) of `threads`-thread
-// CTAs of `kernel` the device can run; 1 before sm_90 (no clusters). Cached:
-// the forward and backward ask on every call.
+// CTAs of `kernel` the device can run; 1 before sm_90 (no clusters).
 template <typename... KArgs>
 int max_cluster(void (*kernel)(KArgs...), int threads) {
   if (device_attribute(cudaDevAttrComputeCapabilityMajor) < 9) return 1;
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
   const auto f = reinterpret_cast<const void*>(kernel);
-  static std::mutex mutex;
-  static std::map<std::tuple<const void*, int, int>, int> cache;
-  const std::lock_guard<std::mutex> lock(mutex);
-  const auto key = std::make_tuple(f, threads, device);
-  if (auto it = cache.find(key); it != cache.end()) return it->second;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  const LaunchConfig c(16, threads, 0, 1);
-  int size = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, f, &c.cfg));
-  return cache[key] = std::max(1, std::min(size, 16));
+  return memoized([&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    const LaunchConfig c(16, threads, 0, 1);
+    int size = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxPotentialClusterSize(&size, f, &c.cfg));
+    return std::max(1, std::min(size, 16));
+  }, f, threads);
 }
 
 // The current stream (the same as at::cuda::getCurrentCUDAStream()).
@@ -148,15 +162,29 @@ void launch(void (*kernel)(KArgs...), int64_t ctas, int threads, size_t smem, in
 template <typename... KArgs>
 int64_t resident_clusters(void (*kernel)(KArgs...), int threads, size_t smem, int cluster) {
   const auto f = reinterpret_cast<const void*>(kernel);
-  if (cluster == 1) {
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, f, threads, smem));
-    return int64_t(per_sm) * device_attribute(cudaDevAttrMultiProcessorCount);
-  }
-  const LaunchConfig c(cluster, threads, smem, cluster);
-  int n = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, f, &c.cfg));
-  return n;
+  return memoized([&]() -> int64_t {
+    if (cluster == 1) {
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, f, threads, smem));
+      return int64_t(per_sm) * device_attribute(cudaDevAttrMultiProcessorCount);
+    }
+    const LaunchConfig c(cluster, threads, smem, cluster);
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&n, f, &c.cfg));
+    return n;
+  }, f, threads, smem, cluster);
+}
+
+// Sets `kernel`'s dynamic shared memory limit, once per device (always the same
+// value: a lower one set per call could race a launch on another thread).
+template <typename... KArgs>
+void set_max_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
+  const auto f = reinterpret_cast<const void*>(kernel);
+  memoized([&] {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+    return bytes;
+  }, f);
 }
 
 } // namespace cuda

@@ -20,47 +20,48 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   const bool partials = grad_weight || BIAS_GRAD;
   struct Plan {
     LaunchShape shape;
-    size_t smem; // per-thread dweight/dbias partials of every tile, or 0
+    size_t smem; // per-thread dweight/dbias partials of every tile
     int64_t fit; // clusters that run at once; 0: not this plan
   };
   const int64_t need = row_threads(cols, VEC, bwd_items<VEC>());
   const int min_threads = need > kBwdRowCtaThreads / 2 ? kBwdRowCtaThreads : kBwdThreads;
   const int max_threads = need <= kBwdWideRowThreads ? kBwdMaxThreads : kBwdThreads;
-  auto plan = [&](int cmax, size_t smem_limit) {
-    Plan q{choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, min_threads,
-                         max_threads),
+  const size_t smem_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) -
+                            sizeof(ReduceSmem) - 1024; // the driver's reserve
+  set_max_dynamic_smem(kernel, smem_limit);
+  // split: the row over CTAs that are no cluster, a tile each. Otherwise a plan
+  // is taken only if its partials cost no occupancy.
+  auto plan = [&](int cmax, bool split) {
+    Plan q{choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(),
+                         split ? INT32_MAX : cmax, split ? kBwdThreads : min_threads,
+                         split ? kBwdThreads : max_threads),
            0, 0};
-    if (partials && smem_limit > 0) {
-      q.smem = sizeof(float) *
-               SmemPartial<bwd_items<VEC>(), VEC>::floats(q.shape.threads, q.shape.layout.tiles) *
+    RowLayout& L = q.shape.layout;
+    L.split = split;
+    const int threads = q.shape.threads;
+    if (partials)
+      q.smem = sizeof(float) * SmemPartial<bwd_items<VEC>(), VEC>::floats(threads, L.tiles) *
                (BIAS_GRAD ? 2 : 1);
-      if (q.smem > smem_limit) return q;
+    if (q.smem > smem_limit) return q;
+    if (split) {
+      q.fit = std::max<int64_t>(1, resident_clusters(kernel, threads, q.smem, 1) / L.cluster);
+    } else {
+      q.fit = resident_clusters(kernel, threads, q.smem, L.cluster);
+      if (q.fit < resident_clusters(kernel, threads, 0, L.cluster)) q.fit = 0;
     }
-    q.fit = resident_clusters(kernel, q.shape.threads, q.smem, q.shape.layout.cluster);
     return q;
   };
-  // In order of preference (measured, benchmarks/NOTES.md): clusters of at most
-  // 8 CTAs with the partials in shared memory at two CTAs per SM; the largest
-  // cluster (16 on Hopper) with them in shared memory at all; partials in
-  // global memory, re-read and re-written per row.
-  const size_t per_cta = sizeof(ReduceSmem) + 1024; // + the driver's reserve
-  const size_t one_cta = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) - per_cta;
-  const size_t two_ctas = device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor) / 2 - per_cta;
-  // Always the same value (a lower one set per call could race a launch on another thread).
-  C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(one_cta)));
-  const int big = max_cluster(kernel, kBwdThreads), small = std::min(big, 8);
-  Plan q = plan(small, two_ctas);
-  if (q.fit == 0) q = plan(big, one_cta);
-  if (q.fit == 0) q = plan(small, 0);
-  TORCH_CHECK(q.fit > 0, "normpass CUDA: no backward launch fits rows of ", std::to_string(cols));
+  // In order of preference (measured, benchmarks/NOTES.md): a cluster of at
+  // most 8 CTAs, then of 16 (Hopper's largest); else the split row (v18: bf16
+  // LayerNorm 262144 1.2 -> 1.5 TB/s forward+backward, where a cluster of 16
+  // held one CTA per SM).
+  const int big = max_cluster(kernel, kBwdThreads);
+  Plan q = plan(std::min(big, 8), false);
+  if (q.fit == 0) q = plan(big, false);
+  if (q.fit == 0) q = plan(big, true);
+  TORCH_CHECK(q.fit > 0, "normpass CUDA: this device's shared memory cannot hold the dweight/dbias "
+              "partials of rows of ", std::to_string(cols), "; use NORMPASS_FORCE_REFERENCE=1");
   const RowLayout& L = q.shape.layout;
-  // Partials in global memory have one owner per cluster: one row per CTA. Unreachable on sm_80+
-  // (short rows' partials fit in shared memory there); an error, not lost updates, elsewhere.
-  TORCH_CHECK(!partials || q.smem > 0 || L.rows_per_cta == 1,
-              "normpass CUDA: this device's shared memory cannot hold the dweight/dbias partials of "
-              "rows of ", std::to_string(cols), "; use NORMPASS_FORCE_REFERENCE=1");
   // Persistent grid: as many clusters as run at once, each accumulating one
   // dweight/dbias partial row over the rows it visits.
   const int64_t clusters = std::min<int64_t>(q.fit, L.row_blocks);
@@ -88,9 +89,17 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   a.ds_stride = grad_sum ? grad_sum->stride(0) : 0;
   a.eps = static_cast<float>(p.eps);
   a.stats = SAVED ? ptr<float2>(*stats) : nullptr;
-  a.smem_partials = q.smem > 0;
   a.layout = L;
-  launch(kernel, clusters * L.cluster, q.shape.threads, q.smem, L.cluster, a);
+  Tensor row_parts;
+  if (L.split) {
+    row_parts = at::empty({L.rows, L.cluster, 4}, f32);
+    a.row_parts = reinterpret_cast<float4*>(row_parts.mutable_data_ptr<float>());
+    BwdArgs<T, W> sums = a;
+    sums.phase = 1;
+    launch(kernel, clusters * L.cluster, q.shape.threads, 0, 1, sums);
+    a.phase = 2;
+  }
+  launch(kernel, clusters * L.cluster, q.shape.threads, q.smem, L.split ? 1 : L.cluster, a);
 
   if (partials) {
     const dim3 grid(static_cast<unsigned>((cols + 31) / 32), 2);

@@ -190,10 +190,13 @@ constexpr int kMaxGradTerms = 3;
 // (benchmarks/NOTES.md).
 // dweight/dbias: fp32 partials per thread, in shared memory (registers are
 // for x and dy), across all rows a cluster visits (persistent grid); written
-// once at the end, one row of `partials` per cluster. A row whose partials do
-// not fit in shared memory adds into its cluster's partial row in global
-// memory instead. Either way each partial element has one owner thread and a
-// fixed summation order: deterministic.
+// once at the end, one row of `partials` per cluster. Each partial element has
+// one owner thread and a fixed summation order: deterministic.
+// Rows whose partials would cost a cluster occupancy are split over CTAs that
+// are no cluster (layout.split; a "cluster" below is then that group of CTAs):
+// the kernel runs twice on the same grid; phase 1 stores each CTA's share of
+// the row sums in row_parts, phase 2 adds the shares in rank order and writes
+// dx, re-reading x and dy, with the partials of one tile per CTA.
 template <typename T, typename W>
 struct BwdArgs {
   const T* dy;
@@ -209,7 +212,8 @@ struct BwdArgs {
   int64_t dy_stride, x_stride, ds_stride;
   float eps;
   const float2* stats; // (mean, rstd) of each row from the forward (SAVED only)
-  bool smem_partials; // dweight/dbias partials of every tile in shared memory
+  float4* row_parts;  // (rows, cluster) shares of the row sums (split layouts only)
+  int phase;          // split layouts: 1 stores the shares, 2 writes the outputs
   RowLayout layout;
 };
 
@@ -282,10 +286,11 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmem sh;
-  extern __shared__ float4 smem_partials[]; // dw then db partials (if in_smem)
+  extern __shared__ float4 smem_partials[]; // dw then db partials
   int parity = 0;
-  const bool resident = L.tiles == 1;
-  const bool in_smem = a.smem_partials;
+  const bool sums_only = L.split && a.phase == 1;
+  const bool from_parts = L.split && a.phase == 2;
+  const bool resident = L.tiles == 1 && !L.split;
   const int64_t cluster_id = blockIdx.x / L.cluster;
   const int64_t clusters = gridDim.x / L.cluster;
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);
@@ -294,12 +299,11 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
   float* db_part = BIAS_GRAD ? a.db_part + cluster_id * L.cols : nullptr;
   const Part dw_acc{reinterpret_cast<float*>(smem_partials), ITEMS * L.tiles};
   const Part db_acc{dw_acc.base + Part::floats(blockDim.x, L.tiles), dw_acc.items};
-  if (in_smem) {
+  if (!sums_only) {
     if (dw_part) dw_acc.zero();
     if (BIAS_GRAD) db_acc.zero();
   }
 
-  bool first_row = true; // partials in global memory: the first row stores them
   for (int64_t rb = cluster_id; rb < L.row_blocks; rb += clusters) {
     const int64_t row = rb * L.rows_per_cta + th.group;
     const bool valid = row < L.rows;
@@ -347,6 +351,31 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         }
       }
     };
+    // The row's sums, over its threads; for a split row phase 1 stores this
+    // CTA's share, and phase 2 adds the shares in rank order (the same bits in
+    // every CTA of the row).
+    auto reduce = [&](auto& acc) {
+      constexpr int K = sizeof(acc) / sizeof(float);
+      float4* parts = from_parts || sums_only ? a.row_parts + r0 * L.cluster : nullptr;
+      if (from_parts) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) acc[k] = 0.f;
+        for (int r = 0; r < L.cluster; ++r) {
+          const float4 s = parts[r];
+          const float sk[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+          for (int k = 0; k < K; ++k) acc[k] += sk[k];
+        }
+        return;
+      }
+      row_sum(acc, L, sh, parity);
+      if (sums_only && valid && threadIdx.x % L.tpr == 0) {
+        float sk[4] = {};
+#pragma unroll
+        for (int k = 0; k < K; ++k) sk[k] = acc[k];
+        parts[th.rank] = make_float4(sk[0], sk[1], sk[2], sk[3]);
+      }
+    };
     float mean = 0.f, rstd, sum_gxm, mean_g = 0.f;
     if constexpr (SAVED) {
       // The forward's statistics: pass 1 only sums g*(x - mean) and g.
@@ -354,7 +383,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       if constexpr (CENTER) mean = st.x;
       rstd = st.y;
       float acc[CENTER ? 2 : 1] = {};
-      for (int t = 0; t < L.tiles; ++t) {
+      for (int t = 0; t < L.tiles && !from_parts; ++t) {
         load_tile(t);
         if (!valid) continue;
         for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
@@ -369,7 +398,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         });
       }
       if (resident) load_grad_sum(0);
-      row_sum(acc, L, sh, parity);
+      reduce(acc);
       sum_gxm = acc[0];
       if constexpr (CENTER) mean_g = acc[1] * inv_n;
     } else {
@@ -383,7 +412,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
       // g is rounded once (no fused multiply-add), the same in both passes.
       float acc[CENTER ? 4 : 2] = {};
-      for (int t = 0; t < L.tiles; ++t) {
+      for (int t = 0; t < L.tiles && !from_parts; ++t) {
         load_tile(t);
         if (!valid) continue;
         // One loop over the tile, so x is unpacked and shifted once per element.
@@ -408,7 +437,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         });
       }
       if (resident) load_grad_sum(0);
-      row_sum(acc, L, sh, parity);
+      reduce(acc);
       float var = acc[0] * inv_k;
       sum_gxm = acc[1];
       if constexpr (CENTER) {
@@ -420,6 +449,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       }
       rstd = rsqrtf(var + a.eps);
     }
+    if (sums_only) continue;
     const float c = sum_gxm * rstd * inv_k; // sum(g * xhat) / k
 
     // Output pass, compiled with and without grad_sum and ragged statistics
@@ -448,17 +478,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
             dbv[e] = d;
           }
           store_floats(dx + col, dxv);
-          if (in_smem) {
-            if (dw_part) dw_acc.add(t * ITEMS + k, dwv);
-            if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dbv);
-          } else {
-            // This cluster's own partial row: no other thread touches it.
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) {
-              if (dw_part) dw_part[col + e] = (first_row ? 0.f : dw_part[col + e]) + dwv[e];
-              if constexpr (BIAS_GRAD) db_part[col + e] = (first_row ? 0.f : db_part[col + e]) + dbv[e];
-            }
-          }
+          if (dw_part) dw_acc.add(t * ITEMS + k, dwv);
+          if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dbv);
         });
       }
     };
@@ -466,12 +487,11 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       if (a.grad_sum != nullptr) output_pass(std::true_type{}, ragged);
       else output_pass(std::false_type{}, ragged);
     });
-    first_row = false;
   }
 
   // Shared-memory partials out: one row per cluster, the row groups of a CTA
   // summed pairwise.
-  if (in_smem) {
+  if (!sums_only) {
     auto flush = [&](const Part& acc, float* part) {
       if (L.rows_per_cta == 1) {
         for (int t = 0; t < L.tiles; ++t) {

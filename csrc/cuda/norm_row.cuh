@@ -125,6 +125,8 @@ struct RowLayout {
   int rows_per_cta;   // blockDim.x / tpr
   int cluster;        // CTAs per row (1 unless the row needs more than one CTA)
   int tiles;          // passes per row phase; 1 = the row is register resident
+  bool split;         // the row's CTAs are no hardware cluster: their sums meet in
+                      // global memory, between two launches (backward only)
 };
 
 // A thread's position: which row of the row block, and which vectors of it.
@@ -186,7 +188,7 @@ __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, Reduc
     }
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (L.cluster > 1) {
+  if (L.cluster > 1 && !L.split) {
     // Rows split over a cluster: combine the CTAs' sums through distributed
     // shared memory (rows_per_cta == 1 here, so v is the CTA's total).
     namespace cg = cooperative_groups;
@@ -212,7 +214,7 @@ __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, Reduc
 // memory (the last row_sum).
 __device__ __forceinline__ void cluster_exit_barrier(const RowLayout& L) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (L.cluster > 1) cooperative_groups::this_cluster().sync();
+  if (L.cluster > 1 && !L.split) cooperative_groups::this_cluster().sync();
 #endif
 }
 
