@@ -102,11 +102,18 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   launch(kernel, clusters * L.cluster, q.shape.threads, q.smem, L.split ? 1 : L.cluster, a);
 
   if (partials) {
-    const dim3 grid(static_cast<unsigned>((cols + 31) / 32), 2);
-    sum_partials_kernel<<<grid, dim3(32, 16), 0, current_stream()>>>(
-        a.dw_part, a.db_part, clusters, cols,
-        grad_weight ? mut_ptr<float>(*grad_weight) : nullptr,
-        BIAS_GRAD ? mut_ptr<float>(*grad_bias) : nullptr);
+    float* dw = grad_weight ? mut_ptr<float>(*grad_weight) : nullptr;
+    float* db = BIAS_GRAD ? mut_ptr<float>(*grad_bias) : nullptr;
+    auto sum = [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      const dim3 grid(static_cast<unsigned>((cols + 32 * V - 1) / (32 * V)), 2);
+      sum_partials_kernel<V><<<grid, dim3(32, kPartSlices), 0, current_stream()>>>(
+          a.dw_part, a.db_part, clusters, cols, dw, db);
+    };
+    if (cols % 4 == 0 && vector_ok(grad_weight, 4) && vector_ok(grad_bias, 4))
+      sum(std::integral_constant<int, 4>{});
+    else
+      sum(std::integral_constant<int, 1>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }

@@ -295,8 +295,8 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
   const int64_t clusters = gridDim.x / L.cluster;
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);
   const float inv_n = 1.f / static_cast<float>(L.cols);
-  float* dw_part = a.dw_part ? a.dw_part + cluster_id * L.cols : nullptr;
-  float* db_part = BIAS_GRAD ? a.db_part + cluster_id * L.cols : nullptr;
+  float* dw_part = a.dw_part && !sums_only ? a.dw_part + cluster_id * L.cols : nullptr;
+  float* db_part = BIAS_GRAD && !sums_only ? a.db_part + cluster_id * L.cols : nullptr;
   const Part dw_acc{reinterpret_cast<float*>(smem_partials), ITEMS * L.tiles};
   const Part db_acc{dw_acc.base + Part::floats(blockDim.x, L.tiles), dw_acc.items};
   if (!sums_only) {
@@ -516,26 +516,41 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
   cluster_exit_barrier(L);
 }
 
-// dweight/dbias = sum over the partial rows, in row order. blockIdx.y picks
-// dweight (0) or dbias (1); each block sums 32 columns with 16 row slices.
-static __global__ void __launch_bounds__(512) sum_partials_kernel(const float* dw_part, const float* db_part,
-                                                           int64_t parts, int64_t cols, float* dw,
-                                                           float* db) {
+// dweight/dbias = sum over the partial rows: slice y of kPartSlices sums rows
+// y, y + kPartSlices, ... in order, then the slices are added in order (the
+// same bits run to run). blockIdx.y picks dweight (0) or dbias (1). A thread
+// sums V adjacent columns: 16-byte loads when V == 4 (the host checks the
+// alignment), so that rows of 2^18 columns take 4x fewer, fuller blocks.
+constexpr int kPartSlices = 16;
+template <int V>
+__global__ void __launch_bounds__(32 * kPartSlices) sum_partials_kernel(const float* dw_part,
+                                                                        const float* db_part,
+                                                                        int64_t parts, int64_t cols,
+                                                                        float* dw, float* db) {
   const float* part = blockIdx.y == 0 ? dw_part : db_part;
   float* result = blockIdx.y == 0 ? dw : db;
   if (part == nullptr) return;
-  __shared__ float slice[16][33];
-  const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
-  float s = 0.f;
-  if (col < cols)
-    for (int64_t p = threadIdx.y; p < parts; p += 16) s += part[p * cols + col];
+  __shared__ Pack<float, V> slice[kPartSlices][32];
+  const int64_t col = (int64_t(blockIdx.x) * 32 + threadIdx.x) * V; // V | cols when V > 1
+  Pack<float, V> s{};
+  if (col < cols) {
+#pragma unroll 4
+    for (int64_t p = threadIdx.y; p < parts; p += kPartSlices) {
+      Pack<float, V> v;
+      load<false>(v, part + p * cols + col);
+#pragma unroll
+      for (int e = 0; e < V; ++e) s.v[e] += v.v[e];
+    }
+  }
   slice[threadIdx.y][threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {
-    float t = 0.f;
+    Pack<float, V> t{};
+    for (int i = 0; i < kPartSlices; ++i) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) t += slice[i][threadIdx.x];
-    result[col] = t;
+      for (int e = 0; e < V; ++e) t.v[e] += slice[i][threadIdx.x].v[e];
+    }
+    store(result + col, t);
   }
 }
 
