@@ -85,8 +85,8 @@ inline int current_device() {
   return device;
 }
 
-// f() computed once per key and current device. The occupancy queries below
-// cost tens of microseconds of host time each, per call, and never change.
+// f() computed once per key and current device: the launch queries below are
+// asked on every call, and their answers never change.
 template <typename F, typename... Key>
 auto memoized(F&& f, const Key&... key) {
   using Value = decltype(f());

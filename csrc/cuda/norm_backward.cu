@@ -29,25 +29,24 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   const size_t smem_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) -
                             sizeof(ReduceSmem) - 1024; // the driver's reserve
   set_max_dynamic_smem(kernel, smem_limit);
-  // split: the row over CTAs that are no cluster, a tile each. Otherwise a plan
-  // is taken only if its partials cost no occupancy.
-  auto plan = [&](int cmax, bool split) {
-    Plan q{choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(),
-                         split ? INT32_MAX : cmax, split ? kBwdThreads : min_threads,
-                         split ? kBwdThreads : max_threads),
-           0, 0};
-    RowLayout& L = q.shape.layout;
-    L.split = split;
-    const int threads = q.shape.threads;
+  auto layout = [&](int cmax, int min_cta, int max_cta) {
+    return choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, min_cta,
+                         max_cta);
+  };
+  // A cluster plan is taken only if its partials cost no occupancy; a split
+  // row (CTAs that are no cluster, a tile each) whenever its partials fit.
+  auto plan = [&](LaunchShape shape) {
+    Plan q{shape, 0, 0};
+    const RowLayout& L = shape.layout;
     if (partials)
-      q.smem = sizeof(float) * SmemPartial<bwd_items<VEC>(), VEC>::floats(threads, L.tiles) *
+      q.smem = sizeof(float) * SmemPartial<bwd_items<VEC>(), VEC>::floats(shape.threads, L.tiles) *
                (BIAS_GRAD ? 2 : 1);
     if (q.smem > smem_limit) return q;
-    if (split) {
-      q.fit = std::max<int64_t>(1, resident_clusters(kernel, threads, q.smem, 1) / L.cluster);
+    if (L.split) {
+      q.fit = std::max<int64_t>(1, resident_clusters(kernel, shape.threads, q.smem, 1) / L.cluster);
     } else {
-      q.fit = resident_clusters(kernel, threads, q.smem, L.cluster);
-      if (q.fit < resident_clusters(kernel, threads, 0, L.cluster)) q.fit = 0;
+      q.fit = resident_clusters(kernel, shape.threads, q.smem, L.cluster);
+      if (q.fit < resident_clusters(kernel, shape.threads, 0, L.cluster)) q.fit = 0;
     }
     return q;
   };
@@ -56,9 +55,13 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   // LayerNorm 262144 1.2 -> 1.5 TB/s forward+backward, where a cluster of 16
   // held one CTA per SM).
   const int big = max_cluster(kernel, kBwdThreads);
-  Plan q = plan(std::min(big, 8), false);
-  if (q.fit == 0) q = plan(big, false);
-  if (q.fit == 0) q = plan(big, true);
+  Plan q = plan(layout(std::min(big, 8), min_threads, max_threads));
+  if (q.fit == 0) q = plan(layout(big, min_threads, max_threads));
+  if (q.fit == 0) {
+    LaunchShape split = layout(INT32_MAX, kBwdThreads, kBwdThreads);
+    split.layout.split = true;
+    q = plan(split);
+  }
   TORCH_CHECK(q.fit > 0, "normpass CUDA: this device's shared memory cannot hold the dweight/dbias "
               "partials of rows of ", std::to_string(cols), "; use NORMPASS_FORCE_REFERENCE=1");
   const RowLayout& L = q.shape.layout;
@@ -90,7 +93,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   a.eps = static_cast<float>(p.eps);
   a.stats = SAVED ? ptr<float2>(*stats) : nullptr;
   a.layout = L;
-  Tensor row_parts;
+  Tensor row_parts; // held until both launches are queued
   if (L.split) {
     row_parts = at::empty({L.rows, L.cluster, 4}, f32);
     a.row_parts = reinterpret_cast<float4*>(row_parts.mutable_data_ptr<float>());

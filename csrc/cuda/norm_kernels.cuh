@@ -360,21 +360,11 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       if (from_parts) {
 #pragma unroll
         for (int k = 0; k < K; ++k) acc[k] = 0.f;
-        for (int r = 0; r < L.cluster; ++r) {
-          const float4 s = parts[r];
-          const float sk[4] = {s.x, s.y, s.z, s.w};
-#pragma unroll
-          for (int k = 0; k < K; ++k) acc[k] += sk[k];
-        }
+        for (int r = 0; r < L.cluster; ++r) add_sums(acc, parts[r]);
         return;
       }
       row_sum(acc, L, sh, parity);
-      if (sums_only && valid && threadIdx.x % L.tpr == 0) {
-        float sk[4] = {};
-#pragma unroll
-        for (int k = 0; k < K; ++k) sk[k] = acc[k];
-        parts[th.rank] = make_float4(sk[0], sk[1], sk[2], sk[3]);
-      }
+      if (sums_only && valid && threadIdx.x % L.tpr == 0) parts[th.rank] = pack_sums(acc);
     };
     float mean = 0.f, rstd, sum_gxm, mean_g = 0.f;
     if constexpr (SAVED) {

@@ -159,6 +159,21 @@ struct ReduceSmem {
   float cta[2][kMaxSums];
 };
 
+// K <= 4 sums as one float4 (the rest 0), and added back from one.
+template <int K>
+__device__ __forceinline__ float4 pack_sums(const float (&v)[K]) {
+  float s[4] = {};
+#pragma unroll
+  for (int k = 0; k < K; ++k) s[k] = v[k];
+  return make_float4(s[0], s[1], s[2], s[3]);
+}
+template <int K>
+__device__ __forceinline__ void add_sums(float (&v)[K], const float4 s) {
+  const float sk[4] = {s.x, s.y, s.z, s.w};
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] += sk[k];
+}
+
 template <int K>
 __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, ReduceSmem& sh,
                                         int& parity) {
@@ -171,21 +186,11 @@ __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, Reduc
   if (L.tpr > 32) {
     const int warp = threadIdx.x / 32, nwarps = L.tpr / 32;
     const int first = (threadIdx.x / L.tpr) * nwarps;
-    if (threadIdx.x % 32 == 0) {
-      float s[4] = {};
-#pragma unroll
-      for (int k = 0; k < K; ++k) s[k] = v[k];
-      sh.warp[parity][warp] = make_float4(s[0], s[1], s[2], s[3]);
-    }
+    if (threadIdx.x % 32 == 0) sh.warp[parity][warp] = pack_sums(v);
     __syncthreads();
 #pragma unroll
     for (int k = 0; k < K; ++k) v[k] = 0.f;
-    for (int w = 0; w < nwarps; ++w) {
-      const float4 s = sh.warp[parity][first + w];
-      const float sk[4] = {s.x, s.y, s.z, s.w};
-#pragma unroll
-      for (int k = 0; k < K; ++k) v[k] += sk[k];
-    }
+    for (int w = 0; w < nwarps; ++w) add_sums(v, sh.warp[parity][first + w]);
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (L.cluster > 1 && !L.split) {
