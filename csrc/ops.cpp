@@ -205,11 +205,16 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
 
   const auto param_sizes = input.sizes().slice(input.dim() - ndim);
   const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
-  const auto acc = input.options().dtype(acc_dtype(input));
+  const auto param_options = input.options().dtype(param_dtype);
   Tensor grad_input = at::empty(input.sizes(), input.options());
   optional<Tensor> grad_weight, grad_bias;
-  if (weight.has_value()) grad_weight = at::zeros({cols}, acc);
-  if (has_bias) grad_bias = at::zeros({cols}, acc);
+  if (weight.has_value()) grad_weight = at::empty({cols}, param_options);
+  if (has_bias) grad_bias = at::empty({cols}, param_options);
+  if (input.numel() == 0) {
+    // No rows: the kernels do not run, and dweight/dbias are empty sums.
+    for (auto* g : {&grad_weight, &grad_bias})
+      if (g->has_value()) (*g)->zero_();
+  }
 
   if (input.numel() > 0) {
     NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
@@ -232,8 +237,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
                            grad_input2d, grad_weight, grad_bias, stats2d);
   }
   auto finish = [&](const optional<Tensor>& g) {
-    return g.has_value() ? g->view(param_sizes).to(param_dtype)
-                         : at::empty({0}, input.options().dtype(param_dtype));
+    return g.has_value() ? g->view(param_sizes) : at::empty({0}, param_options);
   };
   return {grad_input, finish(grad_weight), finish(grad_bias)};
 }

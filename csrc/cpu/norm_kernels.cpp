@@ -205,7 +205,7 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
     at::parallel_for(0, cols, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const acc_t* src = part.data() + blk * cols;
-        for (int64_t i = begin; i < end; ++i) res[i] += src[i];
+        for (int64_t i = begin; i < end; ++i) res[i] = blk == 0 ? src[i] : res[i] + src[i];
       }
     });
   };
@@ -258,6 +258,20 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
                        const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
                        const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
                        optional<Tensor>& grad_bias, const optional<Tensor>& /*stats: recomputed*/) {
+  // dweight/dbias in a 16-bit parameter dtype are summed in fp32 and cast once.
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto narrow = [&](const optional<Tensor>& g) { return g && g->scalar_type() != acc; };
+  if (narrow(grad_weight) || narrow(grad_bias)) {
+    auto wide = [&](const optional<Tensor>& g) -> optional<Tensor> {
+      if (!g) return std::nullopt;
+      return at::empty(g->sizes(), g->options().dtype(acc));
+    };
+    optional<Tensor> dw = wide(grad_weight), db = wide(grad_bias);
+    norm_backward_cpu(grad_out, extra_grad_outs, x, weight, grad_sum, p, grad_input, dw, db, std::nullopt);
+    if (grad_weight) grad_weight->copy_(*dw);
+    if (grad_bias) grad_bias->copy_(*db);
+    return;
+  }
   const Tensor dy = sum_grad_terms(grad_out, extra_grad_outs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normpass_bwd", [&] {
     using T = scalar_t;

@@ -105,18 +105,30 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   launch(kernel, clusters * L.cluster, q.shape.threads, q.smem, L.split ? 1 : L.cluster, a);
 
   if (partials) {
-    float* dw = grad_weight ? mut_ptr<float>(*grad_weight) : nullptr;
-    float* db = BIAS_GRAD ? mut_ptr<float>(*grad_bias) : nullptr;
-    auto sum = [&](auto v) {
-      constexpr int V = decltype(v)::value;
-      const dim3 grid(static_cast<unsigned>((cols + 32 * V - 1) / (32 * V)), 2);
-      sum_partials_kernel<V><<<grid, dim3(32, kPartSlices), 0, current_stream()>>>(
-          a.dw_part, a.db_part, clusters, cols, dw, db);
+    // The parameters' dtype: fp32, or x's (the partials are cast once as they are summed).
+    auto sum_in = [&](auto o_tag) {
+      using O = decltype(o_tag);
+      O* dw = grad_weight ? mut_ptr<O>(*grad_weight) : nullptr;
+      O* db = BIAS_GRAD ? mut_ptr<O>(*grad_bias) : nullptr;
+      auto sum = [&](auto v) {
+        constexpr int V = decltype(v)::value;
+        // Lanes of a block: the fewest (down to a 128-byte row segment) that still
+        // give every SM a block; the rest of the block's threads are slices.
+        const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
+        int lanes = 32;
+        while (lanes > 32 / V && (cols + lanes * V - 1) / (lanes * V) < sms) lanes /= 2;
+        const dim3 grid(static_cast<unsigned>((cols + lanes * V - 1) / (lanes * V)), 2);
+        sum_partials_kernel<V, O><<<grid, dim3(lanes, kPartThreads / lanes), 0, current_stream()>>>(
+            a.dw_part, a.db_part, clusters, cols, dw, db);
+      };
+      if (cols % 4 == 0 && vector_ok(grad_weight, 4) && vector_ok(grad_bias, 4))
+        sum(std::integral_constant<int, 4>{});
+      else
+        sum(std::integral_constant<int, 1>{});
     };
-    if (cols % 4 == 0 && vector_ok(grad_weight, 4) && vector_ok(grad_bias, 4))
-      sum(std::integral_constant<int, 4>{});
-    else
-      sum(std::integral_constant<int, 1>{});
+    const auto& any = grad_weight ? grad_weight : grad_bias;
+    if (any->scalar_type() == at::kFloat) sum_in(float{});
+    else sum_in(T{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -162,8 +174,12 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
               "normpass CUDA: grad_out and grad_sum must have x's dtype");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
               "normpass CUDA: weight must be of x's dtype or fp32, got ", weight.scalar_type());
-  TORCH_CHECK(!grad_weight || grad_weight->scalar_type() == at::kFloat, "normpass CUDA: fp32 dweight");
-  TORCH_CHECK(!grad_bias || grad_bias->scalar_type() == at::kFloat, "normpass CUDA: fp32 dbias");
+  for (const auto& g : {grad_weight, grad_bias}) {
+    TORCH_CHECK(!g || g->scalar_type() == at::kFloat || g->scalar_type() == x.scalar_type(),
+                "normpass CUDA: dweight/dbias must be fp32 or of x's dtype, got ", g->scalar_type());
+  }
+  TORCH_CHECK(!grad_weight || !grad_bias || grad_weight->scalar_type() == grad_bias->scalar_type(),
+              "normpass CUDA: dweight and dbias must share a dtype");
   TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", std::to_string(x.size(1)),
               " elements (at most ", std::to_string(kMaxCols), ")");
   const c10::cuda::CUDAGuard guard(x.device());

@@ -506,41 +506,45 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
   cluster_exit_barrier(L);
 }
 
-// dweight/dbias = sum over the partial rows: slice y of kPartSlices sums rows
-// y, y + kPartSlices, ... in order, then the slices are added in order (the
-// same bits run to run). blockIdx.y picks dweight (0) or dbias (1). A thread
-// sums V adjacent columns: 16-byte loads when V == 4 (the host checks the
-// alignment), so that rows of 2^18 columns take 4x fewer, fuller blocks.
-constexpr int kPartSlices = 16;
-template <int V>
-__global__ void __launch_bounds__(32 * kPartSlices) sum_partials_kernel(const float* dw_part,
-                                                                        const float* db_part,
-                                                                        int64_t parts, int64_t cols,
-                                                                        float* dw, float* db) {
+// dweight/dbias = sum over the partial rows, cast once to the parameter
+// dtype O. A block is blockDim.x lanes of V adjacent columns (16-byte loads
+// when V == 4; the host checks the alignment) by blockDim.y slices: slice y
+// sums rows y, y + blockDim.y, ... in order, then the slices are added in
+// order (the same bits run to run). The host picks fewer lanes, so more
+// slices, for narrow rows: 2048 columns make 64 blocks of 8 lanes, not 16 of
+// 32, each thread with 4 rows to add instead of 17. blockIdx.y picks dweight
+// (0) or dbias (1).
+constexpr int kPartThreads = 512;
+template <int V, typename O>
+__global__ void __launch_bounds__(kPartThreads) sum_partials_kernel(const float* dw_part,
+                                                                    const float* db_part,
+                                                                    int64_t parts, int64_t cols,
+                                                                    O* dw, O* db) {
   const float* part = blockIdx.y == 0 ? dw_part : db_part;
-  float* result = blockIdx.y == 0 ? dw : db;
+  O* result = blockIdx.y == 0 ? dw : db;
   if (part == nullptr) return;
-  __shared__ Pack<float, V> slice[kPartSlices][32];
-  const int64_t col = (int64_t(blockIdx.x) * 32 + threadIdx.x) * V; // V | cols when V > 1
+  __shared__ Pack<float, V> slice[kPartThreads];
+  const int lanes = blockDim.x, slices = blockDim.y;
+  const int64_t col = (int64_t(blockIdx.x) * lanes + threadIdx.x) * V; // V | cols when V > 1
   Pack<float, V> s{};
   if (col < cols) {
 #pragma unroll 4
-    for (int64_t p = threadIdx.y; p < parts; p += kPartSlices) {
+    for (int64_t p = threadIdx.y; p < parts; p += slices) {
       Pack<float, V> v;
       load<false>(v, part + p * cols + col);
 #pragma unroll
       for (int e = 0; e < V; ++e) s.v[e] += v.v[e];
     }
   }
-  slice[threadIdx.y][threadIdx.x] = s;
+  slice[threadIdx.y * lanes + threadIdx.x] = s;
   __syncthreads();
   if (threadIdx.y == 0 && col < cols) {
-    Pack<float, V> t{};
-    for (int i = 0; i < kPartSlices; ++i) {
+    float t[V] = {};
+    for (int i = 0; i < slices; ++i) {
 #pragma unroll
-      for (int e = 0; e < V; ++e) t.v[e] += slice[i][threadIdx.x].v[e];
+      for (int e = 0; e < V; ++e) t[e] += slice[i * lanes + threadIdx.x].v[e];
     }
-    store(result + col, t);
+    store_floats(result + col, t);
   }
 }
 
