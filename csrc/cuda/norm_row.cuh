@@ -73,6 +73,11 @@ __device__ __forceinline__ void store(T* dst, const Pack<T, N>& p) {
   for (int i = 0; i < P::kWords; ++i) d[i] = s[i];
 }
 
+// Asks L2 for the line holding p: no register waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // Element e of a pack as fp32. A bf16 is the top half of an fp32, so the
 // pair sharing a 32-bit word unpacks with one shift and one mask (the
 // intrinsic extracts the odd one first: two instructions).
