@@ -44,9 +44,9 @@ using NormForward = void(
 // them, recomputes them from x (the CPU kernels always do), then writes
 // grad_input = d(out)/dx . grad_out (+ grad_sum when given, the gradient that
 // flows into `sum` directly), and, when defined, grad_weight / grad_bias
-// (length cols, in the parameter dtype; written, not accumulated: the front
-// end allocates them uninitialized). Reductions over rows must be
-// deterministic.
+// (length cols, in x's dtype or the accumulation dtype; written, not
+// accumulated: the front end allocates them uninitialized). Reductions over
+// rows must be deterministic.
 // extra_grad_outs (x's dtype and shape, like grad_out) are further terms of
 // the output's gradient: grad_out + extra[0] + ..., each sum rounded to x's
 // dtype as eager adds are. An output read by several ops (q, k and v

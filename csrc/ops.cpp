@@ -205,18 +205,19 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
 
   const auto param_sizes = input.sizes().slice(input.dim() - ndim);
   const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
-  const auto param_options = input.options().dtype(param_dtype);
+  // The kernels write dweight/dbias in x's dtype or the accumulation dtype; a
+  // parameter of a third dtype gets its gradient cast from the latter.
+  const auto grad_dtype = param_dtype == input.scalar_type() ? param_dtype : acc_dtype(input);
+  const auto grad_options = input.options().dtype(grad_dtype);
   Tensor grad_input = at::empty(input.sizes(), input.options());
   optional<Tensor> grad_weight, grad_bias;
-  if (weight.has_value()) grad_weight = at::empty({cols}, param_options);
-  if (has_bias) grad_bias = at::empty({cols}, param_options);
+  if (weight.has_value()) grad_weight = at::empty({cols}, grad_options);
+  if (has_bias) grad_bias = at::empty({cols}, grad_options);
   if (input.numel() == 0) {
-    // No rows: the kernels do not run, and dweight/dbias are empty sums.
+    // No rows: no kernel runs, and dweight/dbias are empty sums.
     for (auto* g : {&grad_weight, &grad_bias})
       if (g->has_value()) (*g)->zero_();
-  }
-
-  if (input.numel() > 0) {
+  } else {
     NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
     Tensor grad_input2d = grad_input.view({-1, cols});
     // Gradients reach the kernels as (rows, cols) views in the input dtype.
@@ -237,7 +238,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
                            grad_input2d, grad_weight, grad_bias, stats2d);
   }
   auto finish = [&](const optional<Tensor>& g) {
-    return g.has_value() ? g->view(param_sizes) : at::empty({0}, param_options);
+    return g.has_value() ? g->view(param_sizes).to(param_dtype)
+                         : at::empty({0}, input.options().dtype(param_dtype));
   };
   return {grad_input, finish(grad_weight), finish(grad_bias)};
 }

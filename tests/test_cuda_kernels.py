@@ -227,6 +227,13 @@ def test_fp32_params_bf16_input(center, n):
     run_case(rows_for(n), n, torch.float16, center, param_dtype=torch.float32, residual=True)
 
 
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_params_of_another_16_bit_dtype(center):
+    """bf16 weights on fp32 or fp16 rows run as fp32 weights; dweight comes back in bf16."""
+    run_case(rows_for(4096), 4096, torch.float32, center, param_dtype=torch.bfloat16)
+    run_case(rows_for(4096), 4096, torch.float16, center, param_dtype=torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
 def test_split_rows_accumulate(center, dtype):
