@@ -12,6 +12,12 @@
 
 namespace normpass {
 
+// The kernels' accumulation dtype for rows of x: of their arithmetic, of the
+// row statistics, and of dweight/dbias in a dtype other than x's.
+inline at::ScalarType acc_dtype(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 struct NormParams {
   bool center = false;        // subtract the mean (LayerNorm) or not (RMSNorm)
   double eps = 0.0;           // added to the variance / mean square, inside the root

@@ -118,13 +118,12 @@ Tensor as_rows(const Tensor& t, int64_t cols) {
 // have it, else the accumulation dtype.
 std::pair<optional<Tensor>, optional<Tensor>> kernel_params(
     const optional<Tensor>& weight, const optional<Tensor>& bias, const Tensor& input) {
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto dtype_of = [](const optional<Tensor>& t) {
     return t.has_value() ? std::optional(t->scalar_type()) : std::nullopt;
   };
   auto w = dtype_of(weight), b = dtype_of(bias);
   at::ScalarType dtype = input.scalar_type();
-  if ((w && *w != dtype) || (b && *b != dtype)) dtype = acc;
+  if ((w && *w != dtype) || (b && *b != dtype)) dtype = acc_dtype(input);
   auto flat = [&](const optional<Tensor>& t) -> optional<Tensor> {
     if (!t.has_value()) return t;
     return t->reshape({-1}).to(dtype).contiguous();
@@ -146,11 +145,6 @@ NormBackward* backward_kernel(const Tensor& input) {
 #endif
   TORCH_CHECK(input.is_cpu(), "normpass: no kernel for device ", input.device());
   return norm_backward_cpu;
-}
-
-// The accumulation dtype of the kernels (norm.h): of dweight/dbias before their cast, and of stats.
-at::ScalarType acc_dtype(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // (out, sum, stats): sum is undefined without a residual, stats without want_stats.

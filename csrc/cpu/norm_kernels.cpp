@@ -234,7 +234,7 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
               "normpass: weight and bias must share a dtype, got ", weight->scalar_type(),
               " and ", bias->scalar_type());
   // Output dtypes other than x's or fp32 are computed in fp32 and cast once.
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(x);
   if (out.scalar_type() != x.scalar_type() && out.scalar_type() != acc) {
     Tensor tmp = at::empty(out.sizes(), out.options().dtype(acc));
     norm_forward_cpu(x, residual, weight, bias, p, tmp, sum, stats);
@@ -259,7 +259,7 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
                        const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
                        optional<Tensor>& grad_bias, const optional<Tensor>& /*stats: recomputed*/) {
   // dweight/dbias in a 16-bit parameter dtype are summed in fp32 and cast once.
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(x);
   auto narrow = [&](const optional<Tensor>& g) { return g && g->scalar_type() != acc; };
   if (narrow(grad_weight) || narrow(grad_bias)) {
     auto wide = [&](const optional<Tensor>& g) -> optional<Tensor> {
