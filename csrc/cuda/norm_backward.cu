@@ -1,164 +1,13 @@
-// CUDA backward: normpass::norm_backward_cuda (contract in ../norm.h).
+// CUDA backward: normpass::norm_backward_cuda (contract in ../norm.h). The
+// kernels of each input dtype are in norm_backward_<dtype>.cu.
 #include "../norm.h"
 #include "launch.h"
 
 namespace normpass {
-namespace {
 
 using at::Tensor;
 using std::optional;
 using namespace normpass::cuda;
-
-template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE, bool SAVED>
-void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& x,
-                     const Tensor& weight,
-                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
-                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias,
-                     const optional<Tensor>& stats) {
-  const int64_t cols = x.size(1);
-  auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD, MORE, SAVED>;
-  const bool partials = grad_weight || BIAS_GRAD;
-  struct Plan {
-    LaunchShape shape;
-    size_t smem; // per-thread dweight/dbias partials of every tile
-    int64_t fit; // clusters that run at once; 0: not this plan
-  };
-  const int64_t need = row_threads(cols, VEC, bwd_items<VEC>());
-  const int min_threads = need > kBwdRowCtaThreads / 2 ? kBwdRowCtaThreads : kBwdThreads;
-  const int max_threads = need <= kBwdWideRowThreads ? kBwdMaxThreads : kBwdThreads;
-  const size_t smem_limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin) -
-                            sizeof(ReduceSmem) - 1024; // the driver's reserve
-  set_max_dynamic_smem(kernel, smem_limit);
-  auto layout = [&](int cmax, int min_cta, int max_cta) {
-    return choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, min_cta,
-                         max_cta);
-  };
-  // A cluster plan is taken only if its partials cost no occupancy; a split
-  // row (CTAs that are no cluster, a tile each) whenever its partials fit.
-  auto plan = [&](LaunchShape shape) {
-    Plan q{shape, 0, 0};
-    const RowLayout& L = shape.layout;
-    if (partials)
-      q.smem = sizeof(float) * SmemPartial<bwd_items<VEC>(), VEC>::floats(shape.threads, L.tiles) *
-               (BIAS_GRAD ? 2 : 1);
-    if (q.smem > smem_limit) return q;
-    if (L.split) {
-      q.fit = std::max<int64_t>(1, resident_clusters(kernel, shape.threads, q.smem, 1) / L.cluster);
-    } else {
-      q.fit = resident_clusters(kernel, shape.threads, q.smem, L.cluster);
-      if (q.fit < resident_clusters(kernel, shape.threads, 0, L.cluster)) q.fit = 0;
-    }
-    return q;
-  };
-  // In order of preference (measured, benchmarks/NOTES.md): a cluster of at
-  // most 8 CTAs, then of 16 (Hopper's largest); else the split row (v18: bf16
-  // LayerNorm 262144 1.2 -> 1.5 TB/s forward+backward, where a cluster of 16
-  // held one CTA per SM).
-  const int big = max_cluster(kernel, kBwdThreads);
-  Plan q = plan(layout(std::min(big, 8), min_threads, max_threads));
-  if (q.fit == 0) q = plan(layout(big, min_threads, max_threads));
-  if (q.fit == 0) {
-    LaunchShape split = layout(INT32_MAX, kBwdThreads, kBwdThreads);
-    split.layout.split = true;
-    q = plan(split);
-  }
-  TORCH_CHECK(q.fit > 0, "normpass CUDA: this device's shared memory cannot hold the dweight/dbias "
-              "partials of rows of ", std::to_string(cols), "; use NORMPASS_FORCE_REFERENCE=1");
-  const RowLayout& L = q.shape.layout;
-  // Persistent grid: as many clusters as run at once, each accumulating one
-  // dweight/dbias partial row over the rows it visits.
-  const int64_t clusters = std::min<int64_t>(q.fit, L.row_blocks);
-
-  const auto f32 = x.options().dtype(at::kFloat);
-  Tensor dw_part, db_part;
-  if (grad_weight) dw_part = at::empty({clusters, cols}, f32);
-  if (BIAS_GRAD) db_part = at::empty({clusters, cols}, f32);
-
-  BwdArgs<T, W> a{};
-  a.dy = ptr<T>(grad_out);
-  a.x = ptr<T>(x);
-  a.weight = ptr<W>(weight);
-  a.grad_sum = ptr<T>(grad_sum);
-  a.dx = mut_ptr<T>(grad_input);
-  a.dw_part = grad_weight ? mut_ptr<float>(dw_part) : nullptr;
-  a.db_part = BIAS_GRAD ? mut_ptr<float>(db_part) : nullptr;
-  a.dy_stride = grad_out.stride(0);
-  a.n_more = static_cast<int>(more.size());
-  for (size_t i = 0; i < more.size(); ++i) {
-    a.dy_more[i] = ptr<T>(more[i]);
-    a.dy_more_stride[i] = more[i].stride(0);
-  }
-  a.x_stride = x.stride(0);
-  a.ds_stride = grad_sum ? grad_sum->stride(0) : 0;
-  a.eps = static_cast<float>(p.eps);
-  a.stats = SAVED ? ptr<float2>(*stats) : nullptr;
-  a.layout = L;
-  Tensor row_parts; // held until both launches are queued
-  if (L.split) {
-    row_parts = at::empty({L.rows, L.cluster, 4}, f32);
-    a.row_parts = reinterpret_cast<float4*>(row_parts.mutable_data_ptr<float>());
-    BwdArgs<T, W> sums = a;
-    sums.phase = 1;
-    launch(kernel, clusters * L.cluster, q.shape.threads, 0, 1, sums);
-    a.phase = 2;
-  }
-  launch(kernel, clusters * L.cluster, q.shape.threads, q.smem, L.split ? 1 : L.cluster, a);
-
-  if (partials) {
-    // The parameters' dtype: fp32, or x's (the partials are cast once as they are summed).
-    auto sum_in = [&](auto o_tag) {
-      using O = decltype(o_tag);
-      O* dw = grad_weight ? mut_ptr<O>(*grad_weight) : nullptr;
-      O* db = BIAS_GRAD ? mut_ptr<O>(*grad_bias) : nullptr;
-      auto sum = [&](auto v) {
-        constexpr int V = decltype(v)::value;
-        // Lanes of a block: the fewest (down to a 128-byte row segment) that still
-        // give every SM a block; the rest of the block's threads are slices.
-        const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
-        int lanes = 32;
-        while (lanes > 32 / V && (cols + lanes * V - 1) / (lanes * V) < sms) lanes /= 2;
-        const dim3 grid(static_cast<unsigned>((cols + lanes * V - 1) / (lanes * V)), 2);
-        sum_partials_kernel<V, O><<<grid, dim3(lanes, kPartThreads / lanes), 0, current_stream()>>>(
-            a.dw_part, a.db_part, clusters, cols, dw, db);
-      };
-      if (cols % 4 == 0 && vector_ok(grad_weight, 4) && vector_ok(grad_bias, 4))
-        sum(std::integral_constant<int, 4>{});
-      else
-        sum(std::integral_constant<int, 1>{});
-    };
-    const auto& any = grad_weight ? grad_weight : grad_bias;
-    if (any->scalar_type() == at::kFloat) sum_in(float{});
-    else sum_in(T{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
-template <typename T, typename W>
-void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x,
-                    const Tensor& weight,
-                    const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
-                    optional<Tensor>& grad_weight, optional<Tensor>& grad_bias,
-                    const optional<Tensor>& stats) {
-  constexpr int kVec = 16 / sizeof(T);
-  bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
-             vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
-  for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
-  dispatch_flags<kVec>(vec, p.center, grad_bias.has_value(), [&](auto v, auto center, auto dbias) {
-    auto with_flags = [&](auto more_terms, auto saved) {
-      backward_launch<T, W, decltype(v)::value, decltype(center)::value, decltype(dbias)::value,
-                      decltype(more_terms)::value, decltype(saved)::value>(
-          grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
-    };
-    auto with_more = [&](auto more_terms) {
-      if (stats) with_flags(more_terms, std::true_type{});
-      else with_flags(more_terms, std::false_type{});
-    };
-    if (more.empty()) with_more(std::false_type{});
-    else with_more(std::true_type{});
-  });
-}
-
-} // namespace
 
 void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, const Tensor& x,
                         const optional<Tensor>& raw_weight, const optional<Tensor>& grad_sum,
@@ -187,16 +36,10 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   const bool in_kernel = extra_grad_outs.size() < kMaxGradTerms;
   const Tensor dy = in_kernel ? grad_out : sum_grad_terms(grad_out, extra_grad_outs);
   const at::TensorList more = in_kernel ? extra_grad_outs : at::TensorList();
-  const bool fp32_weight = weight.scalar_type() != x.scalar_type();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    if (fp32_weight) {
-      backward_typed<T, float>(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias,
-                               stats);
-    } else {
-      backward_typed<T, T>(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias,
-                           stats);
-    }
+    BackwardKernels<T>::run(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias,
+                            stats);
   });
 }
 

@@ -3,7 +3,7 @@
 // kernels are parametrized by centering (LayerNorm vs RMSNorm); the forward
 // also by the fused residual add, the backward by whether dbias is wanted and
 // whether further terms of the output's gradient come with dy (MORE).
-// Pure CUDA: the ATen glue is in norm_kernels.cu / norm_backward.cu.
+// Pure CUDA: the ATen glue is in forward_launch.cuh / backward_launch.cuh.
 #pragma once
 
 #include <type_traits>

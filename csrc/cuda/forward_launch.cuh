@@ -1,13 +1,15 @@
-// CUDA forward: normpass::norm_forward_cuda (contract in ../norm.h).
-#include "../norm.h"
+// The forward of one input dtype: launch shape, arguments and the dispatch
+// onto the kernel's compile-time switches. Included only by the files that
+// instantiate ForwardKernels<T> (norm_forward_<dtype>.cu).
+#pragma once
+
 #include "launch.h"
 
 namespace normpass {
-namespace {
+namespace cuda {
 
 using at::Tensor;
 using std::optional;
-using namespace normpass::cuda;
 
 template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
 void forward_launch(const Tensor& x, const optional<Tensor>& residual,
@@ -50,47 +52,24 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
   });
 }
 
-} // namespace
-
-void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
-                       const optional<Tensor>& raw_weight, const optional<Tensor>& raw_bias,
-                       const NormParams& p, Tensor& out, optional<Tensor>& sum,
-                       optional<Tensor>& stats) {
-  // The kernels test statistics columns only for RMSNorm (pRMSNorm).
-  TORCH_INTERNAL_ASSERT(!p.center || p.stat_cols == x.size(1), "LayerNorm takes every column");
-  const optional<Tensor> weight = fold_offset(raw_weight, p.weight_offset);
-  const optional<Tensor> bias = weight && raw_bias && raw_bias->scalar_type() != weight->scalar_type()
-                                    ? optional<Tensor>(raw_bias->to(weight->scalar_type()))
-                                    : raw_bias;
-  TORCH_CHECK(!(weight && bias) || weight->scalar_type() == bias->scalar_type(),
-              "normpass: weight and bias must share a dtype, got ", weight->scalar_type(),
-              " and ", bias->scalar_type());
-  TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", std::to_string(x.size(1)),
-              " elements (at most ", std::to_string(kMaxCols), ")");
-  const c10::cuda::CUDAGuard guard(x.device());
-  // Output dtypes other than x's or fp32 are computed in fp32 and cast once.
-  if (out.scalar_type() != x.scalar_type() && out.scalar_type() != at::kFloat) {
-    Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
-    norm_forward_cuda(x, residual, raw_weight, raw_bias, p, tmp, sum, stats);
-    out.copy_(tmp);
-    return;
-  }
+// The parameters are of x's dtype or fp32; the output is of x's dtype or fp32
+// (the entry point casts any other).
+template <typename T>
+void ForwardKernels<T>::run(const Tensor& x, const optional<Tensor>& residual,
+                            const optional<Tensor>& weight, const optional<Tensor>& bias,
+                            const NormParams& p, Tensor& out, optional<Tensor>& sum,
+                            optional<Tensor>& stats) {
   const auto param = weight ? weight : bias;
   const bool fp32_params = param && param->scalar_type() != x.scalar_type();
-  TORCH_CHECK(!param || param->scalar_type() == x.scalar_type() ||
-                  param->scalar_type() == at::kFloat,
-              "normpass CUDA: parameters must be of x's dtype or fp32, got ", param->scalar_type());
   const bool fp32_out = out.scalar_type() != x.scalar_type();
-  dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
-    using T = typename decltype(t_tag)::type;
-    auto with_out = [&](auto w_tag) {
-      using W = typename decltype(w_tag)::type;
-      if (fp32_out) forward_typed<T, W, float>(x, residual, weight, bias, p, out, sum, stats);
-      else forward_typed<T, W, T>(x, residual, weight, bias, p, out, sum, stats);
-    };
-    if (fp32_params) with_out(Tag<float>{});
-    else with_out(Tag<T>{});
-  });
+  auto with_out = [&](auto w_tag) {
+    using W = typename decltype(w_tag)::type;
+    if (fp32_out) forward_typed<T, W, float>(x, residual, weight, bias, p, out, sum, stats);
+    else forward_typed<T, W, T>(x, residual, weight, bias, p, out, sum, stats);
+  };
+  if (fp32_params) with_out(Tag<float>{});
+  else with_out(Tag<T>{});
 }
 
+} // namespace cuda
 } // namespace normpass
