@@ -138,6 +138,7 @@ def run_case(
     strided=False,
     out_dtype=None,
     x_mean=0.0,
+    first=0.0,
 ):
     dev = "cuda"
     bias = center if bias is None else bias
@@ -158,6 +159,8 @@ def run_case(
     if x_mean:
         assert not strided, "x_mean would make the strided x contiguous"
         x = (x.float() + x_mean).to(dtype)
+    if first:
+        x[:, 0] += first
     r = rand(m, n) if residual else None
     w = (1 + 0.5 * rand(n, dt=torch.float32)).to(pd) if weight else None
     b = rand(n, dt=pd) if bias else None
@@ -248,6 +251,14 @@ def test_rows_far_from_zero(dtype, n):
     # Rows whose mean is 64x their spread: the shifted moments must stay as accurate as torch's.
     run_case(rows_for(n), n, dtype, True, x_mean=64.0)
     run_case(rows_for(n), n, dtype, True, x_mean=64.0, residual=True, grad_sum=True)
+
+
+@pytest.mark.parametrize("n", [65536, 1 << 20])
+@pytest.mark.parametrize("residual", [False, True], ids=["x", "x+r"])
+def test_rows_starting_far_from_their_mean(residual, n):
+    # The first element 6 standard deviations out. LayerNorm's one-pass moments are shifted by the
+    # mean of the row's first vector; a shift by x[0] alone lost 37x the sums' rounding error.
+    run_case(rows_for(n), n, torch.float32, True, first=6.0, residual=residual)
 
 
 @pytest.mark.parametrize("n", [64, 4096, 16384, 65536])  # 16384, 65536: 512-thread backward CTAs

@@ -107,30 +107,23 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
       });
     };
 
-    // LayerNorm shifts by the row's first element, h[0] (see shifted_moments).
-    float shift = 0.f;
-    if (CENTER && valid) {
-      Pack<T, 1> x0, r0v;
-      load(x0, x);
-      shift = to_float(x0.v[0]);
-      if (RESIDUAL) {
-        load(r0v, r);
-        shift = to_float(from_float<T>(shift + to_float(r0v.v[0])));
-      }
-    }
+    const float shift = CENTER && valid ? row_shift<T, VEC, RESIDUAL>(x, r) : 0.f;
 
-    // One reduction: sum (h - shift)^2 and, for LayerNorm, sum (h - shift).
+    // One reduction: sum (h - shift)^2 and, for LayerNorm, sum (h - shift),
+    // each tile's sums added to the row's (fewer roundings in a chain).
     float s[CENTER ? 2 : 1] = {};
     for (int t = 0; t < L.tiles; ++t) {
       load_tile(t, true);
       if (!valid) continue;
+      float st[CENTER ? 2 : 1] = {};
       with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
         for_each_stat<ITEMS, VEC>(th, L, t, ragged, [&](int k, int e) {
           const float d = h(k, e) - shift;
-          s[0] += d * d;
-          if constexpr (CENTER) s[1] += d;
+          st[0] += d * d;
+          if constexpr (CENTER) st[1] += d;
         });
       });
+      add_sums(s, st);
     }
     row_sum(s, L, sh, parity);
     float mean = 0.f, var = s[0] * inv_k;
@@ -376,28 +369,25 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       for (int t = 0; t < L.tiles && !from_parts; ++t) {
         load_tile(t);
         if (!valid) continue;
+        float at[CENTER ? 2 : 1] = {}; // this tile's sums
         for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
           float w[VEC];
           load_param(w, a.weight, j * VEC);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const float g = __fmul_rn(gf(k, e), w[e]);
-            acc[0] += g * (xf(k, e) - mean);
-            if constexpr (CENTER) acc[1] += g;
+            at[0] += g * (xf(k, e) - mean);
+            if constexpr (CENTER) at[1] += g;
           }
         });
+        add_sums(acc, at);
       }
       if (resident) load_grad_sum(0);
       reduce(acc);
       sum_gxm = acc[0];
       if constexpr (CENTER) mean_g = acc[1] * inv_n;
     } else {
-      float shift = 0.f;
-      if (CENTER && valid) {
-        Pack<T, 1> x0;
-        load(x0, x);
-        shift = to_float(x0.v[0]);
-      }
+      const float shift = CENTER && valid ? row_shift<T, VEC, false>(x, nullptr) : 0.f;
 
       // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
       // g is rounded once (no fused multiply-add), the same in both passes.
@@ -405,6 +395,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       for (int t = 0; t < L.tiles && !from_parts; ++t) {
         load_tile(t);
         if (!valid) continue;
+        float at[CENTER ? 4 : 2] = {}; // this tile's sums
         // One loop over the tile, so x is unpacked and shifted once per element.
         with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
           for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
@@ -416,15 +407,16 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
             for (int e = 0; e < VEC; ++e) {
               const float d = xf(k, e) - shift;
               if (stat_column(L, col, e, stat, ragged)) {
-                acc[0] += d * d;
-                if constexpr (CENTER) acc[3] += d;
+                at[0] += d * d;
+                if constexpr (CENTER) at[3] += d;
               }
               const float g = __fmul_rn(gf(k, e), w[e]);
-              acc[1] += g * d;
-              if constexpr (CENTER) acc[2] += g;
+              at[1] += g * d;
+              if constexpr (CENTER) at[2] += g;
             }
           });
         });
+        add_sums(acc, at);
       }
       if (resident) load_grad_sum(0);
       reduce(acc);

@@ -178,6 +178,11 @@ __device__ __forceinline__ void add_sums(float (&v)[K], const float4 s) {
 #pragma unroll
   for (int k = 0; k < K; ++k) v[k] += sk[k];
 }
+template <int K>
+__device__ __forceinline__ void add_sums(float (&v)[K], const float (&s)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] += s[k];
+}
 
 template <int K>
 __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, ReduceSmem& sh,
@@ -277,15 +282,34 @@ __device__ __forceinline__ void for_each_vec(const RowThread& th, const RowLayou
 }
 
 // Mean and variance from sums of (h - shift) and (h - shift)^2 over k
-// columns. The shift is an element of the row, so |mean - shift| is a few
-// standard deviations at most and the difference below does not cancel; it
-// lets LayerNorm take both moments in one reduction.
+// columns. The shift is near the row's mean (row_shift), so the difference
+// below loses little to cancellation; it lets LayerNorm take both moments in
+// one reduction.
 struct Moments {
   float mean, var;
 };
 __device__ __forceinline__ Moments shifted_moments(float shift, float s1, float s2, float inv_k) {
   const float d = s1 * inv_k;
   return {shift + d, fmaxf(s2 * inv_k - d * d, 0.f)};
+}
+
+// LayerNorm's shift: the mean of the row's first vector of h = x, or of
+// round(x + r) as the kernels normalize it. The variance above loses
+// (1 + (mean - shift)^2 / var) times the sums' rounding error: with x[0]
+// alone, up to 3 standard deviations off, fp32 rows of 2^20 missed the
+// parity bound.
+template <typename T, int VEC, bool RESIDUAL>
+__device__ __forceinline__ float row_shift(const T* x, const T* r) {
+  Pack<T, VEC> xv, rv;
+  load(xv, x);
+  if constexpr (RESIDUAL) load(rv, r);
+  float s = 0.f;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) {
+    const float h = element(xv, e);
+    s += RESIDUAL ? to_float(from_float<T>(h + element(rv, e))) : h;
+  }
+  return s * (1.f / VEC);
 }
 
 // ---------------------------------------------------------------------------
