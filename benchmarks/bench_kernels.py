@@ -295,7 +295,7 @@ def write_outputs(out_dir, dev, ceiling, rows, residual_rows):
                 for p in providers:
                     r = next((r for r in sel if r["n"] == n and r["provider"] == p), None)
                     cells.append(f"{fmt(r['fwd'])} / {fmt(r['fwdbwd'])}" if r else "")
-                    if r and p == "normpass" and isinstance(r["fwd"], float):
+                    if r and not pct and p.startswith("normpass") and isinstance(r["fwd"], float):
                         pct = f"{100 * r['fwd'] / ceiling:.0f}% / {100 * r['fwdbwd'] / ceiling:.0f}%"
                 lines.append(f"| {n} | " + " | ".join(cells) + f" | {pct} |")
     if residual_rows:
@@ -331,7 +331,8 @@ def plot(path, dname, dev, ceiling, rows):
             for p in dict.fromkeys(r["provider"] for r in sel):
                 pts = [(r["n"], r[key]) for r in sel if r["provider"] == p and isinstance(r[key], float)]
                 if pts:
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=p, lw=2.5 if p == "normpass" else 1.2)
+                    lw = 2.5 if p.startswith("normpass") else 1.2
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=p, lw=lw)
             ax.axhline(ceiling, color="k", ls="--", lw=1, label="copy ceiling")
             ax.set_xscale("log", base=2)
             ax.set_title(f"{norm} {dname} {label}", fontsize=10)
