@@ -247,6 +247,23 @@ def test_parity_many_rows_threads():
         check_parity(name, x, r, w, b)
 
 
+@pytest.mark.parametrize("name", OPS)
+def test_parity_long_rows(name):
+    """Rows of 2^20 fp32 values: summed in blocks whose sums are added pairwise (one vectorized sum
+    over the whole row was 100x further from float64 than torch)."""
+    x, r, w, b = make_inputs(name, (3, 1 << 20), torch.float32)
+    check_parity(name, x, r, w, b)
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm"])
+def test_parity_rows_starting_far_from_their_mean(name):
+    """The first value 6 standard deviations out: LayerNorm's one-pass moments are shifted by the mean
+    of the row's first values, not by the first value alone."""
+    x, r, w, b = make_inputs(name, (3, 1 << 16), torch.float32)
+    x[:, 0] += 12.0
+    check_parity(name, x, r, w, b)
+
+
 def test_dweight_is_deterministic():
     x, _, w, _ = make_inputs("rms_norm", (517, 33), torch.float32)
     dy = torch.randn(x.shape)

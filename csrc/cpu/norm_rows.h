@@ -128,22 +128,68 @@ struct RowStats {
   acc_t rstd;
 };
 
-// Over the first k values of a row: one pass of moments shifted by the row's
-// first value (no cancellation unless that value is many deviations from the
-// mean), so the row is read once for its statistics.
+// Sums over long rows: each block of kSumBlock values is summed by one
+// vectorized loop, and the blocks' sums are added pairwise (a binary counter
+// of partial sums), so the rounding error grows with kSumBlock / lanes +
+// log2(n), not with n / lanes. A plain vectorized reduction of fp32 rows of
+// 2^20 values put the outputs 100x further from float64 than torch's.
+constexpr int64_t kSumBlock = 4096;
+
+template <typename acc_t, int K>
+struct PairwiseSums {
+  acc_t level[64][K]; // level[j]: the sum of 2^j blocks, set where bit j of `blocks` is
+  int64_t blocks = 0;
+
+  NP_TARGET void add(const acc_t (&v)[K]) {
+    acc_t c[K];
+    for (int k = 0; k < K; ++k) c[k] = v[k];
+    int top = 0;
+    for (int64_t m = blocks; m & 1; m >>= 1, ++top)
+      for (int k = 0; k < K; ++k) c[k] = level[top][k] + c[k];
+    for (int k = 0; k < K; ++k) level[top][k] = c[k];
+    ++blocks;
+  }
+  NP_TARGET void total(acc_t (&out)[K]) const {
+    for (int k = 0; k < K; ++k) out[k] = 0;
+    for (int j = 0; (blocks >> j) != 0; ++j)
+      if ((blocks >> j) & 1)
+        for (int k = 0; k < K; ++k) out[k] += level[j][k];
+  }
+};
+
+// LayerNorm's shift: the mean of the row's first (up to) 8 values. The
+// variance below loses (1 + (mean - shift)^2 / var) times its sums' rounding
+// error, and a single value can sit several deviations from the mean.
+template <typename acc_t>
+NP_TARGET acc_t row_shift(const acc_t* __restrict h, int64_t k) {
+  const int64_t m = std::min<int64_t>(k, 8);
+  acc_t s = 0;
+  for (int64_t i = 0; i < m; ++i) s += h[i];
+  return s / static_cast<acc_t>(m);
+}
+
+// Over the first k values of a row: one pass of moments shifted by
+// row_shift, so the row is read once for its statistics.
 template <typename acc_t>
 NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool center,
                                     acc_t eps) {
-  const acc_t shift = center ? h[0] : acc_t(0);
-  acc_t s = 0, ss = 0;
+  const acc_t shift = center && k > 0 ? row_shift(h, k) : acc_t(0);
+  PairwiseSums<acc_t, 2> sums;
+  for (int64_t lo = 0; lo < k; lo += kSumBlock) {
+    const int64_t hi = std::min(k, lo + kSumBlock);
+    acc_t s = 0, ss = 0;
 #pragma omp simd reduction(+ : s, ss)
-  for (int64_t i = 0; i < k; ++i) {
-    const acc_t d = h[i] - shift;
-    s += d;
-    ss += d * d;
+    for (int64_t i = lo; i < hi; ++i) {
+      const acc_t d = h[i] - shift;
+      s += d;
+      ss += d * d;
+    }
+    sums.add({s, ss});
   }
-  const acc_t mean_d = center ? s / static_cast<acc_t>(k) : acc_t(0);
-  const acc_t var = std::max(ss / static_cast<acc_t>(k) - mean_d * mean_d, acc_t(0));
+  acc_t t[2];
+  sums.total(t);
+  const acc_t mean_d = center ? t[0] / static_cast<acc_t>(k) : acc_t(0);
+  const acc_t var = std::max(t[1] / static_cast<acc_t>(k) - mean_d * mean_d, acc_t(0));
   return {shift + mean_d, acc_t(1) / std::sqrt(var + eps)};
 }
 
@@ -228,16 +274,24 @@ NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
     const auto st = row_stats(xr, k, a.params.center, eps);
     const acc_t mean = st.mean, rstd = st.rstd;
     const T* __restrict dy = dy_data + row * a.grad_out_stride;
-    acc_t sum_g = 0, sum_gx = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gx)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc_t xh = (xr[i] - mean) * rstd;
-      const acc_t gi = load(dy, i) * wa[i];
-      xhat[i] = xh;
-      g[i] = gi;
-      sum_g += gi;
-      sum_gx += gi * xh;
+    PairwiseSums<acc_t, 2> sums;
+    for (int64_t lo = 0; lo < n; lo += kSumBlock) {
+      const int64_t hi = std::min(n, lo + kSumBlock);
+      acc_t bg = 0, bgx = 0;
+#pragma omp simd reduction(+ : bg, bgx)
+      for (int64_t i = lo; i < hi; ++i) {
+        const acc_t xh = (xr[i] - mean) * rstd;
+        const acc_t gi = load(dy, i) * wa[i];
+        xhat[i] = xh;
+        g[i] = gi;
+        bg += gi;
+        bgx += gi * xh;
+      }
+      sums.add({bg, bgx});
     }
+    acc_t t[2];
+    sums.total(t);
+    const acc_t sum_g = t[0], sum_gx = t[1];
     if (dw) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) dw[i] += load(dy, i) * xhat[i];
