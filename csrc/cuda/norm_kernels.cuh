@@ -369,18 +369,18 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       for (int t = 0; t < L.tiles && !from_parts; ++t) {
         load_tile(t);
         if (!valid) continue;
-        float at[CENTER ? 2 : 1] = {}; // this tile's sums
+        float tile[CENTER ? 2 : 1] = {}; // this tile's sums
         for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
           float w[VEC];
           load_param(w, a.weight, j * VEC);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) {
             const float g = __fmul_rn(gf(k, e), w[e]);
-            at[0] += g * (xf(k, e) - mean);
-            if constexpr (CENTER) at[1] += g;
+            tile[0] += g * (xf(k, e) - mean);
+            if constexpr (CENTER) tile[1] += g;
           }
         });
-        add_sums(acc, at);
+        add_sums(acc, tile);
       }
       if (resident) load_grad_sum(0);
       reduce(acc);
@@ -395,7 +395,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       for (int t = 0; t < L.tiles && !from_parts; ++t) {
         load_tile(t);
         if (!valid) continue;
-        float at[CENTER ? 4 : 2] = {}; // this tile's sums
+        float tile[CENTER ? 4 : 2] = {}; // this tile's sums
         // One loop over the tile, so x is unpacked and shifted once per element.
         with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
           for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
@@ -407,16 +407,16 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
             for (int e = 0; e < VEC; ++e) {
               const float d = xf(k, e) - shift;
               if (stat_column(L, col, e, stat, ragged)) {
-                at[0] += d * d;
-                if constexpr (CENTER) at[3] += d;
+                tile[0] += d * d;
+                if constexpr (CENTER) tile[3] += d;
               }
               const float g = __fmul_rn(gf(k, e), w[e]);
-              at[1] += g * d;
-              if constexpr (CENTER) at[2] += g;
+              tile[1] += g * d;
+              if constexpr (CENTER) tile[2] += g;
             }
           });
         });
-        add_sums(acc, at);
+        add_sums(acc, tile);
       }
       if (resident) load_grad_sum(0);
       reduce(acc);
