@@ -38,12 +38,17 @@ def kernel_us(fn, calls: int = 20) -> tuple[float, list[str]]:
 
 
 def step_norm(terms: int):
-    """h = x + r; y = RMSNorm(h) read by 1 + terms readers; returns (h, y, y, ...)."""
+    """h = x + r; y = RMSNorm(h) read by 1 + terms readers; returns (h, y * s0, y * s1, ...).
 
-    def f(x, r, w):
+    Each reader is an op of its own (a multiply by a one-valued 0-dim tensor, which no pass folds),
+    as the projections are in a model: so the compiled backward gets one gradient per reader and
+    sums them in its own kernel. Returning y itself several times would have autograd add the
+    gradients before the compiled backward sees them, in kernels of their own."""
+
+    def f(x, r, w, scales):
         h = x + r
         y = hand_rms(h, w, None)
-        return (h,) + (y,) * (1 + terms)
+        return (h, *(y * s for s in scales[: 1 + terms]))
 
     return f
 
@@ -65,10 +70,11 @@ def main(argv=None) -> int:
     r = torch.randn_like(x, requires_grad=True)
     w = torch.randn(cols, device="cuda", dtype=dt, requires_grad=True)
     gsum, dy, t1, t2 = (torch.randn(rows, cols, device="cuda", dtype=dt) for _ in range(4))
+    scales = list(torch.ones(3, device="cuda", dtype=dt).unbind())
     ops = torch.ops.normpass
     for terms in (1, 2):
         extra = [t1, t2][:terms]
-        outs = torch.compile(step_norm(terms), backend="inductor")(x, r, w)
+        outs = torch.compile(step_norm(terms), backend="inductor")(x, r, w, scales)
         grads = [gsum, dy, *extra]
 
         def inductor_bwd(outs=outs, grads=grads):
