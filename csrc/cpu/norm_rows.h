@@ -258,7 +258,7 @@ NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
   const T* ds_data = static_cast<const T*>(a.grad_sum);
   const W* w = static_cast<const W*>(a.weight);
   T* dx_data = static_cast<T*>(a.grad_input);
-  acc_t* __restrict xhat = scratch;
+  acc_t* xhat = scratch; // not __restrict: xr below may be xhat itself
   acc_t* __restrict g = scratch + n;
   acc_t* __restrict wa = scratch + 2 * n;
   widen_params<W, acc_t>(w, nullptr, static_cast<acc_t>(a.params.weight_offset), n, wa, nullptr);
