@@ -74,97 +74,110 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
   const bool resident = L.tiles == 1;
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);
 
-  for (int64_t rb = blockIdx.x / L.cluster; rb < L.row_blocks; rb += gridDim.x / L.cluster) {
-    const int64_t row = rb * L.rows_per_cta + th.group;
-    // Threads of a missing row (last row block) still join the reductions.
-    const bool valid = row < L.rows;
-    const int64_t r0 = valid ? row : 0;
-    const T* x = a.x + r0 * a.x_stride;
-    const T* r = RESIDUAL ? a.residual + r0 * a.r_stride : nullptr;
-    T* sum = RESIDUAL ? a.sum + r0 * L.cols : nullptr;
-    O* out = a.out + r0 * L.cols;
-    Frag<T, VEC, ITEMS> h;
+  // The row loop, compiled twice: once for rows every thread has all its
+  // vectors of, in statistics columns only (every power-of-two N), with no
+  // per-vector tests, so a row's loads and parameter loads issue together
+  // (measured +2-4% LayerNorm and RMSNorm 16384, +9-14% add_rms_norm at 16384
+  // and up; benchmarks/NOTES.md, v24); once for the rest.
+  auto rows = [&](auto full) {
+    for (int64_t rb = blockIdx.x / L.cluster; rb < L.row_blocks; rb += gridDim.x / L.cluster) {
+      const int64_t row = rb * L.rows_per_cta + th.group;
+      // Threads of a missing row (last row block) still join the reductions.
+      const bool valid = row < L.rows;
+      const int64_t r0 = valid ? row : 0;
+      const T* x = a.x + r0 * a.x_stride;
+      const T* r = RESIDUAL ? a.residual + r0 * a.r_stride : nullptr;
+      T* sum = RESIDUAL ? a.sum + r0 * L.cols : nullptr;
+      O* out = a.out + r0 * L.cols;
+      Frag<T, VEC, ITEMS> h;
 
-    // Tile t into h. The statistics pass reads x (+ residual, rounded to T
-    // and stored to `sum`, as eager `x + residual` would); the output pass of
-    // a non-resident row re-reads that rounded sum.
-    auto load_tile = [&](int t, bool first_pass) {
-      if (!valid) return;
-      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-        if (RESIDUAL && !first_pass) {
-          load<false>(h.v[k], sum + j * VEC); // written by this kernel: no read-only path
-        } else if (RESIDUAL) {
-          Pack<T, VEC> xv, rv;
-          load(xv, x + j * VEC);
-          load(rv, r + j * VEC);
+      // Tile t into h. The statistics pass reads x (+ residual, rounded to T
+      // and stored to `sum`, as eager `x + residual` would); the output pass of
+      // a non-resident row re-reads that rounded sum.
+      auto load_tile = [&](int t, bool first_pass) {
+        if (!valid) return;
+        for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
+          if (RESIDUAL && !first_pass) {
+            load<false>(h.v[k], sum + j * VEC); // written by this kernel: no read-only path
+          } else if (RESIDUAL) {
+            Pack<T, VEC> xv, rv;
+            load(xv, x + j * VEC);
+            load(rv, r + j * VEC);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e)
-            h.v[k].v[e] = from_float<T>(element(xv, e) + element(rv, e));
-          store(sum + j * VEC, h.v[k]);
-        } else {
-          load(h.v[k], x + j * VEC);
-        }
-      });
-    };
+            for (int e = 0; e < VEC; ++e)
+              h.v[k].v[e] = from_float<T>(element(xv, e) + element(rv, e));
+            store(sum + j * VEC, h.v[k]);
+          } else {
+            load(h.v[k], x + j * VEC);
+          }
+        });
+      };
 
-    const float shift = CENTER && valid ? row_shift<T, VEC, RESIDUAL>(x, r) : 0.f;
+      const float shift = CENTER && valid ? row_shift<T, VEC, RESIDUAL>(x, r, L.cols) : 0.f;
 
-    // One reduction: sum (h - shift)^2 and, for LayerNorm, sum (h - shift),
-    // each tile's sums added to the row's (fewer roundings in a chain).
-    float s[CENTER ? 2 : 1] = {};
-    for (int t = 0; t < L.tiles; ++t) {
-      load_tile(t, true);
-      if (!valid) continue;
-      float st[CENTER ? 2 : 1] = {};
-      with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
-        for_each_stat<ITEMS, VEC>(th, L, t, ragged, [&](int k, int e) {
+      // One reduction: sum (h - shift)^2 and, for LayerNorm, sum (h - shift),
+      // each tile's sums added to the row's (fewer roundings in a chain).
+      float s[CENTER ? 2 : 1] = {};
+      for (int t = 0; t < L.tiles; ++t) {
+        load_tile(t, true);
+        if (!valid) continue;
+        float st[CENTER ? 2 : 1] = {};
+        auto stat = [&](int k, int e) {
           const float d = h(k, e) - shift;
           st[0] += d * d;
           if constexpr (CENTER) st[1] += d;
-        });
-      });
-      add_sums(s, st);
-    }
-    row_sum(s, L, sh, parity);
-    float mean = 0.f, var = s[0] * inv_k;
-    if constexpr (CENTER) {
-      const Moments mo = shifted_moments(shift, s[1], s[0], inv_k);
-      mean = mo.mean;
-      var = mo.var;
-    }
-    const float rstd = rsqrtf(var + a.eps);
-    if (a.stats != nullptr && valid && th.first == 0) a.stats[r0] = make_float2(mean, rstd);
-
-    // Output pass, compiled once per weight/bias presence: no per-element selects.
-    auto write = [&](auto has_w, auto has_b) {
-      for (int t = 0; t < L.tiles; ++t) {
-        if (!resident) load_tile(t, false);
-        if (!valid) continue;
-        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-          float w[VEC], b[VEC], y[VEC];
-          if constexpr (has_w.value) load_param(w, a.weight, j * VEC);
-          if constexpr (has_b.value) load_param(b, a.bias, j * VEC);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            y[e] = (h(k, e) - mean) * rstd;
-            if constexpr (has_w.value && has_b.value) y[e] = fmaf(y[e], w[e], b[e]);
-            else if constexpr (has_w.value) y[e] *= w[e];
-            else if constexpr (has_b.value) y[e] += b[e];
-          }
-          store_floats(out + j * VEC, y);
-        });
+        };
+        if constexpr (full.value) {
+          for_each_stat<ITEMS, VEC, true>(th, L, t, std::false_type{}, stat);
+        } else {
+          with_ragged_stats<VEC, !CENTER>(
+              L, [&](auto ragged) { for_each_stat<ITEMS, VEC>(th, L, t, ragged, stat); });
+        }
+        add_sums(s, st);
       }
-    };
-    using yes = std::true_type;
-    using no = std::false_type;
-    if (a.weight != nullptr) {
-      if (a.bias != nullptr) write(yes{}, yes{});
-      else write(yes{}, no{});
-    } else {
-      if (a.bias != nullptr) write(no{}, yes{});
-      else write(no{}, no{});
+      row_sum(s, L, sh, parity);
+      float mean = 0.f, var = s[0] * inv_k;
+      if constexpr (CENTER) {
+        const Moments mo = shifted_moments(shift, s[1], s[0], inv_k);
+        mean = mo.mean;
+        var = mo.var;
+      }
+      const float rstd = rsqrtf(var + a.eps);
+      if (a.stats != nullptr && valid && th.first == 0) a.stats[r0] = make_float2(mean, rstd);
+
+      // Output pass, compiled once per weight/bias presence: no per-element selects.
+      auto write = [&](auto has_w, auto has_b) {
+        for (int t = 0; t < L.tiles; ++t) {
+          if (!resident) load_tile(t, false);
+          if (!valid) continue;
+          for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
+            float w[VEC], b[VEC], y[VEC];
+            if constexpr (has_w.value) load_param(w, a.weight, j * VEC);
+            if constexpr (has_b.value) load_param(b, a.bias, j * VEC);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              y[e] = (h(k, e) - mean) * rstd;
+              if constexpr (has_w.value && has_b.value) y[e] = fmaf(y[e], w[e], b[e]);
+              else if constexpr (has_w.value) y[e] *= w[e];
+              else if constexpr (has_b.value) y[e] += b[e];
+            }
+            store_floats(out + j * VEC, y);
+          });
+        }
+      };
+      using yes = std::true_type;
+      using no = std::false_type;
+      if (a.weight != nullptr) {
+        if (a.bias != nullptr) write(yes{}, yes{});
+        else write(yes{}, no{});
+      } else {
+        if (a.bias != nullptr) write(no{}, yes{});
+        else write(no{}, no{});
+      }
     }
-  }
+  };
+  if (L.full) rows(std::true_type{});
+  else rows(std::false_type{});
   cluster_exit_barrier(L);
 }
 
@@ -387,7 +400,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       sum_gxm = acc[0];
       if constexpr (CENTER) mean_g = acc[1] * inv_n;
     } else {
-      const float shift = CENTER && valid ? row_shift<T, VEC, false>(x, nullptr) : 0.f;
+      const float shift = CENTER && valid ? row_shift<T, VEC, false>(x, nullptr, L.cols) : 0.f;
 
       // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
       // g is rounded once (no fused multiply-add), the same in both passes.

@@ -132,6 +132,8 @@ struct RowLayout {
   int tiles;          // passes per row phase; 1 = the row is register resident
   bool split;         // the row's CTAs are no hardware cluster: their sums meet in
                       // global memory, between two launches (backward only)
+  bool full;          // every thread has all its vectors in every tile, and
+                      // every column is a statistics column
 };
 
 // A thread's position: which row of the row block, and which vectors of it.
@@ -257,27 +259,28 @@ __device__ __forceinline__ bool stat_column(const RowLayout& L, int col, int e, 
 }
 
 // f(k, e) for the elements of tile t inside the statistics columns (all of
-// them unless pRMSNorm): vector k, element e.
-template <int ITEMS, int VEC, typename Ragged, typename F>
+// them unless pRMSNorm): vector k, element e. FULL: the layout is full, no
+// test is needed.
+template <int ITEMS, int VEC, bool FULL = false, typename Ragged, typename F>
 __device__ __forceinline__ void for_each_stat(const RowThread& th, const RowLayout& L, int t, Ragged ragged,
                                               F&& f) {
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     const int col = th.vec<ITEMS>(t, k) * VEC;
-    if (col >= L.stat_cols) continue;
+    if (!FULL && col >= L.stat_cols) continue;
 #pragma unroll
     for (int e = 0; e < VEC; ++e)
       if (stat_column(L, col, e, true, ragged)) f(k, e);
   }
 }
 
-// f(k, j) for the vectors of tile t that exist: item k, vector index j.
-template <int ITEMS, typename F>
+// f(k, j) for the vectors of tile t that exist (all, if FULL): item k, vector index j.
+template <int ITEMS, bool FULL = false, typename F>
 __device__ __forceinline__ void for_each_vec(const RowThread& th, const RowLayout& L, int t, F&& f) {
 #pragma unroll
   for (int k = 0; k < ITEMS; ++k) {
     const int j = th.vec<ITEMS>(t, k);
-    if (j < L.nvec) f(k, j);
+    if (FULL || j < L.nvec) f(k, j);
   }
 }
 
@@ -293,23 +296,30 @@ __device__ __forceinline__ Moments shifted_moments(float shift, float s1, float 
   return {shift + d, fmaxf(s2 * inv_k - d * d, 0.f)};
 }
 
-// LayerNorm's shift: the mean of the row's first vector of h = x, or of
-// round(x + r) as the kernels normalize it. The variance above loses
+// LayerNorm's shift: the mean of the row's first 16-byte vector of h = x, or
+// of round(x + r) as the kernels normalize it; of its first 8 elements (or all,
+// if fewer) when rows are not vectorized. The variance above loses
 // (1 + (mean - shift)^2 / var) times the sums' rounding error: with x[0]
 // alone, up to 3 standard deviations off, fp32 rows of 2^20 missed the
 // parity bound.
 template <typename T, int VEC, bool RESIDUAL>
-__device__ __forceinline__ float row_shift(const T* x, const T* r) {
-  Pack<T, VEC> xv, rv;
-  load(xv, x);
-  if constexpr (RESIDUAL) load(rv, r);
+__device__ __forceinline__ float row_shift(const T* x, const T* r, int cols) {
+  constexpr int kMaxLoads = VEC == 1 ? 8 : 1;
+  const int loads = cols < kMaxLoads ? cols : kMaxLoads; // VEC > 1: cols >= VEC
   float s = 0.f;
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) {
-    const float h = element(xv, e);
-    s += RESIDUAL ? to_float(from_float<T>(h + element(rv, e))) : h;
+  for (int i = 0; i < kMaxLoads; ++i) {
+    if (i >= loads) break;
+    Pack<T, VEC> xv, rv;
+    load(xv, x + i * VEC);
+    if constexpr (RESIDUAL) load(rv, r + i * VEC);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const float h = element(xv, e);
+      s += RESIDUAL ? to_float(from_float<T>(h + element(rv, e))) : h;
+    }
   }
-  return s * (1.f / VEC);
+  return s / static_cast<float>(loads * VEC);
 }
 
 // ---------------------------------------------------------------------------
@@ -356,6 +366,7 @@ inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, 
   }
   const int64_t per_tile = int64_t(L.tpr) * L.cluster * items;
   L.tiles = static_cast<int>((L.nvec + per_tile - 1) / per_tile);
+  L.full = L.nvec == L.tiles * per_tile && L.stat_cols == L.cols;
   // Short rows: several per CTA, so a CTA still has min_threads threads.
   const int threads = L.tpr < min_threads ? min_threads : L.tpr;
   L.rows_per_cta = threads / L.tpr;
