@@ -257,8 +257,7 @@ def test_rows_far_from_zero(dtype, n):
 @pytest.mark.parametrize("residual", [False, True], ids=["x", "x+r"])
 def test_rows_starting_far_from_their_mean(residual, n):
     # The first element 6 standard deviations out. LayerNorm's one-pass moments are shifted by the
-    # mean of the row's first vector (first 8 elements when scalar); a shift by x[0] alone lost 37x
-    # the sums' rounding error.
+    # mean of the row's first 8 elements; a shift by x[0] alone lost 37x the sums' rounding error.
     run_case(rows_for(n), n, torch.float32, True, first=6.0, residual=residual)
 
 

@@ -75,10 +75,10 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);
 
   // The row loop, compiled twice: once for rows every thread has all its
-  // vectors of, in statistics columns only (every power-of-two N), with no
-  // per-vector tests, so a row's loads and parameter loads issue together
-  // (measured +2-4% LayerNorm and RMSNorm 16384, +9-14% add_rms_norm at 16384
-  // and up; benchmarks/NOTES.md, v24); once for the rest.
+  // vectors of, in statistics columns only (RowLayout::full: every
+  // power-of-two N), with no per-vector or per-column tests; once for the rest
+  // (v24: LayerNorm and RMSNorm 16384 +2-4%, add_rms_norm from 16384 +9-14%;
+  // benchmarks/NOTES.md).
   auto rows = [&](auto full) {
     for (int64_t rb = blockIdx.x / L.cluster; rb < L.row_blocks; rb += gridDim.x / L.cluster) {
       const int64_t row = rb * L.rows_per_cta + th.group;
@@ -127,12 +127,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
           st[0] += d * d;
           if constexpr (CENTER) st[1] += d;
         };
-        if constexpr (full.value) {
-          for_each_stat<ITEMS, VEC, true>(th, L, t, std::false_type{}, stat);
-        } else {
-          with_ragged_stats<VEC, !CENTER>(
-              L, [&](auto ragged) { for_each_stat<ITEMS, VEC>(th, L, t, ragged, stat); });
-        }
+        with_ragged_stats<VEC, !CENTER && !full.value>(
+            L, [&](auto ragged) { for_each_stat<ITEMS, VEC, full.value>(th, L, t, ragged, stat); });
         add_sums(s, st);
       }
       row_sum(s, L, sh, parity);
@@ -310,191 +306,200 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
     if (BIAS_GRAD) db_acc.zero();
   }
 
-  for (int64_t rb = cluster_id; rb < L.row_blocks; rb += clusters) {
-    const int64_t row = rb * L.rows_per_cta + th.group;
-    const bool valid = row < L.rows;
-    const int64_t r0 = valid ? row : 0;
-    const T* x = a.x + r0 * a.x_stride;
-    const T* dy = a.dy + r0 * a.dy_stride;
-    const T* ds = a.grad_sum ? a.grad_sum + r0 * a.ds_stride : nullptr;
-    T* dx = a.dx + r0 * L.cols;
-    Frag<T, VEC, ITEMS> xf, gf, sf; // x, dy and grad_sum of one tile
+  // The row loop, compiled for full rows and for the rest, as in the forward
+  // (v25: bf16 forward+backward +3-11% at N 1024-16384; benchmarks/NOTES.md).
+  auto rows = [&](auto full) {
+    for (int64_t rb = cluster_id; rb < L.row_blocks; rb += clusters) {
+      const int64_t row = rb * L.rows_per_cta + th.group;
+      const bool valid = row < L.rows;
+      const int64_t r0 = valid ? row : 0;
+      const T* x = a.x + r0 * a.x_stride;
+      const T* dy = a.dy + r0 * a.dy_stride;
+      const T* ds = a.grad_sum ? a.grad_sum + r0 * a.ds_stride : nullptr;
+      T* dx = a.dx + r0 * L.cols;
+      Frag<T, VEC, ITEMS> xf, gf, sf; // x, dy and grad_sum of one tile
 
-    // grad_sum is first needed after the reduction. Its loads go out before
-    // it (resident rows) or before the tile's first dx store (which the
-    // compiler may not move them past), so their latency is not exposed.
-    auto load_grad_sum = [&](int t) {
-      if (ds != nullptr && valid)
-        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) { load(sf.v[k], ds + j * VEC); });
-    };
-    auto load_tile = [&](int t) {
-      if (!valid) return;
-      for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-        load(xf.v[k], x + j * VEC);
-        load(gf.v[k], dy + j * VEC);
-      });
-      if constexpr (MORE) {
-        // Further terms of dy, each sum rounded to T as the eager adds it replaces. Their
-        // loads go out after the row's and before any add, so all are in flight at once
-        // (a kernel of its own: the registers for them cost the usual call 1-3%).
-        Frag<T, VEC, ITEMS> terms[kMaxGradTerms - 1];
-#pragma unroll
-        for (int i = 0; i < kMaxGradTerms - 1; ++i) {
-          if (i < a.n_more) {
-            const T* more = a.dy_more[i] + r0 * a.dy_more_stride[i];
-            for_each_vec<ITEMS>(th, L, t, [&](int k, int j) { load(terms[i].v[k], more + j * VEC); });
-          }
-        }
-#pragma unroll
-        for (int i = 0; i < kMaxGradTerms - 1; ++i) {
-          if (i < a.n_more) {
-            for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-#pragma unroll
-              for (int e = 0; e < VEC; ++e)
-                gf.v[k].v[e] = from_float<T>(gf(k, e) + terms[i](k, e));
-            });
-          }
-        }
-      }
-    };
-    // The row's sums, over its threads; for a split row phase 1 stores this
-    // CTA's share, and phase 2 adds the shares in rank order (the same bits in
-    // every CTA of the row).
-    auto reduce = [&](auto& acc) {
-      constexpr int K = sizeof(acc) / sizeof(float);
-      float4* parts = from_parts || sums_only ? a.row_parts + r0 * L.cluster : nullptr;
-      if (from_parts) {
-#pragma unroll
-        for (int k = 0; k < K; ++k) acc[k] = 0.f;
-        for (int r = 0; r < L.cluster; ++r) add_sums(acc, parts[r]);
-        return;
-      }
-      row_sum(acc, L, sh, parity);
-      if (sums_only && valid && threadIdx.x % L.tpr == 0) parts[th.rank] = pack_sums(acc);
-    };
-    float mean = 0.f, rstd, sum_gxm, mean_g = 0.f;
-    if constexpr (SAVED) {
-      // The forward's statistics: pass 1 only sums g*(x - mean) and g.
-      const float2 st = a.stats[r0];
-      if constexpr (CENTER) mean = st.x;
-      rstd = st.y;
-      float acc[CENTER ? 2 : 1] = {};
-      for (int t = 0; t < L.tiles && !from_parts; ++t) {
-        load_tile(t);
-        if (!valid) continue;
-        float tile[CENTER ? 2 : 1] = {}; // this tile's sums
-        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-          float w[VEC];
-          load_param(w, a.weight, j * VEC);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const float g = __fmul_rn(gf(k, e), w[e]);
-            tile[0] += g * (xf(k, e) - mean);
-            if constexpr (CENTER) tile[1] += g;
-          }
+      // grad_sum is first needed after the reduction. Its loads go out before
+      // it (resident rows) or before the tile's first dx store (which the
+      // compiler may not move them past), so their latency is not exposed.
+      auto load_grad_sum = [&](int t) {
+        if (ds != nullptr && valid)
+          for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) { load(sf.v[k], ds + j * VEC); });
+      };
+      auto load_tile = [&](int t) {
+        if (!valid) return;
+        for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
+          load(xf.v[k], x + j * VEC);
+          load(gf.v[k], dy + j * VEC);
         });
-        add_sums(acc, tile);
-      }
-      if (resident) load_grad_sum(0);
-      reduce(acc);
-      sum_gxm = acc[0];
-      if constexpr (CENTER) mean_g = acc[1] * inv_n;
-    } else {
-      const float shift = CENTER && valid ? row_shift<T, VEC, false>(x, nullptr, L.cols) : 0.f;
-
-      // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
-      // g is rounded once (no fused multiply-add), the same in both passes.
-      float acc[CENTER ? 4 : 2] = {};
-      for (int t = 0; t < L.tiles && !from_parts; ++t) {
-        load_tile(t);
-        if (!valid) continue;
-        float tile[CENTER ? 4 : 2] = {}; // this tile's sums
-        // One loop over the tile, so x is unpacked and shifted once per element.
-        with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
-          for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-            const int col = j * VEC;
+        if constexpr (MORE) {
+          // Further terms of dy, each sum rounded to T as the eager adds it replaces. Their
+          // loads go out after the row's and before any add, so all are in flight at once
+          // (a kernel of its own: the registers for them cost the usual call 1-3%).
+          Frag<T, VEC, ITEMS> terms[kMaxGradTerms - 1];
+#pragma unroll
+          for (int i = 0; i < kMaxGradTerms - 1; ++i) {
+            if (i < a.n_more) {
+              const T* more = a.dy_more[i] + r0 * a.dy_more_stride[i];
+              for_each_vec<ITEMS, full.value>(th, L, t,
+                                              [&](int k, int j) { load(terms[i].v[k], more + j * VEC); });
+            }
+          }
+#pragma unroll
+          for (int i = 0; i < kMaxGradTerms - 1; ++i) {
+            if (i < a.n_more) {
+              for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
+#pragma unroll
+                for (int e = 0; e < VEC; ++e)
+                  gf.v[k].v[e] = from_float<T>(gf(k, e) + terms[i](k, e));
+              });
+            }
+          }
+        }
+      };
+      // The row's sums, over its threads; for a split row phase 1 stores this
+      // CTA's share, and phase 2 adds the shares in rank order (the same bits in
+      // every CTA of the row).
+      auto reduce = [&](auto& acc) {
+        constexpr int K = sizeof(acc) / sizeof(float);
+        float4* parts = from_parts || sums_only ? a.row_parts + r0 * L.cluster : nullptr;
+        if (from_parts) {
+#pragma unroll
+          for (int k = 0; k < K; ++k) acc[k] = 0.f;
+          for (int r = 0; r < L.cluster; ++r) add_sums(acc, parts[r]);
+          return;
+        }
+        row_sum(acc, L, sh, parity);
+        if (sums_only && valid && threadIdx.x % L.tpr == 0) parts[th.rank] = pack_sums(acc);
+      };
+      float mean = 0.f, rstd, sum_gxm, mean_g = 0.f;
+      if constexpr (SAVED) {
+        // The forward's statistics: pass 1 only sums g*(x - mean) and g.
+        const float2 st = a.stats[r0];
+        if constexpr (CENTER) mean = st.x;
+        rstd = st.y;
+        float acc[CENTER ? 2 : 1] = {};
+        for (int t = 0; t < L.tiles && !from_parts; ++t) {
+          load_tile(t);
+          if (!valid) continue;
+          float tile[CENTER ? 2 : 1] = {}; // this tile's sums
+          for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
             float w[VEC];
-            load_param(w, a.weight, col);
-            const bool stat = col < L.stat_cols;
+            load_param(w, a.weight, j * VEC);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) {
-              const float d = xf(k, e) - shift;
-              if (stat_column(L, col, e, stat, ragged)) {
-                tile[0] += d * d;
-                if constexpr (CENTER) tile[3] += d;
-              }
               const float g = __fmul_rn(gf(k, e), w[e]);
-              tile[1] += g * d;
-              if constexpr (CENTER) tile[2] += g;
+              tile[0] += g * (xf(k, e) - mean);
+              if constexpr (CENTER) tile[1] += g;
             }
           });
-        });
-        add_sums(acc, tile);
-      }
-      if (resident) load_grad_sum(0);
-      reduce(acc);
-      float var = acc[0] * inv_k;
-      sum_gxm = acc[1];
-      if constexpr (CENTER) {
-        const Moments mo = shifted_moments(shift, acc[3], acc[0], inv_k);
-        mean = mo.mean;
-        var = mo.var;
-        sum_gxm -= (mean - shift) * acc[2]; // sum g*(x - mean)
-        mean_g = acc[2] * inv_n;
-      }
-      rstd = rsqrtf(var + a.eps);
-    }
-    if (sums_only) continue;
-    // The next row block's first tile of x and dy is asked into L2 while this
-    // one is written, so its loads wait on L2, not on DRAM (v22, bf16
-    // forward+backward +2-4% at N 1024-8192 and LayerNorm 65536). Not for MORE:
-    // its step-shape calls lost 2 µs with it. Split rows were not tried.
-    if (!MORE && !L.split && rb + clusters < L.row_blocks) {
-      const int64_t next = (rb + clusters) * L.rows_per_cta + th.group;
-      if (next < L.rows)
-        for_each_vec<ITEMS>(th, L, 0, [&](int k, int j) {
-          prefetch_l2(a.x + next * a.x_stride + j * VEC);
-          prefetch_l2(a.dy + next * a.dy_stride + j * VEC);
-        });
-    }
-    const float c = sum_gxm * rstd * inv_k; // sum(g * xhat) / k
-
-    // Output pass, compiled with and without grad_sum and ragged statistics
-    // columns: no per-element test in the usual call.
-    auto output_pass = [&](auto has_ds, auto ragged) {
-      for (int t = 0; t < L.tiles; ++t) {
-        if (!resident) {
-          load_tile(t);
-          if constexpr (has_ds.value) load_grad_sum(t);
+          add_sums(acc, tile);
         }
-        if (!valid) continue;
-        for_each_vec<ITEMS>(th, L, t, [&](int k, int j) {
-          const int col = j * VEC;
-          float w[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
-          load_param(w, a.weight, col);
-          const bool stat = col < L.stat_cols;
+        if (resident) load_grad_sum(0);
+        reduce(acc);
+        sum_gxm = acc[0];
+        if constexpr (CENTER) mean_g = acc[1] * inv_n;
+      } else {
+        const float shift = CENTER && valid ? row_shift<T, VEC, false>(x, nullptr, L.cols) : 0.f;
+
+        // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
+        // g is rounded once (no fused multiply-add), the same in both passes.
+        float acc[CENTER ? 4 : 2] = {};
+        for (int t = 0; t < L.tiles && !from_parts; ++t) {
+          load_tile(t);
+          if (!valid) continue;
+          float tile[CENTER ? 4 : 2] = {}; // this tile's sums
+          // One loop over the tile, so x is unpacked and shifted once per element.
+          with_ragged_stats<VEC, !CENTER && !full.value>(L, [&](auto ragged) {
+            for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
+              const int col = j * VEC;
+              float w[VEC];
+              load_param(w, a.weight, col);
+              const bool stat = full.value || col < L.stat_cols;
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) {
-            const float ce = stat_column(L, col, e, stat, ragged) ? c : 0.f; // pRMSNorm: c for statistics columns
-            const float xhat = (xf(k, e) - mean) * rstd;
-            const float d = gf(k, e);
-            // Exactly 0 for a constant row (xhat = 0, g = mean_g), as in torch.
-            dxv[e] = rstd * fmaf(-xhat, ce, __fmul_rn(d, w[e]) - mean_g);
-            if constexpr (has_ds.value) dxv[e] += sf(k, e);
-            dwv[e] = d * xhat;
-            dbv[e] = d;
-          }
-          store_floats(dx + col, dxv);
-          if (dw_part) dw_acc.add(t * ITEMS + k, dwv);
-          if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dbv);
-        });
+              for (int e = 0; e < VEC; ++e) {
+                const float d = xf(k, e) - shift;
+                if (stat_column(L, col, e, stat, ragged)) {
+                  tile[0] += d * d;
+                  if constexpr (CENTER) tile[3] += d;
+                }
+                const float g = __fmul_rn(gf(k, e), w[e]);
+                tile[1] += g * d;
+                if constexpr (CENTER) tile[2] += g;
+              }
+            });
+          });
+          add_sums(acc, tile);
+        }
+        if (resident) load_grad_sum(0);
+        reduce(acc);
+        float var = acc[0] * inv_k;
+        sum_gxm = acc[1];
+        if constexpr (CENTER) {
+          const Moments mo = shifted_moments(shift, acc[3], acc[0], inv_k);
+          mean = mo.mean;
+          var = mo.var;
+          sum_gxm -= (mean - shift) * acc[2]; // sum g*(x - mean)
+          mean_g = acc[2] * inv_n;
+        }
+        rstd = rsqrtf(var + a.eps);
       }
-    };
-    with_ragged_stats<VEC, !CENTER>(L, [&](auto ragged) {
-      if (a.grad_sum != nullptr) output_pass(std::true_type{}, ragged);
-      else output_pass(std::false_type{}, ragged);
-    });
-  }
+      if (sums_only) continue;
+      // The next row block's first tile of x and dy is asked into L2 while this
+      // one is written, so its loads wait on L2, not on DRAM (v22, bf16
+      // forward+backward +2-4% at N 1024-8192 and LayerNorm 65536). Not for MORE:
+      // its step-shape calls lost 2 µs with it. Split rows were not tried.
+      if (!MORE && !L.split && rb + clusters < L.row_blocks) {
+        const int64_t next = (rb + clusters) * L.rows_per_cta + th.group;
+        if (next < L.rows)
+          for_each_vec<ITEMS, full.value>(th, L, 0, [&](int k, int j) {
+            prefetch_l2(a.x + next * a.x_stride + j * VEC);
+            prefetch_l2(a.dy + next * a.dy_stride + j * VEC);
+          });
+      }
+      const float c = sum_gxm * rstd * inv_k; // sum(g * xhat) / k
+
+      // Output pass, compiled with and without grad_sum and ragged statistics
+      // columns: no per-element test in the usual call.
+      auto output_pass = [&](auto has_ds, auto ragged) {
+        for (int t = 0; t < L.tiles; ++t) {
+          if (!resident) {
+            load_tile(t);
+            if constexpr (has_ds.value) load_grad_sum(t);
+          }
+          if (!valid) continue;
+          for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
+            const int col = j * VEC;
+            float w[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
+            load_param(w, a.weight, col);
+            const bool stat = full.value || col < L.stat_cols;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              // pRMSNorm: c for statistics columns only.
+              const float ce = stat_column(L, col, e, stat, ragged) ? c : 0.f;
+              const float xhat = (xf(k, e) - mean) * rstd;
+              const float d = gf(k, e);
+              // Exactly 0 for a constant row (xhat = 0, g = mean_g), as in torch.
+              dxv[e] = rstd * fmaf(-xhat, ce, __fmul_rn(d, w[e]) - mean_g);
+              if constexpr (has_ds.value) dxv[e] += sf(k, e);
+              dwv[e] = d * xhat;
+              dbv[e] = d;
+            }
+            store_floats(dx + col, dxv);
+            if (dw_part) dw_acc.add(t * ITEMS + k, dwv);
+            if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dbv);
+          });
+        }
+      };
+      with_ragged_stats<VEC, !CENTER && !full.value>(L, [&](auto ragged) {
+        if (a.grad_sum != nullptr) output_pass(std::true_type{}, ragged);
+        else output_pass(std::false_type{}, ragged);
+      });
+    }
+
+  };
+  if (L.full) rows(std::true_type{});
+  else rows(std::false_type{});
 
   // Shared-memory partials out: one row per cluster, the row groups of a CTA
   // summed pairwise.

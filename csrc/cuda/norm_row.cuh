@@ -296,16 +296,15 @@ __device__ __forceinline__ Moments shifted_moments(float shift, float s1, float 
   return {shift + d, fmaxf(s2 * inv_k - d * d, 0.f)};
 }
 
-// LayerNorm's shift: the mean of the row's first 16-byte vector of h = x, or
-// of round(x + r) as the kernels normalize it; of its first 8 elements (or all,
-// if fewer) when rows are not vectorized. The variance above loses
-// (1 + (mean - shift)^2 / var) times the sums' rounding error: with x[0]
-// alone, up to 3 standard deviations off, fp32 rows of 2^20 missed the
-// parity bound.
+// LayerNorm's shift: the mean of the row's first 8 elements (all, if fewer)
+// of h = x, or of round(x + r) as the kernels normalize it; one 16-byte load
+// for 16-bit rows. The variance above loses (1 + (mean - shift)^2 / var)
+// times the sums' rounding error: with x[0] alone, up to 3 standard
+// deviations off, fp32 rows of 2^20 missed the parity bound.
 template <typename T, int VEC, bool RESIDUAL>
 __device__ __forceinline__ float row_shift(const T* x, const T* r, int cols) {
-  constexpr int kMaxLoads = VEC == 1 ? 8 : 1;
-  const int loads = cols < kMaxLoads ? cols : kMaxLoads; // VEC > 1: cols >= VEC
+  constexpr int kMaxLoads = VEC >= 8 ? 1 : 8 / VEC;
+  const int loads = cols / VEC < kMaxLoads ? cols / VEC : kMaxLoads; // VEC > 1: VEC | cols
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < kMaxLoads; ++i) {
