@@ -74,12 +74,9 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
   const bool resident = L.tiles == 1;
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);
 
-  // The row loop, compiled twice: once for rows every thread has all its
-  // vectors of, in statistics columns only (RowLayout::full: every
-  // power-of-two N), with no per-vector or per-column tests; once for the rest
-  // (v24: LayerNorm and RMSNorm 16384 +2-4%, add_rms_norm from 16384 +9-14%;
-  // benchmarks/NOTES.md).
-  auto rows = [&](auto full) {
+  // The row loop, compiled for full layouts and for the rest (v24: LayerNorm
+  // and RMSNorm 16384 +2-4%, add_rms_norm from 16384 +9-14%; benchmarks/NOTES.md).
+  with_full_rows(L, [&](auto full) {
     for (int64_t rb = blockIdx.x / L.cluster; rb < L.row_blocks; rb += gridDim.x / L.cluster) {
       const int64_t row = rb * L.rows_per_cta + th.group;
       // Threads of a missing row (last row block) still join the reductions.
@@ -171,9 +168,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
         else write(no{}, no{});
       }
     }
-  };
-  if (L.full) rows(std::true_type{});
-  else rows(std::false_type{});
+  });
   cluster_exit_barrier(L);
 }
 
@@ -306,9 +301,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
     if (BIAS_GRAD) db_acc.zero();
   }
 
-  // The row loop, compiled for full rows and for the rest, as in the forward
-  // (v25: bf16 forward+backward +3-11% at N 1024-16384; benchmarks/NOTES.md).
-  auto rows = [&](auto full) {
+  // The row loop, compiled for full layouts and for the rest, as in the
+  // forward (v25: bf16 forward+backward +3-11% at N 1024-16384; NOTES.md).
+  with_full_rows(L, [&](auto full) {
     for (int64_t rb = cluster_id; rb < L.row_blocks; rb += clusters) {
       const int64_t row = rb * L.rows_per_cta + th.group;
       const bool valid = row < L.rows;
@@ -497,9 +492,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       });
     }
 
-  };
-  if (L.full) rows(std::true_type{});
-  else rows(std::false_type{});
+  });
 
   // Shared-memory partials out: one row per cluster, the row groups of a CTA
   // summed pairwise.

@@ -235,6 +235,15 @@ __device__ __forceinline__ void cluster_exit_barrier(const RowLayout& L) {
 #endif
 }
 
+// Calls f(std::true_type) for full layouts (RowLayout::full), else
+// f(std::false_type): the row loop is compiled once without per-vector and
+// per-column tests, for the usual power-of-two N, and once with them.
+template <typename F>
+__device__ __forceinline__ void with_full_rows(const RowLayout& L, F&& f) {
+  if (L.full) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // Calls f(std::true_type) when the statistics columns end inside a vector
 // (pRMSNorm with such p), else f(std::false_type): the per-element column
 // test is compiled only into the code that needs it, and only for kernels
