@@ -62,10 +62,6 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   if (q.fit == 0) {
     LaunchShape split = layout(INT32_MAX, kBwdThreads, kBwdThreads);
     split.layout.split = true;
-    // Split rows keep the generic row loop: their full-layout copy measured
-    // slower (v25: LayerNorm 262144 forward+backward 1.94 -> 1.88 TB/s bf16,
-    // 1.95 -> 1.80 fp32), where rows in clusters gained.
-    split.layout.full = false;
     q = plan(split);
   }
   TORCH_CHECK(q.fit > 0, "normpass CUDA: this device's shared memory cannot hold the dweight/dbias "
