@@ -32,9 +32,15 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   a.r_stride = residual ? residual->stride(0) : 0;
   a.eps = static_cast<float>(p.eps);
   a.layout = shape.layout;
-  // One row block per CTA (cluster); the kernel loops if the grid is capped.
+  // One row block per CTA, the kernel looping if the grid is capped; rows in
+  // clusters on a persistent grid, as many clusters as run at once (measured
+  // against a cluster per row: bf16 RMSNorm 262144 2.67 -> 2.90 TB/s, fp32
+  // 2.52 -> 2.86, LayerNorm 65536 2.75 -> 2.91; shorter rows lost 2-6% to it).
   const int64_t C = shape.layout.cluster;
-  const int64_t ctas = std::min<int64_t>(shape.layout.row_blocks, (INT32_MAX / C)) * C;
+  int64_t blocks = std::min<int64_t>(shape.layout.row_blocks, INT32_MAX / C);
+  if (C > 1)
+    blocks = std::min(blocks, std::max<int64_t>(1, resident_clusters(kernel, shape.threads, 0, C)));
+  const int64_t ctas = blocks * C;
   launch(kernel, ctas, shape.threads, 0, C, a);
 }
 

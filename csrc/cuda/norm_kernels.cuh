@@ -110,13 +110,16 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
         });
       };
 
+      // The first tile's loads go out before the shift's, so that both wait on
+      // memory at once (ncu, v25: LayerNorm waited for the shift, then for the row).
+      load_tile(0, true);
       const float shift = CENTER && valid ? row_shift<T, VEC, RESIDUAL>(x, r, L.cols) : 0.f;
 
       // One reduction: sum (h - shift)^2 and, for LayerNorm, sum (h - shift),
       // each tile's sums added to the row's (fewer roundings in a chain).
       float s[CENTER ? 2 : 1] = {};
       for (int t = 0; t < L.tiles; ++t) {
-        load_tile(t, true);
+        if (t > 0) load_tile(t, true);
         if (!valid) continue;
         float st[CENTER ? 2 : 1] = {};
         auto stat = [&](int k, int e) {
@@ -395,13 +398,14 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         sum_gxm = acc[0];
         if constexpr (CENTER) mean_g = acc[1] * inv_n;
       } else {
+        if (!from_parts) load_tile(0); // before the shift's load, as in the forward
         const float shift = CENTER && valid ? row_shift<T, VEC, false>(x, nullptr, L.cols) : 0.f;
 
         // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
         // g is rounded once (no fused multiply-add), the same in both passes.
         float acc[CENTER ? 4 : 2] = {};
         for (int t = 0; t < L.tiles && !from_parts; ++t) {
-          load_tile(t);
+          if (t > 0) load_tile(t);
           if (!valid) continue;
           float tile[CENTER ? 4 : 2] = {}; // this tile's sums
           // One loop over the tile, so x is unpacked and shifted once per element.
