@@ -2,8 +2,9 @@
 
 Counting as in ANCHORS.md: forward moves 2*M*N*elt bytes (read x, write y), forward+backward
 5*M*N*elt (timed as y = f(x, w); torch.autograd.grad(y, (x, w), dy)); the fused residual add
-4*M*N*elt (read x and r, write sum and y). M*N = 2^26. Median of triton.testing.do_bench. The ceiling
-is a 1 GiB device-to-device copy measured in the same run.
+4*M*N*elt (read x and r, write sum and y). M*N = 2^26. Median of triton.testing.do_bench, or of
+do_bench_cudagraph with `--timer cudagraph`. The ceiling is a 1 GiB device-to-device copy measured
+in the same run, by the same timer.
 
     python benchmarks/bench_kernels.py --out bench_out
 """
@@ -29,7 +30,18 @@ NS = [256, 1024, 2048, 4096, 8192, 16384, 65536, 262144]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+# "events": do_bench, L2 flushed before each call and each call timed by CUDA events around it, so
+# a host slower than the GPU shows in calls that launch their kernels from Python (the peers' cells
+# moved by up to 2x between runs, benchmarks/NOTES.md). "cudagraph": the calls replayed from one
+# CUDA graph, no host in the timing, L2 not flushed.
+TIMERS = ("events", "cudagraph")
+timer = "events"
+
+
 def bench_ms(fn, rep_ms: int) -> float:
+    """Median milliseconds per call of fn, by the chosen timer."""
+    if timer == "cudagraph":
+        return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
     return triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
 
 
@@ -160,7 +172,10 @@ def main() -> int:
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--compile-budget", type=float, default=150, help="seconds of compiling, then skip")
+    ap.add_argument("--timer", choices=TIMERS, default="events", help="see TIMERS; the ceiling too")
     args = ap.parse_args()
+    global timer
+    timer = args.timer
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
     start = time.time()
@@ -276,7 +291,7 @@ def write_outputs(out_dir, dev, ceiling, rows, residual_rows):
 
     lines = [
         f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {date}.",
-        f"Copy ceiling (1 GiB device-to-device, read + write): **{ceiling:.2f} TB/s**.",
+        f"Copy ceiling (1 GiB device-to-device, read + write): **{ceiling:.2f} TB/s**. Timer: {timer}.",
         "",
         "TB/s, forward / forward+backward (M*N = 2^26; bytes 2*M*N*elt and 5*M*N*elt). "
         "Percent: normpass against the ceiling.",
