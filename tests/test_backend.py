@@ -180,11 +180,12 @@ def test_training_matches_eager_and_fuses_every_norm(name):
         assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + margin, key
 
 
-def test_autocast_bf16_training_matches_eager():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_autocast_training_matches_eager(dtype):
     model = models.build("llama")
     batch = models.example_batch("llama")
     ref_loss, ref_grads = loss_and_grads(models.build("llama", dtype=torch.float64), batch)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         eager_loss, eager_grads = loss_and_grads(model, batch)
         recorder = Recorder()
         compiled = torch.compile(model, backend=normpass.backend(compiler=recorder))
