@@ -107,6 +107,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--dtypes", default="bf16,fp32")
     ap.add_argument("--ns", default=None, help="passed to bench_kernels.py")
+    ap.add_argument("--timer", default=None, help="passed to bench_kernels.py (trees from e845459 on)")
     ap.add_argument("--out", default=None, help="folder for ab.md")
     args = ap.parse_args()
     if len({v.name for v in args.variants}) != len(args.variants):
@@ -121,6 +122,7 @@ def main() -> int:
                 out = os.path.join(tmp, f"{v.name}_{r}")
                 cmd = [sys.executable, BENCH, "--providers", "normpass(ops)", "--compile-budget", "0"]
                 cmd += ["--dtypes", args.dtypes, "--out", out] + (["--ns", args.ns] if args.ns else [])
+                cmd += ["--timer", args.timer] if args.timer else []
                 path = os.pathsep.join(filter(None, [v.tree, os.environ.get("PYTHONPATH")]))
                 env = {**os.environ, **v.env, "PYTHONPATH": path}  # this tree's normpass first
                 start = time.time()
