@@ -120,7 +120,11 @@ def test_mode_is_for_inductor_only():
         torch.compile(torch.nn.LayerNorm(8), backend=be, mode="max-autotune")(torch.randn(2, 8))
 
 
-def test_mode_reaches_inductor(monkeypatch):
+@pytest.mark.parametrize(
+    "mode, setting",
+    [("max-autotune-no-cudagraphs", "max_autotune"), ("reduce-overhead", "triton.cudagraphs")],
+)
+def test_mode_reaches_inductor(monkeypatch, mode, setting):
     seen = {}
 
     def fake_compile_fx(gm, example_inputs, config_patches):
@@ -129,8 +133,8 @@ def test_mode_reaches_inductor(monkeypatch):
 
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", fake_compile_fx)
     be = normpass.backend(inductor_options={"fallback_random": True})
-    torch.compile(torch.nn.LayerNorm(8), backend=be, mode="max-autotune-no-cudagraphs")(torch.randn(2, 8))
-    assert seen["max_autotune"] is True and seen["fallback_random"] is True
+    torch.compile(torch.nn.LayerNorm(8), backend=be, mode=mode)(torch.randn(2, 8))
+    assert seen[setting] is True and seen["fallback_random"] is True
 
 
 def test_backend_name_works_without_importing_normpass():
