@@ -21,20 +21,33 @@ ELEMS = 1 << 26
 SAMPLES = "Warp Stall Sampling (All Samples)"
 
 
-def run(norm: str, n: int, dtype: str, calls: int = 3) -> None:
-    """Calls the forward op `calls` times on (2^26 / n, n) rows: ncu skips the first ones."""
+def run(norm: str, n: int, dtype: str, backward: bool = False, calls: int = 3) -> None:
+    """Calls the forward op, or the backward op with the forward's statistics as training runs it,
+    `calls` times on (2^26 / n, n) rows: ncu skips the first ones."""
     import torch
 
     import normpass  # noqa: F401  (registers torch.ops.normpass)
 
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    x = torch.randn(ELEMS // n, n, device="cuda", dtype=dt)
+    x, dy = (torch.randn(ELEMS // n, n, device="cuda", dtype=dt) for _ in range(2))
     w, b = (torch.randn(n, device="cuda", dtype=dt) for _ in range(2))
+    center = norm == "layer_norm"
+    ops = torch.ops.normpass
+    if backward:
+        stats = ops.norm_with_stats(x, None, w, b if center else None, 1e-6, center=center)[2]
     for _ in range(calls):
-        if norm == "layer_norm":
-            torch.ops.normpass.layer_norm(x, w, b, 1e-6)
+        if backward and center:
+            ops.layer_norm_backward(
+                dy, x, w, None, 1e-6, None, stats, has_bias=True, normalized_ndim=1, weight_offset=0.0
+            )
+        elif backward:
+            ops.rms_norm_backward(
+                dy, x, w, None, 1e-6, None, stats, has_bias=False, normalized_ndim=1, weight_offset=0.0, p=1.0
+            )
+        elif center:
+            ops.layer_norm(x, w, b, 1e-6)
         else:
-            torch.ops.normpass.rms_norm(x, w, 1e-6)
+            ops.rms_norm(x, w, 1e-6)
     torch.cuda.synchronize()
 
 
@@ -71,12 +84,13 @@ def main(argv=None) -> int:
     r.add_argument("norm", choices=["rms_norm", "layer_norm"])
     r.add_argument("n", type=int)
     r.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    r.add_argument("--backward", action="store_true", help="the backward op (ncu: regex:norm_bwd)")
     s = sub.add_parser("stalls", help="read ncu's source page (--csv --print-source sass)")
     s.add_argument("csv")
     s.add_argument("--top", type=int, default=12)
     args = ap.parse_args(argv)
     if args.cmd == "run":
-        run(args.norm, args.n, args.dtype)
+        run(args.norm, args.n, args.dtype, args.backward)
     else:
         with open(args.csv, newline="") as f:
             print(stalls(f, args.top))

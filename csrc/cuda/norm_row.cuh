@@ -1,6 +1,6 @@
 // Row machinery shared by the forward and backward CUDA kernels.
 //
-// One row is handled by `tpr` threads of a CTA (a power of two), or, when it
+// One row is handled by `tpr` threads of a CTA (a power of two or whole warps), or, when it
 // is too long for one CTA, by a cluster of `cluster` CTAs (Hopper). Each
 // thread owns ITEMS vectors of VEC elements, strided by the threads of the row
 // so that a warp's accesses are contiguous. When the whole row fits
@@ -126,8 +126,8 @@ struct RowLayout {
   int cols;           // N (column indices are 32-bit; row offsets are 64-bit)
   int stat_cols;      // columns the statistics cover (pRMSNorm), <= cols
   int nvec;           // vectors per row
-  int tpr;            // threads per row inside one CTA (power of two)
-  int rows_per_cta;   // blockDim.x / tpr
+  int tpr;            // threads per row inside one CTA (a power of two or whole warps)
+  int rows_per_cta;   // blockDim.x / tpr, a power of two
   int cluster;        // CTAs per row (1 unless the row needs more than one CTA)
   int tiles;          // passes per row phase; 1 = the row is register resident
   bool split;         // the row's CTAs are no hardware cluster: their sums meet in
@@ -361,8 +361,11 @@ inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, 
   L.nvec = static_cast<int>((cols + vec - 1) / vec);
   const int64_t need = row_threads(cols, vec, items);
   if (need <= max_threads) {
+    // A row of whole warps keeps its width, so every thread holds `items`
+    // vectors (bf16 N = 5120: 160 threads, where 256 held 2.5 on average;
+    // forward +20%, benchmarks/NOTES.md v28).
     L.cluster = 1;
-    L.tpr = next_pow2(need);
+    L.tpr = need % 32 == 0 ? static_cast<int>(need) : next_pow2(need);
   } else {
     const int64_t per_cta = int64_t(max_threads) * cluster_tiles;
     const int64_t c = (need + per_cta - 1) / per_cta;
@@ -375,9 +378,10 @@ inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, 
   const int64_t per_tile = int64_t(L.tpr) * L.cluster * items;
   L.tiles = static_cast<int>((L.nvec + per_tile - 1) / per_tile);
   L.full = L.nvec == L.tiles * per_tile && L.stat_cols == L.cols;
-  // Short rows: several per CTA, so a CTA still has min_threads threads.
-  const int threads = L.tpr < min_threads ? min_threads : L.tpr;
-  L.rows_per_cta = threads / L.tpr;
+  // Short rows: several per CTA, so a CTA still has min_threads threads; a
+  // power of two of them (the backward sums its row groups pairwise).
+  L.rows_per_cta = next_pow2((min_threads + L.tpr - 1) / L.tpr);
+  const int threads = L.rows_per_cta * L.tpr;
   L.row_blocks = (rows + L.rows_per_cta - 1) / L.rows_per_cta;
   return {L, threads};
 }
