@@ -48,7 +48,10 @@ def bench_ms(fn, rep_ms: int) -> float:
 def copy_ceiling() -> float:
     src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()  # 1 GiB
     dst = torch.empty_like(src)
-    ms = bench_ms(lambda: dst.copy_(src), 200)
+    # Captured in a CUDA graph, copy_ becomes a memcpy node, which the copy engines run (2.77 TB/s on
+    # the H200 against 4.24 from the SMs): the graph timer copies with an elementwise kernel.
+    copy = (lambda: torch.bitwise_or(src, 0, out=dst)) if timer == "cudagraph" else (lambda: dst.copy_(src))
+    ms = bench_ms(copy, 200)
     return 2 * src.numel() * src.element_size() / ms / 1e9  # TB/s
 
 

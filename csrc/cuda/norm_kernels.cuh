@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
             L, [&](auto ragged) { for_each_stat<ITEMS, VEC, full.value>(th, L, t, ragged, stat); });
         add_sums(s, st);
       }
-      row_sum(s, L, sh, parity);
+      row_sum(s, L, th, sh, parity);
       float mean = 0.f, var = s[0] * inv_k;
       if constexpr (CENTER) {
         const Moments mo = shifted_moments(shift, s[1], s[0], inv_k);
@@ -233,15 +233,23 @@ struct SmemPartial {
   __device__ float* chunk(int k, int q, int tid) const {
     return base + ((k * QV + q) * int(blockDim.x) + tid) * Q;
   }
-  // Adds v (VEC values of item k) into this thread's slots.
+  // Adds v (VEC values of item k) into this thread's slots, or v * u as one
+  // fused multiply-add each (dweight: dy * xhat).
   __device__ __forceinline__ void add(int k, const float (&v)[VEC]) const {
+    update(k, [&](int e, float s) { return s + v[e]; });
+  }
+  __device__ __forceinline__ void add(int k, const float (&v)[VEC], const float (&u)[VEC]) const {
+    update(k, [&](int e, float s) { return fmaf(v[e], u[e], s); });
+  }
+  template <typename F>
+  __device__ __forceinline__ void update(int k, F&& f) const {
 #pragma unroll
     for (int q = 0; q < QV; ++q) {
       Pack<float, Q> c;
       float* p = chunk(k, q, threadIdx.x);
       load<false>(c, p);
 #pragma unroll
-      for (int i = 0; i < Q; ++i) c.v[i] += v[q * Q + i];
+      for (int i = 0; i < Q; ++i) c.v[i] = f(q * Q + i, c.v[i]);
       store(p, c);
     }
   }
@@ -311,10 +319,10 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       const int64_t row = rb * L.rows_per_cta + th.group;
       const bool valid = row < L.rows;
       const int64_t r0 = valid ? row : 0;
-      const T* x = a.x + r0 * a.x_stride;
-      const T* dy = a.dy + r0 * a.dy_stride;
-      const T* ds = a.grad_sum ? a.grad_sum + r0 * a.ds_stride : nullptr;
-      T* dx = a.dx + r0 * L.cols;
+      const T* x = row_base(a.x + r0 * a.x_stride);
+      const T* dy = row_base(a.dy + r0 * a.dy_stride);
+      const T* ds = a.grad_sum ? row_base(a.grad_sum + r0 * a.ds_stride) : nullptr;
+      T* dx = row_base(a.dx + r0 * L.cols);
       Frag<T, VEC, ITEMS> xf, gf, sf; // x, dy and grad_sum of one tile
 
       // grad_sum is first needed after the reduction. Its loads go out before
@@ -367,7 +375,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
           for (int r = 0; r < L.cluster; ++r) add_sums(acc, parts[r]);
           return;
         }
-        row_sum(acc, L, sh, parity);
+        row_sum(acc, L, th, sh, parity);
         if (sums_only && valid && threadIdx.x % L.tpr == 0) parts[th.rank] = pack_sums(acc);
       };
       float mean = 0.f, rstd, sum_gxm, mean_g = 0.f;
@@ -469,7 +477,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
           if (!valid) continue;
           for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
             const int col = j * VEC;
-            float w[VEC], dxv[VEC], dwv[VEC], dbv[VEC];
+            float w[VEC], dxv[VEC], xh[VEC], dv[VEC];
             load_param(w, a.weight, col);
             const bool stat = full.value || col < L.stat_cols;
 #pragma unroll
@@ -481,12 +489,12 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
               // Exactly 0 for a constant row (xhat = 0, g = mean_g), as in torch.
               dxv[e] = rstd * fmaf(-xhat, ce, __fmul_rn(d, w[e]) - mean_g);
               if constexpr (has_ds.value) dxv[e] += sf(k, e);
-              dwv[e] = d * xhat;
-              dbv[e] = d;
+              xh[e] = xhat;
+              dv[e] = d;
             }
             store_floats(dx + col, dxv);
-            if (dw_part) dw_acc.add(t * ITEMS + k, dwv);
-            if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dbv);
+            if (dw_part) dw_acc.add(t * ITEMS + k, dv, xh);
+            if constexpr (BIAS_GRAD) db_acc.add(t * ITEMS + k, dv);
           });
         }
       };
