@@ -248,7 +248,8 @@ __device__ __forceinline__ void cluster_exit_barrier(const RowLayout& L) {
 
 // Calls f(std::true_type) for full layouts (RowLayout::full), else
 // f(std::false_type): the row loop is compiled once without per-vector and
-// per-column tests, for the usual power-of-two N, and once with them.
+// per-column tests, for the usual N (powers of two, and rows of whole warps),
+// and once with them.
 template <typename F>
 __device__ __forceinline__ void with_full_rows(const RowLayout& L, F&& f) {
   if (L.full) f(std::true_type{});
