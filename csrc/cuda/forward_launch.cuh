@@ -19,7 +19,7 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   auto kernel = norm_fwd_kernel<T, W, O, VEC, CENTER, RESIDUAL>;
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
                                    max_cluster(kernel, kFwdMaxThreads), kFwdMinThreads,
-                                   kFwdMaxThreads, kFwdClusterTiles);
+                                   kFwdMaxThreads, kFwdClusterTiles, /*round_to_warps=*/true);
   FwdArgs<T, W, O> a{};
   a.x = ptr<T>(x);
   a.residual = ptr<T>(residual);

@@ -201,10 +201,15 @@ template <int K>
 __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, const RowThread& th,
                                         ReduceSmem& sh, int& parity) {
   static_assert(K <= kMaxSums, "row_sum: too many values");
+  // The butterfly unrolled, each level skipped (uniformly) past the row's
+  // width: a loop over a runtime width cost 5 instructions per level.
   const int width = L.tpr < 32 ? L.tpr : 32;
-  for (int off = width / 2; off > 0; off /= 2) {
 #pragma unroll
-    for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+  for (int off = 16; off > 0; off /= 2) {
+    if (off < width) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] += __shfl_xor_sync(0xffffffffu, v[k], off);
+    }
   }
   if (L.tpr > 32) {
     const int warp = threadIdx.x / 32, nwarps = L.tpr / 32;
@@ -365,7 +370,7 @@ struct LaunchShape {
 // barrier less often, and the second tile's re-read hits L2.
 inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, int vec, int items,
                                  int max_cluster, int min_threads, int max_threads,
-                                 int cluster_tiles = 1) {
+                                 int cluster_tiles = 1, bool round_to_warps = false) {
   RowLayout L{};
   L.rows = rows;
   L.cols = static_cast<int>(cols);
@@ -375,9 +380,13 @@ inline LaunchShape choose_layout(int64_t rows, int64_t cols, int64_t stat_cols, 
   if (need <= max_threads) {
     // A row of whole warps keeps its width, so every thread holds `items`
     // vectors (bf16 N = 5120: 160 threads, where 256 held 2.5 on average;
-    // RMSNorm forward 3.10 -> 3.73 TB/s, benchmarks/NOTES.md, thirteenth stop).
+    // RMSNorm forward 3.10 -> 3.73 TB/s). round_to_warps rounds any row wider
+    // than a warp up to whole warps (bf16 N = 4608: 160 threads, not 256;
+    // forward +19%); the backward keeps the power of two, which won there at
+    // 2304-2560 (benchmarks/NOTES.md, thirteenth and fourteenth stops).
     L.cluster = 1;
-    L.tpr = need % 32 == 0 ? static_cast<int>(need) : next_pow2(need);
+    const bool whole = need % 32 == 0 || (round_to_warps && need > 32);
+    L.tpr = whole ? static_cast<int>((need + 31) / 32 * 32) : next_pow2(need);
   } else {
     const int64_t per_cta = int64_t(max_threads) * cluster_tiles;
     const int64_t c = (need + per_cta - 1) / per_cta;
