@@ -67,6 +67,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   TORCH_CHECK(q.fit > 0, "normpass CUDA: this device's shared memory cannot hold the dweight/dbias "
               "partials of rows of ", std::to_string(cols), "; use NORMPASS_FORCE_REFERENCE=1");
   const RowLayout& L = q.shape.layout;
+  TORCH_INTERNAL_ASSERT(L.tpr <= 32 || L.rows_per_cta <= kMaxBarrierRows);
   // Persistent grid: as many clusters as run at once, each accumulating one
   // dweight/dbias partial row over the rows it visits.
   const int64_t clusters = std::min<int64_t>(q.fit, L.row_blocks);

@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<
             L, [&](auto ragged) { for_each_stat<ITEMS, VEC, full.value>(th, L, t, ragged, stat); });
         add_sums(s, st);
       }
-      row_sum(s, L, th, sh, parity);
+      row_sum<false>(s, L, th, sh, parity);
       float mean = 0.f, var = s[0] * inv_k;
       if constexpr (CENTER) {
         const Moments mo = shifted_moments(shift, s[1], s[0], inv_k);
@@ -375,7 +375,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
           for (int r = 0; r < L.cluster; ++r) add_sums(acc, parts[r]);
           return;
         }
-        row_sum(acc, L, th, sh, parity);
+        row_sum<true>(acc, L, th, sh, parity);
         if (sums_only && valid && threadIdx.x % L.tpr == 0) parts[th.rank] = pack_sums(acc);
       };
       float mean = 0.f, rstd, sum_gxm, mean_g = 0.f;
