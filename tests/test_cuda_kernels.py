@@ -21,7 +21,8 @@ pytestmark = [
 ]
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# 2048 (fp32) and 4096 (16-bit): rows of 128 threads, one per backward CTA of 128. 3072 and 5120:
+# 2048 (fp32) and 4096 (16-bit): rows of 128 threads, one per backward CTA of 128. 2048 (16-bit):
+# rows of 64 threads, four per backward CTA, each with a barrier of its own in LayerNorm. 3072 and 5120:
 # rows of whole warps that are no power of two (96 and 160 threads in 16-bit, 192 and 320 in fp32).
 # 2560: a 16-bit forward row rounded up to whole warps (320 vectors on 96 threads).
 NS = [1, 3, 255, 1024, 2048, 2560, 3072, 4096, 4099, 5120, 8192, 65536, 262144, 1 << 20]
