@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         }
         // Row barriers in LayerNorm's backward only: RMSNorm's rows drift apart
         // less (barrier stalls 3.5% of samples against 9.6%), and its kernel lost
-        // 1.5-5% with them at rows of one CTA (N >= 8192).
+        // 1.5-5% to the switch's convergence checks at rows of one CTA (N >= 8192).
         row_sum<CENTER>(acc, L, th, sh, parity);
         if (sums_only && valid && threadIdx.x % L.tpr == 0) parts[th.rank] = pack_sums(acc);
       };

@@ -201,7 +201,9 @@ __device__ __forceinline__ void add_sums(float (&v)[K], const float (&s)[K]) {
 // up to kMaxBarrierRows - 1 others: one row's slow loads then hold up no other
 // row (backward: bf16 LayerNorm 2048 138 -> 131 us). The ids are immediates:
 // ptxas reserves the barriers a kernel names, and a register id reserves all
-// 16, which cost the forward's short rows 14% (fewer CTAs per SM).
+// 16, which cost the forward's short rows 14% (fewer CTAs per SM). The switch
+// has its own cost: ptxas guards the shuffles after it with convergence
+// checks (benchmarks/NOTES.md, Next 2).
 constexpr int kMaxBarrierRows = 4;
 __device__ __forceinline__ void row_barrier(int group, int threads) {
   switch (group) {
@@ -221,7 +223,7 @@ __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, const
                                         ReduceSmem& sh, int& parity) {
   static_assert(K <= kMaxSums, "row_sum: too many values");
   // The butterfly unrolled, each level skipped (uniformly) past the row's
-  // width: a loop over a runtime width cost 5 instructions per level.
+  // width: 6 instructions per level, where a loop over the width took 9.
   const int width = L.tpr < 32 ? L.tpr : 32;
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) {
