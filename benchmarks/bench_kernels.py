@@ -45,8 +45,9 @@ def bench_ms(fn, rep_ms: int) -> float:
     return triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
 
 
-def copy_ceiling() -> float:
-    src = torch.empty(1 << 29, dtype=torch.int16, device="cuda").random_()  # 1 GiB
+def copy_ceiling(nbytes: int = 1 << 30) -> float:
+    """TB/s (read + written) of a device-to-device copy of nbytes; 1 GiB is ANCHORS.md's ceiling."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device="cuda").random_()
     dst = torch.empty_like(src)
     # Captured in a CUDA graph, copy_ becomes a memcpy node, which the copy engines run (2.77 TB/s on
     # the H200 against 4.24 from the SMs): the graph timer copies with an elementwise kernel. The
@@ -186,8 +187,13 @@ def main() -> int:
 
     dev = torch.cuda.get_device_name()
     ceiling = copy_ceiling()
+    # The same copy at one table tensor's size (2^26 elements): how much of the gap to the ceiling
+    # any kernel of the tables pays for its size and the timer (benchmarks/NOTES.md, Next 6).
+    dnames = args.dtypes.split(",")
+    small = {d: copy_ceiling(ELEMS * torch.finfo(DTYPES[d]).bits // 8) for d in dnames}
+    small_text = ", ".join(f"{d} {v:.3f} TB/s ({100 * v / ceiling:.0f}%)" for d, v in small.items())
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    print(f"copy ceiling (1 GiB d2d, read+write): {ceiling:.3f} TB/s", flush=True)
+    print(f"copy ceiling (1 GiB d2d, read+write): {ceiling:.3f} TB/s; 2^26 elements: {small_text}")
     budget = Budget(args.compile_budget)
     rows = []  # dict(dtype, norm, n, provider, fwd, fwdbwd) in TB/s, or error strings
 
@@ -236,7 +242,7 @@ def main() -> int:
                 torch.cuda.empty_cache()
 
     residual_rows = bench_residual(ns, args.rep, budget)
-    write_outputs(args.out, dev, ceiling, rows, residual_rows)
+    write_outputs(args.out, dev, ceiling, small_text, rows, residual_rows)
     print(f"total {time.time() - start:.0f}s", flush=True)
     return 0
 
@@ -284,7 +290,7 @@ def fmt(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
-def write_outputs(out_dir, dev, ceiling, rows, residual_rows):
+def write_outputs(out_dir, dev, ceiling, small_text, rows, residual_rows):
     date = time.strftime("%Y-%m-%d")
     with open(os.path.join(out_dir, "bench.csv"), "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=["dtype", "norm", "n", "provider", "fwd", "fwdbwd"])
@@ -296,6 +302,7 @@ def write_outputs(out_dir, dev, ceiling, rows, residual_rows):
     lines = [
         f"Device: {dev}; torch {torch.__version__}, triton {triton.__version__}; {date}.",
         f"Copy ceiling (1 GiB device-to-device, read + write): **{ceiling:.2f} TB/s**. Timer: {timer}.",
+        f"The same copy of one 2^26-element tensor: {small_text}.",
         "",
         "TB/s, forward / forward+backward (M*N = 2^26; bytes 2*M*N*elt and 5*M*N*elt). "
         "Percent: normpass against the ceiling.",
