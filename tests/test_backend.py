@@ -1,14 +1,18 @@
+# ruff: noqa: E501  (expecttest strings hold whole report lines)
 """torch.compile(backend="normpass"): options, the inner compilers, and real models trained through it."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 import tiny_models as models
 import torch
+from expecttest import assert_expected_inline
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
 
@@ -122,7 +126,11 @@ def test_mode_is_for_inductor_only():
 
 @pytest.mark.parametrize(
     "mode, setting",
-    [("max-autotune-no-cudagraphs", "max_autotune"), ("reduce-overhead", "triton.cudagraphs")],
+    [
+        ("max-autotune", "max_autotune"),
+        ("max-autotune-no-cudagraphs", "max_autotune"),
+        ("reduce-overhead", "triton.cudagraphs"),
+    ],
 )
 def test_mode_reaches_inductor(monkeypatch, mode, setting):
     seen = {}
@@ -137,14 +145,52 @@ def test_mode_reaches_inductor(monkeypatch, mode, setting):
     assert seen[setting] is True and seen["fallback_random"] is True
 
 
+def test_policy_and_p_reach_the_rewrite():
+    """options= on torch.compile set the policy and p: LayerNorm becomes (partial) RMSNorm."""
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        ln.weight.copy_(torch.randn(16))
+        ln.bias.copy_(torch.randn(16))
+    x = torch.randn(4, 16)
+    h = x.double()
+    reports = []
+    for options, k in (({"policy": "rmsnorm"}, 16), ({"policy": "prmsnorm", "p": 0.25}, 4)):
+        torch._dynamo.reset()
+        be = normpass.backend(compiler="eager")
+        with torch.no_grad():
+            y = torch.compile(ln, backend=be, options=options)(x)
+        rms = h[:, :k].pow(2).mean(-1, keepdim=True)
+        expected = h * torch.rsqrt(rms + ln.eps) * ln.weight.double() + ln.bias.double()
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+        assert k == math.ceil(options.get("p", 1.0) * 16)
+        reports.append(str(be.reports[0]))
+    assert_expected_inline(
+        "\n".join(reports),
+        """\
+normpass report (policy=rmsnorm): 1 site(s), 1 rewritten, 0 left alone
+where   form               decision                        reason
+<root>  call:F.layer_norm  rewritten -> normpass.rms_norm  policy rmsnorm: LayerNorm -> RMSNorm (no mean-centering; same weight and bias)
+normpass report (policy=prmsnorm): 1 site(s), 1 rewritten, 0 left alone
+where   form               decision                        reason
+<root>  call:F.layer_norm  rewritten -> normpass.rms_norm  policy prmsnorm: LayerNorm -> partial RMSNorm (p=0.25)""",
+    )
+
+
 def test_backend_name_works_without_importing_normpass():
+    """The entry point: the name alone finds the backend, which rewrites (its report is logged) and
+    runs behind eager or, by default, inductor."""
     code = textwrap.dedent(
         """
-        import sys, torch
+        import logging, sys, torch
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("normpass").setLevel(logging.INFO)
         ln = torch.nn.LayerNorm(16)
         x = torch.randn(4, 16)
         y = torch.compile(ln, backend="normpass", options={"compiler": "eager"})(x)
         torch.testing.assert_close(y, ln(x))
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(ln, backend="normpass")(x), ln(x))
         assert "normpass" in sys.modules
         print("ok")
         """
@@ -152,6 +198,7 @@ def test_backend_name_works_without_importing_normpass():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("ok")
+    assert out.stderr.count("rewritten -> normpass.layer_norm") == 2, out.stderr
 
 
 # ---- real models: training through the backend ---------------------------------------------------------
@@ -194,11 +241,46 @@ def test_autocast_training_matches_eager(dtype):
         recorder = Recorder()
         compiled = torch.compile(model, backend=normpass.backend(compiler=recorder))
         np_loss, np_grads = loss_and_grads(model, batch, compiled)
-    assert recorder.count("forward", TRAINING_FORWARD_OPS) == models.count_norm_modules(model)
+    norms = models.count_norm_modules(model)
+    assert recorder.count("forward", TRAINING_FORWARD_OPS) == norms
+    assert recorder.count("backward", BACKWARD_OPS) == norms
+    assert np_loss.dtype == eager_loss.dtype
+    assert {k: g.dtype for k, g in np_grads.items()} == {k: g.dtype for k, g in eager_grads.items()}
     assert rel_err(np_loss, ref_loss) <= 1.5 * rel_err(eager_loss, ref_loss) + 1e-3
     floor = grad_floor(ref_grads)
     for key, ref in ref_grads.items():
         assert rel_err(np_grads[key], ref, floor) <= 1.5 * rel_err(eager_grads[key], ref, floor) + 1e-3, key
+
+
+# aten ops that copy data or change a layout: the rewrite may remove some (a norm's own casts), never add.
+COPY_OPS = {"clone", "_to_copy", "copy", "copy_", "permute", "transpose", "t", "as_strided"}
+
+
+def copy_ops(graphs: list[torch.fx.GraphModule]) -> Counter:
+    return Counter(
+        n.target._opname
+        for gm in graphs
+        for n in gm.graph.nodes
+        if isinstance(n.target, torch._ops.OpOverload)
+        and n.target.namespace == "aten"
+        and n.target._opname in COPY_OPS
+    )
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_no_copies_or_layout_changes_around_the_ops(name, autocast):
+    """The training graphs AOT autograd derives hold no copy or layout op the model's own lacks."""
+    model, batch = models.build(name), models.example_batch(name)
+    plain, rewritten = Recorder(), Recorder()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss_and_grads(model, batch, torch.compile(model, backend=plain))
+        torch._dynamo.reset()
+        loss_and_grads(model, batch, torch.compile(model, backend=normpass.backend(compiler=rewritten)))
+    assert rewritten.count("backward", BACKWARD_OPS) == models.count_norm_modules(model)
+    for kind in ("forward", "backward"):
+        before, after = copy_ops(plain.graphs[kind]), copy_ops(rewritten.graphs[kind])
+        assert all(after[op] <= before[op] for op in after), (kind, dict(before), dict(after))
 
 
 def test_no_grad_inference_uses_forward_ops_only():
@@ -227,6 +309,27 @@ def test_dynamic_sequence_length_compiles_once(how):
                 compiled(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-4
             )
     assert len(be.reports) == 1
+
+
+def test_dynamic_fullgraph_training_through_inductor_compiles_once():
+    """dynamic=True, fullgraph=True training behind inductor: the first call compiles (Dynamo may restart that analysis
+    once, as it does for inductor alone), later sequence lengths reuse it, and gradients match eager."""
+    model = models.build("llama")
+    reference = models.build("llama", dtype=torch.float64)
+    be = normpass.backend()
+    compiled = torch.compile(model, backend=be, dynamic=True, fullgraph=True)
+    compiles = []
+    for seq in (8, 12, 16):
+        batch = models.example_batch("llama", seq=seq)
+        ref_loss, ref_grads = loss_and_grads(reference, batch)
+        eager_loss, eager_grads = loss_and_grads(model, batch)
+        np_loss, np_grads = loss_and_grads(model, batch, compiled)
+        compiles.append(len(be.reports))
+        assert rel_err(np_loss, ref_loss) <= rel_err(eager_loss, ref_loss) + 1e-5
+        floor = grad_floor(ref_grads)
+        for key, ref in ref_grads.items():
+            assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + 1e-5, key
+    assert compiles[0] >= 1 and compiles[1:] == [compiles[0]] * 2, compiles
 
 
 class TwoBlocks(torch.nn.Module):
