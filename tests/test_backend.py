@@ -312,8 +312,9 @@ def test_dynamic_sequence_length_compiles_once(how):
 
 
 def test_dynamic_fullgraph_training_through_inductor_compiles_once():
-    """dynamic=True, fullgraph=True training behind inductor: the first call compiles (Dynamo may restart that analysis
-    once, as it does for inductor alone), later sequence lengths reuse it, and gradients match eager."""
+    """dynamic=True, fullgraph=True training behind inductor: the first call compiles (Dynamo may
+    restart that analysis once, as it does for inductor alone), later sequence lengths reuse it, and
+    the gradients match eager."""
     model = models.build("llama")
     reference = models.build("llama", dtype=torch.float64)
     be = normpass.backend()
