@@ -422,6 +422,28 @@ def test_inductor_folds_gradient_sums_into_the_backward_ops():
         assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + 1e-5, key
 
 
+def test_inductor_leaves_the_residual_add_to_the_op():
+    """Behind inductor, norm(proj(x) + x) is addmm, then normpass.add_rms_norm on its output and x:
+    inductor generates no kernel of its own for the add (alone it fuses add and norm into one)."""
+    from torch._inductor.utils import run_and_get_code
+
+    class Block(torch.nn.Module):
+        def __init__(self, n: int = 16) -> None:
+            super().__init__()
+            self.norm, self.proj = torch.nn.RMSNorm(n, eps=1e-6), torch.nn.Linear(n, n)
+
+        def forward(self, x):
+            return self.norm(self.proj(x) + x)
+
+    module, x = Block(), torch.randn(2, 3, 16)
+    with torch.no_grad():
+        y, codes = run_and_get_code(lambda: torch.compile(module, backend=normpass.backend())(x))
+        torch.testing.assert_close(y, module(x))
+    code = "\n".join(codes)
+    assert code.count("normpass.add_rms_norm.default(") == 1, code
+    assert "async_compile.cpp" not in code and "async_compile.triton" not in code, code
+
+
 def test_gradient_sum_pass_chains_a_users_post_grad_pass():
     """inductor's post-grad custom pass slot holds one pass: a user's still runs after normpass's."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
