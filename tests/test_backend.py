@@ -81,6 +81,17 @@ def grad_floor(ref_grads: dict[str, torch.Tensor]) -> float:
     return 1e-4 * torch.cat([g.flatten() for g in ref_grads.values()]).norm().item()
 
 
+def assert_no_further_than_eager(ours, eager, ref, margin: float = 1e-5, scale: float = 1.0) -> None:
+    """ours, eager, ref: (loss, grads) of normpass, of eager in the same dtype, and of float64. The loss
+    and every gradient are no further from float64 than eager's, times scale, plus margin."""
+    (loss, grads), (eager_loss, eager_grads), (ref_loss, ref_grads) = ours, eager, ref
+    assert rel_err(loss, ref_loss) <= scale * rel_err(eager_loss, ref_loss) + margin
+    assert grads.keys() == eager_grads.keys()
+    floor = grad_floor(ref_grads)
+    for key, r in ref_grads.items():
+        assert rel_err(grads[key], r, floor) <= scale * rel_err(eager_grads[key], r, floor) + margin, key
+
+
 def loss_and_grads(model, batch, run=None):
     """Loss and parameter grads of `run` (default: the model itself; or its compiled wrapper)."""
     model.zero_grad(set_to_none=True)
@@ -223,12 +234,29 @@ def test_training_matches_eager_and_fuses_every_norm(name):
     assert recorder.count("forward", FORWARD_OPS) == 0
     assert recorder.count("backward", BACKWARD_OPS) == norms
     assert recorder.backward_ops_reading_stats() == norms
-    margin = 1e-5
-    assert rel_err(np_loss, ref_loss) <= rel_err(eager_loss, ref_loss) + margin
-    assert np_grads.keys() == eager_grads.keys()
-    floor = grad_floor(ref_grads)
-    for key, ref in ref_grads.items():
-        assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + margin, key
+    assert_no_further_than_eager((np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads))
+
+
+@pytest.mark.parametrize("name", [n for n in models.CONFIGS if n != "llama"])  # llama: the gradient-sum test
+def test_training_through_inductor_fuses_every_norm(name):
+    """The same through inductor: its generated code calls one forward and one backward op per norm."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    model, batch = models.build(name), models.example_batch(name)
+    reference = models.build(name, dtype=torch.float64)
+    ref_loss, ref_grads = loss_and_grads(
+        reference, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    )
+    eager_loss, eager_grads = loss_and_grads(model, batch)
+    compiled = torch.compile(model, backend=normpass.backend())
+    (np_loss, np_grads), codes = run_and_get_code(lambda: loss_and_grads(model, batch, compiled))
+    code = "\n".join(codes)
+    norms = models.count_norm_modules(model)
+    assert len(re.findall(r"normpass\.norm_with_stats\.default\(", code)) == norms
+    assert len(re.findall(r"normpass\.(?:rms|layer)_norm_backward\.default\(", code)) == norms
+    assert_no_further_than_eager((np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -246,10 +274,9 @@ def test_autocast_training_matches_eager(dtype):
     assert recorder.count("backward", BACKWARD_OPS) == norms
     assert np_loss.dtype == eager_loss.dtype
     assert {k: g.dtype for k, g in np_grads.items()} == {k: g.dtype for k, g in eager_grads.items()}
-    assert rel_err(np_loss, ref_loss) <= 1.5 * rel_err(eager_loss, ref_loss) + 1e-3
-    floor = grad_floor(ref_grads)
-    for key, ref in ref_grads.items():
-        assert rel_err(np_grads[key], ref, floor) <= 1.5 * rel_err(eager_grads[key], ref, floor) + 1e-3, key
+    assert_no_further_than_eager(
+        (np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads), margin=1e-3, scale=1.5
+    )
 
 
 # aten ops that copy data or change a layout: the rewrite may remove some (a norm's own casts), never add.
@@ -326,10 +353,7 @@ def test_dynamic_fullgraph_training_through_inductor_compiles_once():
         eager_loss, eager_grads = loss_and_grads(model, batch)
         np_loss, np_grads = loss_and_grads(model, batch, compiled)
         compiles.append(len(be.reports))
-        assert rel_err(np_loss, ref_loss) <= rel_err(eager_loss, ref_loss) + 1e-5
-        floor = grad_floor(ref_grads)
-        for key, ref in ref_grads.items():
-            assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + 1e-5, key
+        assert_no_further_than_eager((np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads))
     assert compiles[0] >= 1 and compiles[1:] == [compiles[0]] * 2, compiles
 
 
@@ -348,10 +372,7 @@ def test_reduce_overhead_training_on_cuda():
         torch.compiler.cudagraph_mark_step_begin()
         np_loss, np_grads = loss_and_grads(model, batch, compiled)
         np_loss = np_loss.clone()
-    assert rel_err(np_loss, ref_loss) <= rel_err(eager_loss, ref_loss) + 1e-5
-    floor = grad_floor(ref_grads)
-    for key, ref in ref_grads.items():
-        assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + 1e-5, key
+    assert_no_further_than_eager((np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads))
 
 
 class TwoBlocks(torch.nn.Module):
@@ -406,10 +427,10 @@ def test_inductor_folds_gradient_sums_into_the_backward_ops():
 
     model, batch = models.build("llama"), models.example_batch("llama")
     reference = models.build("llama", dtype=torch.float64)
-    _, ref_grads = loss_and_grads(reference, batch)
-    _, eager_grads = loss_and_grads(model, batch)
+    ref = loss_and_grads(reference, batch)
+    eager = loss_and_grads(model, batch)
     compiled = torch.compile(model, backend=normpass.backend())
-    (_, np_grads), codes = run_and_get_code(lambda: loss_and_grads(model, batch, compiled))
+    ours, codes = run_and_get_code(lambda: loss_and_grads(model, batch, compiled))
 
     pattern = r".*normpass\.rms_norm_backward\.default\(.*"
     calls = [line for code in codes for line in re.findall(pattern, code)]
@@ -417,9 +438,7 @@ def test_inductor_folds_gradient_sums_into_the_backward_ops():
     layers = model.config.num_hidden_layers
     assert len(calls) == 2 * layers + 1  # two norms per layer and the final one
     assert len(with_terms) == 2 * layers  # all but the final norm (read by lm_head alone)
-    floor = grad_floor(ref_grads)
-    for key, ref in ref_grads.items():
-        assert rel_err(np_grads[key], ref, floor) <= rel_err(eager_grads[key], ref, floor) + 1e-5, key
+    assert_no_further_than_eager(ours, eager, ref)
 
 
 def test_inductor_leaves_the_residual_add_to_the_op():
