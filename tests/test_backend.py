@@ -92,6 +92,12 @@ def assert_no_further_than_eager(ours, eager, ref, margin: float = 1e-5, scale: 
         assert rel_err(grads[key], r, floor) <= scale * rel_err(eager_grads[key], r, floor) + margin, key
 
 
+def float64_loss_and_grads(name: str, batch: dict[str, torch.Tensor]):
+    """loss_and_grads of the same model (same seed) built in float64: the reference."""
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    return loss_and_grads(models.build(name, dtype=torch.float64), batch)
+
+
 def loss_and_grads(model, batch, run=None):
     """Loss and parameter grads of `run` (default: the model itself; or its compiled wrapper)."""
     model.zero_grad(set_to_none=True)
@@ -219,10 +225,7 @@ def test_backend_name_works_without_importing_normpass():
 def test_training_matches_eager_and_fuses_every_norm(name):
     model = models.build(name)
     batch = models.example_batch(name)
-    reference = models.build(name, dtype=torch.float64)
-    ref_loss, ref_grads = loss_and_grads(
-        reference, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    )
+    ref_loss, ref_grads = float64_loss_and_grads(name, batch)
     eager_loss, eager_grads = loss_and_grads(model, batch)
 
     recorder = Recorder()
@@ -245,10 +248,7 @@ def test_training_through_inductor_fuses_every_norm(name):
     from torch._inductor.utils import run_and_get_code
 
     model, batch = models.build(name), models.example_batch(name)
-    reference = models.build(name, dtype=torch.float64)
-    ref_loss, ref_grads = loss_and_grads(
-        reference, {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    )
+    ref_loss, ref_grads = float64_loss_and_grads(name, batch)
     eager_loss, eager_grads = loss_and_grads(model, batch)
     compiled = torch.compile(model, backend=normpass.backend())
     (np_loss, np_grads), codes = run_and_get_code(lambda: loss_and_grads(model, batch, compiled))
@@ -263,7 +263,7 @@ def test_training_through_inductor_fuses_every_norm(name):
 def test_autocast_training_matches_eager(dtype):
     model = models.build("llama")
     batch = models.example_batch("llama")
-    ref_loss, ref_grads = loss_and_grads(models.build("llama", dtype=torch.float64), batch)
+    ref_loss, ref_grads = float64_loss_and_grads("llama", batch)
     with torch.autocast("cpu", dtype=dtype):
         eager_loss, eager_grads = loss_and_grads(model, batch)
         recorder = Recorder()
@@ -343,13 +343,12 @@ def test_dynamic_fullgraph_training_through_inductor_compiles_once():
     restart that analysis once, as it does for inductor alone), later sequence lengths reuse it, and
     the gradients match eager."""
     model = models.build("llama")
-    reference = models.build("llama", dtype=torch.float64)
     be = normpass.backend()
     compiled = torch.compile(model, backend=be, dynamic=True, fullgraph=True)
     compiles = []
     for seq in (8, 12, 16):
         batch = models.example_batch("llama", seq=seq)
-        ref_loss, ref_grads = loss_and_grads(reference, batch)
+        ref_loss, ref_grads = float64_loss_and_grads("llama", batch)
         eager_loss, eager_grads = loss_and_grads(model, batch)
         np_loss, np_grads = loss_and_grads(model, batch, compiled)
         compiles.append(len(be.reports))
@@ -426,8 +425,7 @@ def test_inductor_folds_gradient_sums_into_the_backward_ops():
     from torch._inductor.utils import run_and_get_code
 
     model, batch = models.build("llama"), models.example_batch("llama")
-    reference = models.build("llama", dtype=torch.float64)
-    ref = loss_and_grads(reference, batch)
+    ref = float64_loss_and_grads("llama", batch)
     eager = loss_and_grads(model, batch)
     compiled = torch.compile(model, backend=normpass.backend())
     ours, codes = run_and_get_code(lambda: loss_and_grads(model, batch, compiled))
