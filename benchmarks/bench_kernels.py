@@ -193,7 +193,9 @@ def main() -> int:
     small = {d: copy_ceiling(ELEMS * torch.finfo(DTYPES[d]).bits // 8) for d in dnames}
     small_text = ", ".join(f"{d} {v:.3f} TB/s ({100 * v / ceiling:.0f}%)" for d, v in small.items())
     print(f"device {dev}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    print(f"copy ceiling (1 GiB d2d, read+write): {ceiling:.3f} TB/s; 2^26 elements: {small_text}")
+    print(
+        f"copy ceiling (1 GiB d2d, read+write): {ceiling:.3f} TB/s; 2^26 elements: {small_text}", flush=True
+    )
     budget = Budget(args.compile_budget)
     rows = []  # dict(dtype, norm, n, provider, fwd, fwdbwd) in TB/s, or error strings
 
