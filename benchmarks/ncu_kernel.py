@@ -35,19 +35,13 @@ def run(norm: str, n: int, dtype: str, backward: bool = False, calls: int = 3) -
     ops = torch.ops.normpass
     if backward:
         stats = ops.norm_with_stats(x, None, w, b if center else None, 1e-6, center=center)[2]
+        op = ops.layer_norm_backward if center else ops.rms_norm_backward
+        args = (dy, x, w, None, 1e-6, None, stats)
+        kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    else:
+        op, args, kw = (ops.layer_norm, (x, w, b, 1e-6), {}) if center else (ops.rms_norm, (x, w, 1e-6), {})
     for _ in range(calls):
-        if backward and center:
-            ops.layer_norm_backward(
-                dy, x, w, None, 1e-6, None, stats, has_bias=True, normalized_ndim=1, weight_offset=0.0
-            )
-        elif backward:
-            ops.rms_norm_backward(
-                dy, x, w, None, 1e-6, None, stats, has_bias=False, normalized_ndim=1, weight_offset=0.0, p=1.0
-            )
-        elif center:
-            ops.layer_norm(x, w, b, 1e-6)
-        else:
-            ops.rms_norm(x, w, 1e-6)
+        op(*args, **kw)
     torch.cuda.synchronize()
 
 

@@ -92,9 +92,11 @@ def assert_no_further_than_eager(ours, eager, ref, margin: float = 1e-5, scale: 
 
 
 def float64_loss_and_grads(name: str, batch: dict[str, torch.Tensor]):
-    """loss_and_grads of the same model (same seed) built in float64: the reference."""
+    """loss_and_grads of the same model (same seed) built in float64, on the batch's device: the
+    reference."""
+    device = next(iter(batch.values())).device
     batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
-    return loss_and_grads(models.build(name, dtype=torch.float64), batch)
+    return loss_and_grads(models.build(name, dtype=torch.float64).to(device), batch)
 
 
 def loss_and_grads(model, batch, run=None):
@@ -226,19 +228,19 @@ def test_backend_name_works_without_importing_normpass():
 def test_training_matches_eager_and_fuses_every_norm(name):
     model = models.build(name)
     batch = models.example_batch(name)
-    ref_loss, ref_grads = float64_loss_and_grads(name, batch)
-    eager_loss, eager_grads = loss_and_grads(model, batch)
+    ref = float64_loss_and_grads(name, batch)
+    eager = loss_and_grads(model, batch)
 
     recorder = Recorder()
     compiled = torch.compile(model, backend=normpass.backend(compiler=recorder))
-    np_loss, np_grads = loss_and_grads(model, batch, compiled)
+    ours = loss_and_grads(model, batch, compiled)
 
     norms = models.count_norm_modules(model)
     assert recorder.count("forward", TRAINING_FORWARD_OPS) == norms
     assert recorder.count("forward", FORWARD_OPS) == 0
     assert recorder.count("backward", BACKWARD_OPS) == norms
     assert recorder.backward_ops_reading_stats() == norms
-    assert_no_further_than_eager((np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads))
+    assert_no_further_than_eager(ours, eager, ref)
 
 
 @pytest.mark.parametrize("name", [n for n in models.CONFIGS if n != "llama"])  # llama: the gradient-sum test
@@ -249,15 +251,15 @@ def test_training_through_inductor_fuses_every_norm(name):
     from torch._inductor.utils import run_and_get_code
 
     model, batch = models.build(name), models.example_batch(name)
-    ref_loss, ref_grads = float64_loss_and_grads(name, batch)
-    eager_loss, eager_grads = loss_and_grads(model, batch)
+    ref = float64_loss_and_grads(name, batch)
+    eager = loss_and_grads(model, batch)
     compiled = torch.compile(model, backend=normpass.backend())
-    (np_loss, np_grads), codes = run_and_get_code(lambda: loss_and_grads(model, batch, compiled))
+    ours, codes = run_and_get_code(lambda: loss_and_grads(model, batch, compiled))
     code = "\n".join(codes)
     norms = models.count_norm_modules(model)
     assert len(re.findall(r"normpass\.norm_with_stats\.default\(", code)) == norms
     assert len(re.findall(r"normpass\.(?:rms|layer)_norm_backward\.default\(", code)) == norms
-    assert_no_further_than_eager((np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads))
+    assert_no_further_than_eager(ours, eager, ref)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -349,13 +351,13 @@ def test_dynamic_fullgraph_training_through_inductor_compiles_once():
     compiles = []
     for seq in (8, 12, 16):
         batch = models.example_batch("llama", seq=seq)
-        ref_loss, ref_grads = float64_loss_and_grads("llama", batch)
-        eager_loss, eager_grads = loss_and_grads(model, batch)
-        np_loss, np_grads = loss_and_grads(model, batch, compiled)
+        ref = float64_loss_and_grads("llama", batch)
+        eager = loss_and_grads(model, batch)
+        ours = loss_and_grads(model, batch, compiled)
         compiles.append(len(be.reports))
         norms = models.count_norm_modules(model)
         assert f"{norms} site(s), {norms} rewritten, 0 left alone" in str(be.reports[-1])
-        assert_no_further_than_eager((np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads))
+        assert_no_further_than_eager(ours, eager, ref)
     assert compiles[0] >= 1 and compiles[1:] == [compiles[0]] * 2, compiles
 
 
@@ -364,13 +366,12 @@ def test_dynamic_fullgraph_training_through_inductor_compiles_once():
 def test_reduce_overhead_training_on_cuda():
     """mode="reduce-overhead" (inductor's CUDA graphs) around normpass's CUDA ops: the replayed
     training step of a tiny Llama matches eager against float64."""
-    model = models.build("llama").cuda()
-    batch = {k: v.cuda() for k, v in models.example_batch("llama").items()}
-    reference = models.build("llama", dtype=torch.float64).cuda()
-    ref_loss, ref_grads = loss_and_grads(reference, batch)
-    eager_loss, eager_grads = loss_and_grads(model, batch)
     from torch._dynamo.utils import counters
 
+    model = models.build("llama").cuda()
+    batch = {k: v.cuda() for k, v in models.example_batch("llama").items()}
+    ref = float64_loss_and_grads("llama", batch)
+    eager = loss_and_grads(model, batch)
     counters.clear()
     be = normpass.backend()
     compiled = torch.compile(model, backend=be, mode="reduce-overhead")
@@ -381,7 +382,7 @@ def test_reduce_overhead_training_on_cuda():
     norms = models.count_norm_modules(model)
     assert f"{norms} site(s), {norms} rewritten" in str(be.reports[-1])
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
-    assert_no_further_than_eager((np_loss, np_grads), (eager_loss, eager_grads), (ref_loss, ref_grads))
+    assert_no_further_than_eager((np_loss, np_grads), eager, ref)
 
 
 class TwoBlocks(torch.nn.Module):
