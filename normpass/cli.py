@@ -31,6 +31,12 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POLICIES = ("fuse", "low_precision", "rmsnorm", "prmsnorm")
+# The demo's model and batch: small on a CPU; on a GPU, sizes where the norms are worth fusing (at
+# hidden 256 and 512 tokens a step is a few launches per layer, which only the host's overhead times).
+DEMO_SIZES = {
+    "cpu": dict(layers=2, hidden=256, heads=4, vocab=512, batch=4, seq=128),
+    "cuda": dict(layers=2, hidden=2048, heads=16, vocab=512, batch=4, seq=2048),
+}
 BENCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_kernels.py"
 
 
@@ -180,7 +186,7 @@ def demo(args: argparse.Namespace) -> int:
     import normpass
     from normpass import demo_model
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     model, what = demo_model.build(args.layers, args.hidden, args.heads, args.vocab)
@@ -322,12 +328,9 @@ def make_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="a small Llama: norm sites found, outputs checked, timings")
     d.add_argument("--device", help="cpu or cuda[:N] (default: cuda when there is one)")
     d.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
-    d.add_argument("--layers", type=int, default=2)
-    d.add_argument("--hidden", type=int, default=256)
-    d.add_argument("--heads", type=int, default=4)
-    d.add_argument("--vocab", type=int, default=512)
-    d.add_argument("--batch", type=int, default=4)
-    d.add_argument("--seq", type=int, default=128)
+    for flag in DEMO_SIZES["cpu"]:
+        cpu, cuda = (DEMO_SIZES[kind][flag] for kind in ("cpu", "cuda"))
+        d.add_argument(f"--{flag}", type=int, help=f"default: {cpu} on cpu, {cuda} on cuda")
     d.add_argument("--steps", type=int, default=10, help="timed steps per variant")
     d.add_argument("--train", action="store_true", help="time forward + backward instead of forward only")
     d.add_argument(
@@ -356,15 +359,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
-        for flag in ("layers", "hidden", "heads", "vocab", "batch", "seq"):
+        if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
+        args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        for flag, default in DEMO_SIZES[torch.device(args.device).type].items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, default)
             if getattr(args, flag) <= 0:
                 parser.error(f"--{flag} must be positive")
         if args.steps < 0:
             parser.error("--steps must be >= 0")
         if args.hidden % args.heads:
             parser.error(f"--hidden ({args.hidden}) must be a multiple of --heads ({args.heads})")
-        if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device is available")
         return demo(args)
     if args.command == "explain":
         return explain(args, parser)

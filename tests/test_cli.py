@@ -165,3 +165,15 @@ def test_bench_without_the_script(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "BENCH_SCRIPT", tmp_path / "bench_kernels.py")
     assert cli.main(["bench"]) == 1
     assert "bench_kernels.py is not here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_demo_sizes_follow_the_device(monkeypatch, cuda):
+    """A GPU demo defaults to sizes where the norms matter; a flag given wins on either device."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    seen = []
+    monkeypatch.setattr(cli, "demo", lambda args: seen.append(args) or 0)
+    assert cli.main(["demo", "--seq", "64"]) == 0
+    (args,) = seen
+    assert args.device == ("cuda" if cuda else "cpu") and args.seq == 64
+    assert (args.hidden, args.heads, args.batch) == ((2048, 16, 4) if cuda else (256, 4, 4))
