@@ -105,25 +105,51 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(
-    label: str, fn: Callable[[], Any], steps: int, device: torch.device
-) -> tuple[float, list[float], Any]:
-    """(seconds of the first call, which includes compilation; seconds of each call after it; the last
-    call's result)."""
-    bar = Progress(label, steps + 1)
-    start = time.perf_counter()
-    result = fn()
-    _sync(device)
-    first = time.perf_counter() - start
-    bar.update(1)
-    times = []
-    for i in range(steps):
+    variants: Sequence[tuple[str, Callable[[], Any]]], steps: int, device: torch.device
+) -> tuple[list[tuple[str, float, list[float]]], dict[str, Any], list[str]]:
+    """Times each variant's first call (which compiles), then `steps` rounds that call every variant
+    once, so that a busy machine's drift falls on all of them alike. Returns (label, seconds of the
+    first call, seconds of each timed call) per variant that ran, each one's last result, and a line
+    per variant that failed."""
+
+    def call(fn: Callable[[], Any]) -> tuple[float, Any]:
         start = time.perf_counter()
         result = fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-        bar.update(i + 2)
+        return time.perf_counter() - start, result
+
+    firsts, outputs, failed = {}, {}, []
+
+    def attempt(label: str, fn: Callable[[], Any]) -> float | None:
+        try:
+            seconds, outputs[label] = call(fn)
+            return seconds
+        except Exception as e:  # say what failed, go on with the others
+            sys.stderr.write("\n")
+            failed.append(f"   {label} failed: {_describe(e)}")
+            return None
+
+    for label, fn in variants:
+        bar = Progress(f"{label}: first call", 1)
+        seconds = attempt(label, fn)
+        bar.update(1)
+        bar.close()
+        if seconds is not None:
+            firsts[label] = seconds
+    running = [(label, fn) for label, fn in variants if label in firsts]
+    times: dict[str, list[float]] = {label: [] for label, _ in running}
+    bar = Progress("timed rounds", steps)
+    for i in range(steps):
+        for label, fn in list(running):
+            seconds = attempt(label, fn)
+            if seconds is None:
+                running.remove((label, fn))
+                del firsts[label]
+            else:
+                times[label].append(seconds)
+        bar.update(i + 1)
     bar.close()
-    return first, times, result
+    return [(label, firsts[label], times[label]) for label, _ in variants if label in firsts], outputs, failed
 
 
 def _training_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -212,19 +238,11 @@ def demo(args: argparse.Namespace) -> int:
     _say(
         "",
         f"2. Timing ({what_step}{'' if args.train else ' under no_grad'}; the first call compiles, "
-        f"then {args.steps} timed steps)",
+        f"then {args.steps} timed rounds of one step per variant)",
     )
-    timings, outputs, failed = [], {}, []
     with torch.set_grad_enabled(args.train):
-        for label, fn in variants:
-            step = _training_step(model, fn) if args.train else fn
-            try:
-                first, times, outputs[label] = _time(label, step, args.steps, device)
-            except Exception as e:  # say what failed, show what worked, exit non-zero
-                sys.stderr.write("\n")
-                failed.append(f"   {label} failed: {_describe(e)}")
-                continue
-            timings.append((label, first, times))
+        steps = [(label, _training_step(model, fn) if args.train else fn) for label, fn in variants]
+        timings, outputs, failed = _time(steps, args.steps, device)
     with torch.no_grad():
         reference = copy.deepcopy(model).to(torch.float64)(x)
     if failed:
