@@ -124,18 +124,18 @@ def _time(
         try:
             seconds, outputs[label] = call(fn)
             return seconds
-        except Exception as e:  # say what failed, go on with the others
-            sys.stderr.write("\n")
+        except Exception as e:  # say what failed, go on with the others; no output of it is checked
+            outputs.pop(label, None)
             failed.append(f"   {label} failed: {_describe(e)}")
             return None
 
     for label, fn in variants:
         bar = Progress(f"{label}: first call", 1)
         seconds = attempt(label, fn)
-        bar.update(1)
-        bar.close()
         if seconds is not None:
             firsts[label] = seconds
+            bar.update(1)
+        bar.close()
     running = [(label, fn) for label, fn in variants if label in firsts]
     times: dict[str, list[float]] = {label: [] for label, _ in running}
     bar = Progress("timed rounds", steps)
@@ -380,7 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
             parser.error("--device cuda: no CUDA device is available")
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        for flag, default in DEMO_SIZES[torch.device(args.device).type].items():
+        try:
+            kind = torch.device(args.device).type
+        except RuntimeError as e:
+            parser.error(f"--device {args.device}: {e}")
+        for flag, default in DEMO_SIZES["cuda" if kind == "cuda" else "cpu"].items():
             if getattr(args, flag) is None:
                 setattr(args, flag, default)
             if getattr(args, flag) <= 0:

@@ -143,6 +143,7 @@ def test_explain_model_only_needs_shape(user_file, capsys):
         (["demo", "--hidden", "30", "--heads", "4"], "--hidden (30) must be a multiple of --heads (4)"),
         (["demo", "--layers", "0"], "--layers must be positive"),
         (["demo", "--compiler", "tvm"], "invalid choice: 'tvm'"),
+        (["demo", "--device", "gpu"], "--device gpu: Expected one of"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "the following arguments are required"),
     ],
@@ -170,16 +171,20 @@ def test_bench_without_the_script(tmp_path, monkeypatch, capsys):
     assert "bench_kernels.py is not here" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("cuda", [False, True])
-def test_demo_sizes_follow_the_device(monkeypatch, cuda):
-    """A GPU demo defaults to sizes where the norms matter; a flag given wins on either device."""
+@pytest.mark.parametrize(
+    ("cuda", "device", "expected"),
+    [(False, None, "cpu"), (True, None, "cuda"), (True, "cpu", "cpu"), (False, "meta", "meta")],
+)
+def test_demo_sizes_follow_the_device(monkeypatch, cuda, device, expected):
+    """A GPU demo defaults to sizes where the norms matter, any other device to the small ones; a
+    flag given wins on either."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     seen = []
     monkeypatch.setattr(cli, "demo", lambda args: seen.append(args) or 0)
-    assert cli.main(["demo", "--seq", "64"]) == 0
+    assert cli.main(["demo", "--seq", "64", *(["--device", device] if device else [])]) == 0
     (args,) = seen
-    assert args.device == ("cuda" if cuda else "cpu") and args.seq == 64
-    assert (args.hidden, args.heads, args.batch) == ((2048, 16, 4) if cuda else (256, 4, 4))
+    assert args.device == expected and args.seq == 64
+    assert (args.hidden, args.heads, args.batch) == ((2048, 16, 4) if expected == "cuda" else (256, 4, 4))
 
 
 def test_demo_times_variants_in_rounds():
@@ -200,5 +205,5 @@ def test_demo_times_variants_in_rounds():
     timings, outputs, failed = cli._time(variants, 3, torch.device("cpu"))
     assert calls == ["a", "b", "c"] + ["a", "b", "c"] + ["a", "b"] * 2
     assert [(label, len(times)) for label, _, times in timings] == [("a", 3), ("b", 3)]
-    assert outputs["a"] == "a" and outputs["b"] == "b"
+    assert outputs == {"a": "a", "b": "b"}  # c's first result is not checked against the others
     assert failed == ["   c failed: RuntimeError: c broke"]

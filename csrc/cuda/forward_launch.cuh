@@ -17,8 +17,9 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     const NormParams& p, Tensor& out, optional<Tensor>& sum,
                     optional<Tensor>& stats) {
   auto kernel = norm_fwd_kernel<T, W, O, VEC, CENTER, RESIDUAL>;
+  const int min_threads = fwd_min_threads(device_attribute(cudaDevAttrMaxBlocksPerMultiprocessor));
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
-                                   max_cluster(kernel, kFwdMaxThreads), kFwdMinThreads,
+                                   max_cluster(kernel, kFwdMaxThreads), min_threads,
                                    kFwdMaxThreads, kFwdClusterTiles, /*round_to_warps=*/true);
   FwdArgs<T, W, O> a{};
   a.x = ptr<T>(x);

@@ -22,11 +22,19 @@ namespace cuda {
 // 256-thread CTAs per SM (a cap of 80 for three CTAs made it spill).
 template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 8 : 4; }
 template <int VEC> __host__ __device__ constexpr int bwd_items() { return VEC == 1 ? 8 : 4; }
-// Short forward rows run in CTAs of one warp, as inductor's persistent
-// reductions do (ncu: 65536 x 32 threads): the SM refills per warp, not per
-// four (bf16 RMSNorm 1024-2048 +1.5-2.5%, fp32 256-1024 +2.5%; 2026-12-04).
-constexpr int kFwdMinThreads = 32;
 constexpr int kFwdMaxThreads = kMaxThreads;
+constexpr int kFwdMinBlocks = 2; // CTAs of kFwdMaxThreads per SM: the register bound
+// Short forward rows run in the smallest CTAs (from one warp) of which an SM
+// still holds the warps its register bound allows (fwd_min_threads): one warp
+// where an SM takes 32 CTAs (sm_80, sm_90), as inductor's persistent
+// reductions run (ncu: 65536 x 32 threads); against CTAs of 128: bf16 RMSNorm
+// 1024-2048 +1.5-2.5%, fp32 256-1024 +2.5% (H200, 2026-12-04).
+__host__ __device__ constexpr int fwd_min_threads(int max_ctas_per_sm) {
+  int t = 32;
+  while (t / 32 * max_ctas_per_sm < kFwdMinBlocks * kFwdMaxThreads / 32) t *= 2;
+  return t;
+}
+static_assert(fwd_min_threads(32) == 32 && fwd_min_threads(16) == 64 && fwd_min_threads(24) == 64);
 // A forward row that needs a cluster is walked in two tiles by half as many
 // CTAs (measured: 65536 bf16 2.07 -> 2.33 TB/s, fp32 2.09 -> 2.56; one tile or
 // four are slower; see benchmarks/NOTES.md).
@@ -68,7 +76,7 @@ struct FwdArgs {
 };
 
 template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
-__global__ void __launch_bounds__(kMaxThreads, 2) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
+__global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
   constexpr int ITEMS = fwd_items<VEC>();
   const RowLayout& L = a.layout;
   const RowThread th(L);
