@@ -112,44 +112,36 @@ def _time(
     first call, seconds of each timed call) per variant that ran, each one's last result, and a line
     per variant that failed."""
 
-    def call(fn: Callable[[], Any]) -> tuple[float, Any]:
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        return time.perf_counter() - start, result
+    times: dict[str, list[float]] = {}  # per variant still running: its first call, then the timed ones
+    outputs: dict[str, Any] = {}
+    failed: list[str] = []
 
-    firsts, outputs, failed = {}, {}, []
-
-    def attempt(label: str, fn: Callable[[], Any]) -> float | None:
+    def run(label: str, fn: Callable[[], Any]) -> bool:
         try:
-            seconds, outputs[label] = call(fn)
-            return seconds
+            start = time.perf_counter()
+            outputs[label] = fn()
+            _sync(device)
         except Exception as e:  # say what failed, go on with the others; no output of it is checked
             outputs.pop(label, None)
+            times.pop(label, None)
             failed.append(f"   {label} failed: {_describe(e)}")
-            return None
+            return False
+        times.setdefault(label, []).append(time.perf_counter() - start)
+        return True
 
     for label, fn in variants:
         bar = Progress(f"{label}: first call", 1)
-        seconds = attempt(label, fn)
-        if seconds is not None:
-            firsts[label] = seconds
+        if run(label, fn):
             bar.update(1)
         bar.close()
-    running = [(label, fn) for label, fn in variants if label in firsts]
-    times: dict[str, list[float]] = {label: [] for label, _ in running}
     bar = Progress("timed rounds", steps)
     for i in range(steps):
-        for label, fn in list(running):
-            seconds = attempt(label, fn)
-            if seconds is None:
-                running.remove((label, fn))
-                del firsts[label]
-            else:
-                times[label].append(seconds)
+        for label, fn in variants:
+            if label in times:
+                run(label, fn)
         bar.update(i + 1)
     bar.close()
-    return [(label, firsts[label], times[label]) for label, _ in variants if label in firsts], outputs, failed
+    return [(label, t[0], t[1:]) for label, t in times.items()], outputs, failed
 
 
 def _training_step(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
