@@ -44,13 +44,15 @@ constexpr int kBwdThreads = 256; // CTA size of the backward, except:
 // of phase instead of two: LayerNorm 4096 +4%); shorter rows share CTAs of 256
 // (at 128, twice the CTAs and dweight partials: the 8192-row step shape lost
 // 2-5%);
-// rows of 257-2048 threads take CTAs of 512 (same 128 registers, one CTA per
-// SM): one CTA instead of a cluster of two, clusters of at most 4 instead of
-// 8 (fewer CTAs at the row's barrier). Longer rows measured faster in
-// clusters of 256-thread CTAs (see benchmarks/NOTES.md, v11).
+// rows of 257-1024 threads take CTAs of 512 (same 128 registers, one CTA per
+// SM): one CTA instead of a cluster of two, a cluster of 2 instead of 4
+// (fewer CTAs at the row's barrier). Longer rows run in clusters of 256-thread
+// CTAs, two per SM: at 2048 threads (bf16 65536) clusters of 8 by 256 beat 4
+// by 512, RMSNorm +3%, LayerNorm +1.5% (H200); 512-thread CTAs for rows of
+// up to 8192 threads lost 10% (fp32 65536, LayerNorm 262144; NOTES.md).
 constexpr int kBwdRowCtaThreads = 128;
 constexpr int kBwdMaxThreads = 512;
-constexpr int kBwdWideRowThreads = 4 * kBwdMaxThreads;
+constexpr int kBwdWideRowThreads = 2 * kBwdMaxThreads;
 
 // One thread's share of a row tile, packed in the storage type.
 template <typename T, int VEC, int ITEMS>
