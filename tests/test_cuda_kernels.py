@@ -218,7 +218,8 @@ def test_weight_offset_and_grad_sum(dtype, n):
 
 
 # Statistics columns that end inside a 16-byte vector (p = 0.1 mostly) take the vector kernels'
-# per-element column test; 16384 and 65536 run 512-thread backward CTAs, 262144 clusters of 256.
+# per-element column test; 16384's backward rows run in one 512-thread CTA (bf16) or a cluster of
+# two (fp32), 65536 and 262144 in clusters of 256-thread CTAs.
 @pytest.mark.parametrize("n", [7, 1000, 4096, 16384, 65536, 262144])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -264,7 +265,9 @@ def test_rows_starting_far_from_their_mean(residual, n):
     run_case(rows_for(n), n, torch.float32, True, first=6.0, residual=residual)
 
 
-@pytest.mark.parametrize("n", [64, 4096, 16384, 65536])  # 16384, 65536: 512-thread backward CTAs
+# Backward rows: 16384 in one 512-thread CTA, 32768 in a cluster of two, 65536 in a cluster of eight
+# 256-thread CTAs.
+@pytest.mark.parametrize("n", [64, 4096, 16384, 32768, 65536])
 def test_variants(n):
     m = rows_for(n)
     run_case(m, n, torch.bfloat16, False, weight=False)  # no weight
