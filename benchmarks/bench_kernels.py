@@ -188,7 +188,7 @@ def main() -> int:
     dev = torch.cuda.get_device_name()
     ceiling = copy_ceiling()
     # The same copy at one table tensor's size (2^26 elements): how much of the gap to the ceiling
-    # any kernel of the tables pays for its size and the timer (benchmarks/NOTES.md, Next 6).
+    # any kernel of the tables pays for its size and the timer (benchmarks/NOTES.md, fifteenth stop).
     dnames = args.dtypes.split(",")
     small = {d: copy_ceiling(ELEMS * torch.finfo(DTYPES[d]).bits // 8) for d in dnames}
     small_text = ", ".join(f"{d} {v:.3f} TB/s ({100 * v / ceiling:.0f}%)" for d, v in small.items())

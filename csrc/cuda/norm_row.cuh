@@ -203,7 +203,7 @@ __device__ __forceinline__ void add_sums(float (&v)[K], const float (&s)[K]) {
 // ptxas reserves the barriers a kernel names, and a register id reserves all
 // 16, which cost the forward's short rows 14% (fewer CTAs per SM). The switch
 // has its own cost: ptxas guards the shuffles after it with convergence
-// checks (benchmarks/NOTES.md, Next 2).
+// checks (benchmarks/NOTES.md, fourteenth stop).
 constexpr int kMaxBarrierRows = 4;
 __device__ __forceinline__ void row_barrier(int group, int threads) {
   switch (group) {
