@@ -267,8 +267,8 @@ def test_rows_starting_far_from_their_mean(residual, n):
 
 
 # Backward rows: 16384 in one 512-thread CTA, 32768 in a cluster of two, 65536 in a cluster of eight
-# 256-thread CTAs.
-@pytest.mark.parametrize("n", [64, 4096, 16384, 32768, 65536])
+# 256-thread CTAs; 12289 (scalar accesses, 1537 threads) in a cluster of seven.
+@pytest.mark.parametrize("n", [64, 4096, 12289, 16384, 32768, 65536])
 def test_variants(n):
     m = rows_for(n)
     run_case(m, n, torch.bfloat16, False, weight=False)  # no weight
