@@ -1,6 +1,6 @@
 // The backward of one input dtype: launch plan, dweight/dbias partials and
 // the dispatch onto the kernel's compile-time switches. Included only by the
-// files that instantiate BackwardKernels<T> (norm_backward_<dtype>.cu).
+// files that instantiate BackwardKernels<T, CENTER> (norm_backward_<dtype>_{ln,rms}.cu).
 #pragma once
 
 #include "launch.h"
@@ -136,7 +136,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   }
 }
 
-template <typename T, typename W>
+template <typename T, typename W, bool CENTER>
 void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x,
                     const Tensor& weight,
                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
@@ -146,9 +146,9 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
   bool vec = vector_ok(x, kVec) && vector_ok(grad_out, kVec) && vector_ok(grad_sum, kVec) &&
              vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
   for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
-  dispatch_flags<kVec>(vec, p.center, grad_bias.has_value(), [&](auto v, auto center, auto dbias) {
+  dispatch_flags<kVec>(vec, grad_bias.has_value(), [&](auto v, auto dbias) {
     auto with_flags = [&](auto more_terms, auto saved) {
-      backward_launch<T, W, decltype(v)::value, decltype(center)::value, decltype(dbias)::value,
+      backward_launch<T, W, decltype(v)::value, CENTER, decltype(dbias)::value,
                       decltype(more_terms)::value, decltype(saved)::value>(
           grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
     };
@@ -162,18 +162,18 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
 }
 
 // The entry point passes a weight (ones for none), of x's dtype or fp32.
-template <typename T>
-void BackwardKernels<T>::run(const Tensor& grad_out, at::TensorList more, const Tensor& x,
-                             const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
-                             const NormParams& p, Tensor& grad_input,
-                             optional<Tensor>& grad_weight, optional<Tensor>& grad_bias,
-                             const optional<Tensor>& stats) {
+template <typename T, bool CENTER>
+void BackwardKernels<T, CENTER>::run(const Tensor& grad_out, at::TensorList more, const Tensor& x,
+                                     const optional<Tensor>& weight,
+                                     const optional<Tensor>& grad_sum, const NormParams& p,
+                                     Tensor& grad_input, optional<Tensor>& grad_weight,
+                                     optional<Tensor>& grad_bias, const optional<Tensor>& stats) {
   if (weight->scalar_type() != x.scalar_type()) {
-    backward_typed<T, float>(grad_out, more, x, *weight, grad_sum, p, grad_input, grad_weight,
-                             grad_bias, stats);
+    backward_typed<T, float, CENTER>(grad_out, more, x, *weight, grad_sum, p, grad_input,
+                                     grad_weight, grad_bias, stats);
   } else {
-    backward_typed<T, T>(grad_out, more, x, *weight, grad_sum, p, grad_input, grad_weight,
-                         grad_bias, stats);
+    backward_typed<T, T, CENTER>(grad_out, more, x, *weight, grad_sum, p, grad_input,
+                                 grad_weight, grad_bias, stats);
   }
 }
 

@@ -1,6 +1,6 @@
 // The forward of one input dtype: launch shape, arguments and the dispatch
 // onto the kernel's compile-time switches. Included only by the files that
-// instantiate ForwardKernels<T> (norm_forward_<dtype>.cu).
+// instantiate ForwardKernels<T, CENTER> (norm_forward_<dtype>_{ln,rms}.cu).
 #pragma once
 
 #include "launch.h"
@@ -45,7 +45,7 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   launch(kernel, ctas, shape.threads, 0, C, a);
 }
 
-template <typename T, typename W, typename O>
+template <typename T, typename W, typename O, bool CENTER>
 void forward_typed(const Tensor& x, const optional<Tensor>& residual,
                    const optional<Tensor>& weight, const optional<Tensor>& bias,
                    const NormParams& p, Tensor& out, optional<Tensor>& sum,
@@ -53,26 +53,26 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = vector_ok(x, kVec) && vector_ok(residual, kVec) && vector_ok(out, kVec) &&
                    vector_ok(sum, kVec) && vector_ok(weight, kVec) && vector_ok(bias, kVec);
-  dispatch_flags<kVec>(vec, p.center, residual.has_value(), [&](auto v, auto center, auto res) {
-    forward_launch<T, W, O, decltype(v)::value, decltype(center)::value, decltype(res)::value>(
+  dispatch_flags<kVec>(vec, residual.has_value(), [&](auto v, auto res) {
+    forward_launch<T, W, O, decltype(v)::value, CENTER, decltype(res)::value>(
         x, residual, weight, bias, p, out, sum, stats);
   });
 }
 
 // The parameters are of x's dtype or fp32; the output is of x's dtype or fp32
 // (the entry point casts any other).
-template <typename T>
-void ForwardKernels<T>::run(const Tensor& x, const optional<Tensor>& residual,
-                            const optional<Tensor>& weight, const optional<Tensor>& bias,
-                            const NormParams& p, Tensor& out, optional<Tensor>& sum,
-                            optional<Tensor>& stats) {
+template <typename T, bool CENTER>
+void ForwardKernels<T, CENTER>::run(const Tensor& x, const optional<Tensor>& residual,
+                                    const optional<Tensor>& weight, const optional<Tensor>& bias,
+                                    const NormParams& p, Tensor& out, optional<Tensor>& sum,
+                                    optional<Tensor>& stats) {
   const auto param = weight ? weight : bias;
   const bool fp32_params = param && param->scalar_type() != x.scalar_type();
   const bool fp32_out = out.scalar_type() != x.scalar_type();
   auto with_out = [&](auto w_tag) {
     using W = typename decltype(w_tag)::type;
-    if (fp32_out) forward_typed<T, W, float>(x, residual, weight, bias, p, out, sum, stats);
-    else forward_typed<T, W, T>(x, residual, weight, bias, p, out, sum, stats);
+    if (fp32_out) forward_typed<T, W, float, CENTER>(x, residual, weight, bias, p, out, sum, stats);
+    else forward_typed<T, W, T, CENTER>(x, residual, weight, bias, p, out, sum, stats);
   };
   if (fp32_params) with_out(Tag<float>{});
   else with_out(Tag<T>{});

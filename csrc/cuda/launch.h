@@ -24,22 +24,26 @@ template <typename T> struct Tag { using type = T; };
 // Column indices inside a row are 32-bit (row offsets are 64-bit).
 constexpr int64_t kMaxCols = (int64_t(1) << 31) - 1024;
 
-// Calls f(vec, center, flag) with each runtime choice as a compile-time constant:
-// vec is an integral_constant of kVec (16-byte accesses) or 1 (scalar accesses),
-// center and flag are bool_constants (flag: the kernel's third switch, e.g.
-// the residual add or the bias gradient).
+// Calls f(vec, flag) with each runtime choice as a compile-time constant: vec
+// is an integral_constant of kVec (16-byte accesses) or 1 (scalar accesses),
+// flag a bool_constant (the kernel's third switch: the residual add or the
+// bias gradient). Centering is a template parameter of the kernels' entry
+// (ForwardKernels, BackwardKernels below).
 template <int kVec, typename F>
-void dispatch_flags(bool vec, bool center, bool flag, F&& f) {
-  auto with_vec = [&](auto c, auto fl) {
-    if (vec) f(std::integral_constant<int, kVec>{}, c, fl);
-    else f(std::integral_constant<int, 1>{}, c, fl);
+void dispatch_flags(bool vec, bool flag, F&& f) {
+  auto with_vec = [&](auto fl) {
+    if (vec) f(std::integral_constant<int, kVec>{}, fl);
+    else f(std::integral_constant<int, 1>{}, fl);
   };
-  auto with_flag = [&](auto c) {
-    if (flag) with_vec(c, std::true_type{});
-    else with_vec(c, std::false_type{});
-  };
-  if (center) with_flag(std::true_type{});
-  else with_flag(std::false_type{});
+  if (flag) with_vec(std::true_type{});
+  else with_vec(std::false_type{});
+}
+
+// Calls f(std::bool_constant<center>{}).
+template <typename F>
+void dispatch_center(bool center, F&& f) {
+  if (center) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 // Calls f(Tag<T>{}) with T the CUDA storage type of `t`.
@@ -188,12 +192,14 @@ void set_max_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
   }, f);
 }
 
-// The kernels of one input dtype T behind the entry points' signatures
-// (../norm.h), after their checks. Each dtype's are instantiated in a file of
-// their own, norm_{forward,backward}_<dtype>.cu, so that the build compiles
-// them in parallel (all in one file took 4.6 minutes).
-template <typename T> struct ForwardKernels { static NormForward run; };
-template <typename T> struct BackwardKernels { static NormBackward run; };
+// The kernels of one input dtype T and one norm (CENTER: LayerNorm, else
+// RMSNorm) behind the entry points' signatures (../norm.h), after their
+// checks. Each pair is instantiated in a file of its own,
+// norm_{forward,backward}_<dtype>_{ln,rms}.cu, so that the build compiles them
+// in parallel (all in one file took 4.6 minutes; a file per dtype left the
+// bf16 backward alone at 2 minutes).
+template <typename T, bool CENTER> struct ForwardKernels { static NormForward run; };
+template <typename T, bool CENTER> struct BackwardKernels { static NormBackward run; };
 
 } // namespace cuda
 } // namespace normpass

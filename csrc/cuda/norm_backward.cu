@@ -1,5 +1,5 @@
 // CUDA backward: normpass::norm_backward_cuda (contract in ../norm.h). The
-// kernels of each input dtype are in norm_backward_<dtype>.cu.
+// kernels of each input dtype and norm are in norm_backward_<dtype>_{ln,rms}.cu.
 #include "../norm.h"
 #include "launch.h"
 
@@ -38,8 +38,10 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   const at::TensorList more = in_kernel ? extra_grad_outs : at::TensorList();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    BackwardKernels<T>::run(dy, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias,
-                            stats);
+    dispatch_center(p.center, [&](auto center) {
+      BackwardKernels<T, decltype(center)::value>::run(dy, more, x, weight, grad_sum, p, grad_input,
+                                                       grad_weight, grad_bias, stats);
+    });
   });
 }
 

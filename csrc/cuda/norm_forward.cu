@@ -1,5 +1,5 @@
 // CUDA forward: normpass::norm_forward_cuda (contract in ../norm.h). The
-// kernels of each input dtype are in norm_forward_<dtype>.cu.
+// kernels of each input dtype and norm are in norm_forward_<dtype>_{ln,rms}.cu.
 #include "../norm.h"
 #include "launch.h"
 
@@ -38,7 +38,9 @@ void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
               "normpass CUDA: parameters must be of x's dtype or fp32, got ", param->scalar_type());
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    ForwardKernels<T>::run(x, residual, weight, bias, p, out, sum, stats);
+    dispatch_center(p.center, [&](auto center) {
+      ForwardKernels<T, decltype(center)::value>::run(x, residual, weight, bias, p, out, sum, stats);
+    });
   });
 }
 

@@ -1,0 +1,4 @@
+// The LayerNorm backward kernels for float input (see BackwardKernels in launch.h).
+#include "backward_launch.cuh"
+
+template struct normpass::cuda::BackwardKernels<float, true>;
