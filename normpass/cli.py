@@ -369,13 +369,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":
-        if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-            parser.error("--device cuda: no CUDA device is available")
         args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             kind = torch.device(args.device).type
         except RuntimeError as e:
             parser.error(f"--device {args.device}: {e}")
+        if kind == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is available")
         for flag, default in DEMO_SIZES["cuda" if kind == "cuda" else "cpu"].items():
             if getattr(args, flag) is None:
                 setattr(args, flag, default)

@@ -147,17 +147,13 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
              vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
   for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
   dispatch_flags<kVec>(vec, grad_bias.has_value(), [&](auto v, auto dbias) {
-    auto with_flags = [&](auto more_terms, auto saved) {
-      backward_launch<T, W, decltype(v)::value, CENTER, decltype(dbias)::value,
-                      decltype(more_terms)::value, decltype(saved)::value>(
-          grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
-    };
-    auto with_more = [&](auto more_terms) {
-      if (stats) with_flags(more_terms, std::true_type{});
-      else with_flags(more_terms, std::false_type{});
-    };
-    if (more.empty()) with_more(std::false_type{});
-    else with_more(std::true_type{});
+    dispatch_bool(!more.empty(), [&](auto more_terms) {
+      dispatch_bool(stats.has_value(), [&](auto saved) {
+        backward_launch<T, W, decltype(v)::value, CENTER, decltype(dbias)::value,
+                        decltype(more_terms)::value, decltype(saved)::value>(
+            grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
+      });
+    });
   });
 }
 

@@ -24,6 +24,13 @@ template <typename T> struct Tag { using type = T; };
 // Column indices inside a row are 32-bit (row offsets are 64-bit).
 constexpr int64_t kMaxCols = (int64_t(1) << 31) - 1024;
 
+// Calls f(std::bool_constant<b>{}): a runtime switch as a compile-time one.
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 // Calls f(vec, flag) with each runtime choice as a compile-time constant: vec
 // is an integral_constant of kVec (16-byte accesses) or 1 (scalar accesses),
 // flag a bool_constant (the kernel's third switch: the residual add or the
@@ -31,19 +38,10 @@ constexpr int64_t kMaxCols = (int64_t(1) << 31) - 1024;
 // (ForwardKernels, BackwardKernels below).
 template <int kVec, typename F>
 void dispatch_flags(bool vec, bool flag, F&& f) {
-  auto with_vec = [&](auto fl) {
+  dispatch_bool(flag, [&](auto fl) {
     if (vec) f(std::integral_constant<int, kVec>{}, fl);
     else f(std::integral_constant<int, 1>{}, fl);
-  };
-  if (flag) with_vec(std::true_type{});
-  else with_vec(std::false_type{});
-}
-
-// Calls f(std::bool_constant<center>{}).
-template <typename F>
-void dispatch_center(bool center, F&& f) {
-  if (center) f(std::true_type{});
-  else f(std::false_type{});
+  });
 }
 
 // Calls f(Tag<T>{}) with T the CUDA storage type of `t`.

@@ -38,7 +38,7 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   const at::TensorList more = in_kernel ? extra_grad_outs : at::TensorList();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    dispatch_center(p.center, [&](auto center) {
+    dispatch_bool(p.center, [&](auto center) {
       BackwardKernels<T, decltype(center)::value>::run(dy, more, x, weight, grad_sum, p, grad_input,
                                                        grad_weight, grad_bias, stats);
     });

@@ -38,7 +38,7 @@ void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
               "normpass CUDA: parameters must be of x's dtype or fp32, got ", param->scalar_type());
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    dispatch_center(p.center, [&](auto center) {
+    dispatch_bool(p.center, [&](auto center) {
       ForwardKernels<T, decltype(center)::value>::run(x, residual, weight, bias, p, out, sum, stats);
     });
   });
