@@ -292,6 +292,36 @@ class ResidualBlock(nn.Module):
         return self.ln(h2) + h2
 
 
+class AliasedResidualBlock(nn.Module):
+    """Mamba's block: the stream h = x + r is cast to the norm's dtype, the norm upcasts it again, and
+    the residual is cast to fp32 after the norm. In an fp32 graph these are no-op aliases, and
+    torch.export routes each later use of h through the latest of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = R1Llama()
+
+    def forward(self, x, r):
+        h = x + r
+        y = self.norm(h.to(self.norm.weight.dtype))
+        return h.to(torch.float32) + y.tanh()
+
+
+class SandwichBlock(nn.Module):
+    """Gemma2/3's sandwich norms: a post-norm's output added straight to the residual stream,
+    h = x + post(f(pre(x))). The pre-norm's `x.float()` of an fp32 stream is an alias, and
+    torch.export routes the later use of x (the add) through it: the add's other operand is then an
+    alias that is no bias of the post-norm."""
+
+    def __init__(self):
+        super().__init__()
+        # in call order, the order fx lists their parameters in
+        self.pre, self.proj, self.post = R3Gemma(), nn.Linear(H, H), R3Gemma()
+
+    def forward(self, x):
+        return x + self.post(self.proj(self.pre(x)))
+
+
 # name: (factory, extra inputs beyond x, rewritten ops expected under fuse)
 FORMS: dict[str, tuple] = {
     "R1 llama": (R1Llama, 0, 1),
@@ -317,6 +347,8 @@ FORMS: dict[str, tuple] = {
     "nn.RMSNorm": (rms_norm_module, 0, 1),
     "F.rms_norm": (FRmsNorm, 0, 1),
     "residual block": (ResidualBlock, 1, 2),
+    "sandwich block": (SandwichBlock, 0, 2),
+    "aliased residual block": (AliasedResidualBlock, 1, 1),
     "normalized used elsewhere": (NormalizedUsedElsewhere, 0, 1),
 }
 

@@ -98,6 +98,8 @@ torch.layer_norm: call:torch.layer_norm -> normpass.layer_norm
 nn.RMSNorm: call:F.rms_norm -> normpass.rms_norm
 F.rms_norm: call:F.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.rms_norm; call:nn.LayerNorm -> normpass.layer_norm
+sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
+aliased residual block: R1 llama upcast -> normpass.rms_norm
 normalized used elsewhere: R5 no weight -> normpass.rms_norm
 L4 channels-first: look-alike: L1 two-pass: left alone (statistics over dims (1,), not the trailing dims)
 unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
@@ -137,6 +139,8 @@ torch.layer_norm: call:torch.layer_norm -> normpass.layer_norm
 nn.RMSNorm: call:torch.rms_norm -> normpass.rms_norm
 F.rms_norm: call:torch.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.add_rms_norm; call:F.layer_norm -> normpass.add_layer_norm
+sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
+aliased residual block: R1 llama upcast -> normpass.add_rms_norm
 normalized used elsewhere: R5 no weight -> normpass.rms_norm
 L4 channels-first: L4 channels-first: left alone (statistics over dim 1 of an NCHW tensor; normpass ops normalize trailing dims, and a movedim round trip would cost two copies)
 unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
@@ -176,6 +180,8 @@ torch.layer_norm: call:aten.native_layer_norm -> normpass.layer_norm
 nn.RMSNorm: R4 no casts -> normpass.rms_norm
 F.rms_norm: R4 no casts -> normpass.rms_norm
 residual block: R4 no casts -> normpass.add_rms_norm; call:aten.native_layer_norm -> normpass.add_layer_norm
+sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
+aliased residual block: R4 no casts -> normpass.add_rms_norm
 normalized used elsewhere: R5 no weight -> normpass.rms_norm
 L4 channels-first: L4 channels-first: left alone (statistics over dim 1 of an NCHW tensor; normpass ops normalize trailing dims, and a movedim round trip would cost two copies)
 unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
@@ -215,6 +221,8 @@ torch.layer_norm: call:aten.layer_norm -> normpass.layer_norm
 nn.RMSNorm: call:aten.rms_norm -> normpass.rms_norm
 F.rms_norm: call:aten.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.add_rms_norm; call:aten.layer_norm -> normpass.add_layer_norm
+sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
+aliased residual block: R1 llama upcast -> normpass.add_rms_norm
 normalized used elsewhere: R5 no weight -> normpass.rms_norm
 L4 channels-first: L4 channels-first: left alone (statistics over dim 1 of an NCHW tensor; normpass ops normalize trailing dims, and a movedim round trip would cost two copies)
 unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
@@ -315,6 +323,20 @@ getitem_2 = getitem(add_layer_norm_default, 0)
 getitem_3 = getitem(add_layer_norm_default, 1)
 add_3 = aten.add(getitem_2, getitem_3)
 return [add_3]
+# sandwich block
+to = aten.to(x, float32)
+rms_norm_default = normpass.rms_norm(x, p_pre_weight, 1e-06, weight_offset=1.0)
+linear = aten.linear(rms_norm_default, p_proj_weight, p_proj_bias)
+rms_norm_default_1 = normpass.rms_norm(linear, p_post_weight, 1e-06, weight_offset=1.0)
+add_4 = aten.add(to, rms_norm_default_1)
+return [add_4]
+# aliased residual block
+add_rms_norm_default = normpass.add_rms_norm(x, r, p_norm_weight, 1e-06)
+getitem = getitem(add_rms_norm_default, 0)
+getitem_1 = getitem(add_rms_norm_default, 1)
+tanh = aten.tanh(getitem)
+add_2 = aten.add(getitem_1, tanh)
+return [add_2]
 # normalized used elsewhere
 rms_norm_default = normpass.rms_norm(x, None, 1e-06)
 mul_1 = aten.mul(rms_norm_default, p_weight)

@@ -182,18 +182,20 @@ class Rewriter:
         site.output.replace_all_uses_with(new)
         self._forget_users(new)
         if total is not None:
-            for check in [u for u in site.input.users if is_check(u)]:  # they precede `total`
-                self.graph.erase_node(check)
-                self.erased.add(check)
-            for alias in [u for u in site.input.users if self.view[u].op == "alias"]:
-                alias.replace_all_uses_with(total)
-                self._forget_users(total)
-                site.nodes.add(alias)
-            for read in [u for u in site.input.users if self.view[u].op == "dtype_of"]:
-                read.replace_input_with(site.input, total.args[0].args[0])  # x: h's dtype, defined earlier
-            site.input.replace_all_uses_with(total)
-            self._forget_users(total)
-            site.nodes.add(site.input)
+            from normpass.patterns.residual import aliases_of, later_uses
+
+            uses = later_uses(site, self.view)
+            x = total.args[0].args[0]
+            dead = [site.input, *aliases_of(site.input, self.view)]
+            for node in dead:  # their checks precede `total`
+                for check in [u for u in node.users if is_check(u)]:
+                    self.graph.erase_node(check)
+                    self.erased.add(check)
+            for user, value in uses:
+                # `h.dtype` reads x's (the same dtype, defined earlier); every other use reads `sum`.
+                user.replace_input_with(value, x if self.view[user].op == "dtype_of" else total)
+                self.view.forget(user)
+            site.nodes.update(dead)
         self._erase_dead(site.nodes | site.keep)
 
     def _erase_dead(self, nodes: set[fx.Node]) -> None:

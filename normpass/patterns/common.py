@@ -65,8 +65,13 @@ def check_dims(form: str, dims: tuple | None, keepdim: bool, x: Term) -> int:
 
 
 def _param(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple[fx.Node, Any] | None:
-    """(node, multiplied term) when t is a weight/bias of the normalized shape, else None."""
-    t = m.unalias(t)
+    """(node, multiplied term) when t is a weight/bias of the normalized shape, else None.
+
+    A probe: the aliases in front of t are recorded (as parameter-side, in m.keep) only when t is one,
+    so a candidate that is not (a residual added to the norm's output) leaves the site as it was.
+    """
+    probe = Matcher(m.view)
+    t = probe.unalias(t)
     if not isinstance(t, Term) or t.node is None or t.node in seen or meta.is_tensor(t.node) is False:
         return None
     dt = meta.dtype(t.node)
@@ -80,12 +85,17 @@ def _param(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple[
             return None
     elif not all(isinstance(s, int) and s > 1 for s in shape):  # no metadata: the op checks at run time
         return None
+    m.keep.update(probe.nodes)
     return t.node, t
 
 
 def _weight(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple[fx.Node, float, Any] | None:
-    """A weight factor: w, an exact upcast of w, or `w + c` (Gemma's 1 + w) -> (w, c, factor term)."""
-    factor = m.unalias(t)
+    """A weight factor: w, an exact upcast of w, or `w + c` (Gemma's 1 + w) -> (w, c, factor term).
+
+    A probe, as _param: nothing is recorded in m unless the factor is a weight.
+    """
+    probe = Matcher(m.view)
+    factor = probe.unalias(t)
     offset, base = 0.0, factor
     if isinstance(factor, Term) and factor.op == "add" and factor.node is not None:
         a, b = factor.args
@@ -101,7 +111,7 @@ def _weight(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple
     if found is None:
         return None
     # `1 + w` and upcasts of w are weight-side: removed with the site when nothing else uses them.
-    m.keep.update(inner.keep | inner.nodes)
+    m.keep.update(probe.nodes | inner.keep | inner.nodes)
     if factor is not base:
         m.keep.update(factor.nodes)
     return found[0], offset, factor

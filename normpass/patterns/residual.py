@@ -14,6 +14,36 @@ from normpass.passes.canonical import Term, View
 from normpass.passes.match import Site, real_users
 
 
+def aliases_of(h: fx.Node, view: View) -> list[fx.Node]:
+    """h's no-op aliases, and theirs: ATen keeps `h.to(h.dtype)` and routes later uses of h through it
+    (Mamba, fp32: the stream cast to the norm's dtype, the norm's `.to(float32)` of that, then the
+    residual's `.to(float32)` of that)."""
+    found: list[fx.Node] = []
+    todo = [h]
+    while todo:
+        for u in real_users(todo.pop()):
+            if view[u].op == "alias" and u not in found:
+                found.append(u)
+                todo.append(u)
+    return found
+
+
+def later_uses(site: Site, view: View) -> list[tuple[fx.Node, fx.Node]]:
+    """(user, value) for each use of h = site.input, or of an alias of h, that outlives the site: the
+    fused op's `sum` replaces the value there. Uses that go away with the site are not listed: its own
+    nodes, the aliases themselves, and input-side casts only the site uses."""
+    inside = site.nodes | site.keep
+    values = [site.input, *aliases_of(site.input, view)]
+    aliases = set(values[1:])
+
+    def dies(u: fx.Node) -> bool:
+        if u in site.nodes or u in aliases:
+            return True
+        return u in site.keep and all(v in inside for v in real_users(u))
+
+    return [(u, v) for v in values for u in real_users(v) if not dies(u)]
+
+
 def match_residual(site: Site, view: View, order: dict[fx.Node, float]) -> tuple[fx.Node, fx.Node] | None:
     """(x, r) when site.input is a fusable x + r, else None."""
     h = site.input
@@ -29,18 +59,9 @@ def match_residual(site: Site, view: View, order: dict[fx.Node, float]) -> tuple
         return None
     if not (meta.same_shape(meta.shape(x), meta.shape(h)) and meta.same_shape(meta.shape(r), meta.shape(h))):
         return None
+    # h's surviving uses will read the op's `sum`, so they must come after the op (an `h.dtype` read
+    # will read x's instead, the same dtype, wherever it is).
     at = order[site.output]
-    inside = site.nodes | site.keep
-
-    def removed(u: fx.Node) -> bool:
-        # Goes away with the site (part of it, or an input-side cast only it used), or is retargeted by
-        # the rewriter: a no-op alias of h (ATen keeps `h.to(h.dtype)` and routes h's later uses through
-        # it) now reads `sum`, and an `h.dtype` read now reads x's (the same dtype).
-        if u in site.nodes or view[u].op in ("alias", "dtype_of"):
-            return True
-        return u in site.keep and all(v in inside for v in real_users(u))
-
-    # h's surviving uses will read the op's `sum`, so they must come after the op.
-    if any(not removed(u) and order.get(u, at) < at for u in real_users(h)):
+    if any(view[u].op != "dtype_of" and order.get(u, at) < at for u, _ in later_uses(site, view)):
         return None
     return x, r
