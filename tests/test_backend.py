@@ -243,7 +243,9 @@ def test_training_matches_eager_and_fuses_every_norm(name):
     assert_no_further_than_eager(ours, eager, ref)
 
 
-@pytest.mark.parametrize("name", [n for n in models.CONFIGS if n != "llama"])  # llama: the gradient-sum test
+# llama: the gradient-sum test; mamba: inductor compiles its selective scan for 45 s on CPU (its norm
+# is the Llama form, which the other models cover here)
+@pytest.mark.parametrize("name", [n for n in models.CONFIGS if n not in ("llama", "mamba")])
 def test_training_through_inductor_fuses_every_norm(name):
     """The same through inductor: its generated code calls one forward and one backward op per norm."""
     import re

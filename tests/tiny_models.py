@@ -7,31 +7,23 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+# A decoder of two layers, 4 query and 2 key/value heads of 8 (the Llama-family configs share it).
+DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    vocab_size=128,
+)
+# Special tokens inside the tiny vocabulary (some configs default to ids beyond it).
+TOKENS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+
 # name: (config class, kwargs). Sizes are tiny; every model has several norm modules.
 CONFIGS = {
-    "llama": (
-        "LlamaConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=128,
-        ),
-    ),
-    "gemma": (
-        "GemmaConfig",
-        dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            vocab_size=128,
-        ),
-    ),
+    "llama": ("LlamaConfig", DECODER),
+    "gemma": ("GemmaConfig", DECODER),
     "t5": (
         "T5Config",
         dict(
@@ -73,6 +65,18 @@ CONFIGS = {
             num_labels=3,
         ),
     ),
+    # Further norm forms of current models: per-head q/k RMSNorm (Qwen3), sandwich norms with q/k
+    # norms of weight 1 + w (Gemma3), norms after attention and MLP over the whole projection
+    # (OLMo2), a LayerNorm without bias written out in fp32 (Cohere), a state-space model's RMSNorm
+    # with its residual kept in fp32 (Mamba).
+    "qwen3": ("Qwen3Config", DECODER),
+    "gemma3": ("Gemma3TextConfig", DECODER),
+    "olmo2": ("Olmo2Config", DECODER),
+    "cohere": ("CohereConfig", {**DECODER, **TOKENS}),
+    "mamba": (
+        "MambaConfig",
+        dict(hidden_size=32, num_hidden_layers=2, state_size=4, vocab_size=128, **TOKENS),
+    ),
 }
 
 MODEL_CLASSES = {
@@ -82,6 +86,11 @@ MODEL_CLASSES = {
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertForMaskedLM",
     "vit": "ViTForImageClassification",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "cohere": "CohereForCausalLM",
+    "mamba": "MambaForCausalLM",
 }
 
 
