@@ -12,7 +12,7 @@ from tiny_models import build, count_norm_modules, example_batch
 
 from normpass import api
 
-MODELS = ["llama", "gemma", "t5", "gpt2", "bert", "qwen3", "gemma3", "olmo2", "cohere", "mamba"]
+MODELS = ["llama", "gemma", "t5", "gpt2", "bert", "vit", "qwen3", "gemma3", "olmo2", "cohere", "mamba"]
 
 
 class Loss(torch.nn.Module):
