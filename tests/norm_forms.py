@@ -322,6 +322,41 @@ class SandwichBlock(nn.Module):
         return x + self.post(self.proj(self.pre(x)))
 
 
+class ExpandedResidualBlock(nn.Module):
+    """The stream read again through an `expand`, a view of another shape: a use of h that reads
+    `sum`, not an alias whose uses do."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = R1Llama()
+
+    def forward(self, x, r):
+        h = x + r
+        y = self.norm(h)
+        return y + h.expand(2, 2, 3, H).sum(0)
+
+
+class TwoNormsOfOneStream(nn.Module):
+    """Two norms of the same h, then h: the first takes the add, the second reads its sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.n1, self.n2 = R1Llama(), R1Llama()
+
+    def forward(self, x, r):
+        h = x + r
+        return self.n1(h) + self.n2(h) + h
+
+
+class ScaledByItsInput(nn.Module):
+    """rms(h) * h on a 1-D stream: h has the weight's shape, but is the norm's input, no weight."""
+
+    def forward(self, x, r):
+        h = x + r
+        y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * h.contiguous()
+        return y + h
+
+
 # name: (factory, extra inputs beyond x, rewritten ops expected under fuse)
 FORMS: dict[str, tuple] = {
     "R1 llama": (R1Llama, 0, 1),
@@ -349,6 +384,9 @@ FORMS: dict[str, tuple] = {
     "residual block": (ResidualBlock, 1, 2),
     "sandwich block": (SandwichBlock, 0, 2),
     "aliased residual block": (AliasedResidualBlock, 1, 1),
+    "expanded residual block": (ExpandedResidualBlock, 1, 1),
+    "two norms of one stream": (TwoNormsOfOneStream, 1, 2),
+    "scaled by its input": (ScaledByItsInput, 1, 1),
     "normalized used elsewhere": (NormalizedUsedElsewhere, 0, 1),
 }
 
@@ -368,7 +406,11 @@ LOOKALIKES: dict[str, tuple] = {
 def inputs(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, ...]:
     factory, extra, _ = {**FORMS, **LOOKALIKES}[name]
     g = torch.Generator().manual_seed(seed)
-    shape = {"L4 channels-first": (2, 4, 4, 4), "nn.LayerNorm 2 dims": (2, 3, 2, 4)}.get(name, (2, 3, H))
+    shape = {
+        "L4 channels-first": (2, 4, 4, 4),
+        "nn.LayerNorm 2 dims": (2, 3, 2, 4),
+        "scaled by its input": (H,),
+    }.get(name, (2, 3, H))
     return tuple(torch.randn(shape, generator=g).to(dtype) for _ in range(1 + extra))
 
 

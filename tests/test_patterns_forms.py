@@ -100,6 +100,9 @@ F.rms_norm: call:F.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.rms_norm; call:nn.LayerNorm -> normpass.layer_norm
 sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
 aliased residual block: R1 llama upcast -> normpass.rms_norm
+expanded residual block: R1 llama upcast -> normpass.rms_norm
+two norms of one stream: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
+scaled by its input: R5 no weight -> normpass.rms_norm
 normalized used elsewhere: R5 no weight -> normpass.rms_norm
 L4 channels-first: look-alike: L1 two-pass: left alone (statistics over dims (1,), not the trailing dims)
 unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
@@ -141,6 +144,9 @@ F.rms_norm: call:torch.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.add_rms_norm; call:F.layer_norm -> normpass.add_layer_norm
 sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
 aliased residual block: R1 llama upcast -> normpass.add_rms_norm
+expanded residual block: R1 llama upcast -> normpass.add_rms_norm
+two norms of one stream: R1 llama upcast -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
+scaled by its input: R5 no weight -> normpass.add_rms_norm
 normalized used elsewhere: R5 no weight -> normpass.rms_norm
 L4 channels-first: L4 channels-first: left alone (statistics over dim 1 of an NCHW tensor; normpass ops normalize trailing dims, and a movedim round trip would cost two copies)
 unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
@@ -182,6 +188,9 @@ F.rms_norm: R4 no casts -> normpass.rms_norm
 residual block: R4 no casts -> normpass.add_rms_norm; call:aten.native_layer_norm -> normpass.add_layer_norm
 sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
 aliased residual block: R4 no casts -> normpass.add_rms_norm
+expanded residual block: R4 no casts -> normpass.add_rms_norm
+two norms of one stream: R4 no casts -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
+scaled by its input: R5 no weight -> normpass.add_rms_norm
 normalized used elsewhere: R5 no weight -> normpass.rms_norm
 L4 channels-first: L4 channels-first: left alone (statistics over dim 1 of an NCHW tensor; normpass ops normalize trailing dims, and a movedim round trip would cost two copies)
 unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
@@ -223,6 +232,9 @@ F.rms_norm: call:aten.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.add_rms_norm; call:aten.layer_norm -> normpass.add_layer_norm
 sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
 aliased residual block: R1 llama upcast -> normpass.add_rms_norm
+expanded residual block: R1 llama upcast -> normpass.add_rms_norm
+two norms of one stream: R1 llama upcast -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
+scaled by its input: R5 no weight -> normpass.add_rms_norm
 normalized used elsewhere: R5 no weight -> normpass.rms_norm
 L4 channels-first: L4 channels-first: left alone (statistics over dim 1 of an NCHW tensor; normpass ops normalize trailing dims, and a movedim round trip would cost two copies)
 unbiased var: look-alike: unbiased var: left alone (unbiased variance (correction=1); LayerNorm divides by n, not n - 1)
@@ -336,6 +348,29 @@ getitem = getitem(add_rms_norm_default, 0)
 getitem_1 = getitem(add_rms_norm_default, 1)
 tanh = aten.tanh(getitem)
 add_2 = aten.add(getitem_1, tanh)
+return [add_2]
+# expanded residual block
+add_rms_norm_default = normpass.add_rms_norm(x, r, p_norm_weight, 1e-06)
+getitem = getitem(add_rms_norm_default, 0)
+getitem_1 = getitem(add_rms_norm_default, 1)
+expand = aten.expand(getitem_1, [2, 2, 3, 8])
+sum_1 = aten.sum(expand, [0])
+add_2 = aten.add(getitem, sum_1)
+return [add_2]
+# two norms of one stream
+add_rms_norm_default = normpass.add_rms_norm(x, r, p_n1_weight, 1e-06)
+getitem = getitem(add_rms_norm_default, 0)
+getitem_1 = getitem(add_rms_norm_default, 1)
+rms_norm_default = normpass.rms_norm(getitem_1, p_n2_weight, 1e-06)
+add_3 = aten.add(getitem, rms_norm_default)
+add_4 = aten.add(add_3, getitem_1)
+return [add_4]
+# scaled by its input
+add_rms_norm_default = normpass.add_rms_norm(x, r, None, 1e-06)
+getitem = getitem(add_rms_norm_default, 0)
+getitem_1 = getitem(add_rms_norm_default, 1)
+mul_1 = aten.mul(getitem, getitem_1)
+add_2 = aten.add(mul_1, getitem_1)
 return [add_2]
 # normalized used elsewhere
 rms_norm_default = normpass.rms_norm(x, None, 1e-06)

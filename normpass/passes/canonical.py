@@ -73,6 +73,11 @@ class View:
     def forget(self, node: fx.Node) -> None:
         self._terms.pop(node, None)
 
+    def forget_all(self) -> None:
+        """After a rewrite that moved uses of a node the rest of the graph may read (the terms of
+        nodes downstream embed their arguments' terms)."""
+        self._terms.clear()
+
 
 # ---- argument binding ----------------------------------------------------------------------------------
 

@@ -194,7 +194,8 @@ class Rewriter:
             for user, value in uses:
                 # `h.dtype` reads x's (the same dtype, defined earlier); every other use reads `sum`.
                 user.replace_input_with(value, x if self.view[user].op == "dtype_of" else total)
-                self.view.forget(user)
+            # Terms built ahead (a site's epilogue probes its users) may embed h: build them again.
+            self.view.forget_all()
             site.nodes.update(dead)
         self._erase_dead(site.nodes | site.keep)
 

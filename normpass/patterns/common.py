@@ -148,7 +148,7 @@ def finish(
             others = [a for a in t.args if not (isinstance(a, Term) and a.node is cur)]
             if len(others) != 1:
                 break
-            seen = m.nodes | {users[0]}
+            seen = m.nodes | {users[0], xnode}  # the norm's own input is no parameter of it
             if t.op == "mul" and weight is None and bias is None:
                 found = _weight(m, others[0], k, xnode, seen)
                 if found is None:

@@ -17,12 +17,14 @@ from normpass.passes.match import Site, real_users
 def aliases_of(h: fx.Node, view: View) -> list[fx.Node]:
     """h's no-op aliases, and theirs: ATen keeps `h.to(h.dtype)` and routes later uses of h through it
     (Mamba, fp32: the stream cast to the norm's dtype, the norm's `.to(float32)` of that, then the
-    residual's `.to(float32)` of that)."""
+    residual's `.to(float32)` of that). Only aliases of h's shape: an `expand` is a use of h."""
+    shape = meta.shape(h)
     found: list[fx.Node] = []
     todo = [h]
     while todo:
         for u in real_users(todo.pop()):
-            if view[u].op == "alias" and u not in found:
+            same = shape is not None and meta.same_shape(meta.shape(u), shape)
+            if view[u].op == "alias" and same and u not in found:
                 found.append(u)
                 todo.append(u)
     return found
@@ -32,14 +34,16 @@ def later_uses(site: Site, view: View) -> list[tuple[fx.Node, fx.Node]]:
     """(user, value) for each use of h = site.input, or of an alias of h, that outlives the site: the
     fused op's `sum` replaces the value there. Uses that go away with the site are not listed: its own
     nodes, the aliases themselves, and input-side casts only the site uses."""
-    inside = site.nodes | site.keep
     values = [site.input, *aliases_of(site.input, view)]
     aliases = set(values[1:])
+    known: dict[fx.Node, bool] = {}
 
     def dies(u: fx.Node) -> bool:
-        if u in site.nodes or u in aliases:
-            return True
-        return u in site.keep and all(v in inside for v in real_users(u))
+        # An input-side node dies when all its users do (a cast of h that a later norm also reads
+        # through an alias of its own does not).
+        if u not in known:
+            known[u] = u in site.nodes or u in aliases or (u in site.keep and all(map(dies, real_users(u))))
+        return known[u]
 
     return [(u, v) for v in values for u in real_users(v) if not dies(u)]
 
