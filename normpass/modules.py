@@ -62,9 +62,11 @@ def rms_norm(
     normalized_shape: tuple[int, ...],
     p: float = 1.0,
 ) -> Tensor:
-    """`FusedRMSNorm`/`PartialRMSNorm` as a function; eps=None means the input dtype's machine epsilon."""
+    """`FusedRMSNorm`/`PartialRMSNorm` as a function; eps=None means the machine epsilon of the
+    input's accumulation dtype (fp32 for bf16/fp16 inputs), as `F.rms_norm` computes it."""
     _check_input("normpass rms_norm", input, normalized_shape)
-    eps = torch.finfo(input.dtype).eps if eps is None else eps  # nn.RMSNorm's eps=None
+    if eps is None:  # nn.RMSNorm's eps=None
+        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
     return torch.ops.normpass.rms_norm(input, weight, eps, bias, normalized_ndim=len(normalized_shape), p=p)
 
 

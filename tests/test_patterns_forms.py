@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from expecttest import TestCase
 from norm_forms import FORMS, LOOKALIKES, build, inputs
 from rewrite_helpers import IRS, capture, check_numerics, compact, n_normpass, op_counts, rewrite_copy
@@ -468,3 +469,35 @@ rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06, out_dtype=float32)
 return [rms_norm_default]""",
         )
         check_numerics(model, xs, "export")
+
+
+class NormOfExpandedInput(torch.nn.Module):
+    """F.layer_norm of a broadcast input: the norm's output has the expanded shape."""
+
+    def forward(self, x, y):
+        return F.layer_norm(x.expand_as(y), (y.shape[-1],))
+
+
+@pytest.mark.parametrize("ir", IRS)
+def test_norm_of_an_expanded_input_keeps_the_expanded_shape(ir):
+    # Where the graph records shapes the expand is seen through, so the site is left alone with the
+    # reason; plain fx keeps the expand and normalizes its output.
+    x, y = torch.randn(1, 3, 8), torch.randn(4, 3, 8)
+    rep = check_numerics(NormOfExpandedInput(), (x, y), ir)
+    if ir != "fx":
+        assert not rep.rewritten and "shape" in rep.rows[0].reason, str(rep)
+
+
+class RmsNormDefaultEps(torch.nn.Module):
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],))
+
+
+@pytest.mark.parametrize("ir", ["dynamo", "export", "aten"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_rms_norm_default_eps_is_the_accumulation_dtypes(ir, dtype):
+    # eps=None: ATen uses fp32's machine epsilon for 16-bit inputs, not theirs (which rows this small
+    # would feel); plain fx records no dtype and leaves the call alone.
+    x = (0.01 * torch.randn(2, 3, 8)).to(dtype)
+    rep = check_numerics(RmsNormDefaultEps(), (x,), ir)
+    assert len(rep.rewritten) == 1, str(rep)

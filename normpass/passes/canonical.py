@@ -336,8 +336,17 @@ def _clamp_min(view, node, args, kwargs):
 
 
 def _alias(view, node, args, kwargs):
-    """Value-preserving views used by broadcasting spellings (expand_as before a div, contiguous)."""
+    """Value-preserving views (contiguous) and, through _expand, broadcasting spellings (expand_as
+    before a div)."""
     return Term("alias", (view.arg(args[0]),), node=node, nodes=(node,))
+
+
+def _expand(view, node, args, kwargs):
+    """An expand seen through as a view only where the graph records shapes: it may broadcast the
+    norm's input or operands to another shape, which the pass then checks (manager._reshaped)."""
+    if meta.shape(node) is None or not isinstance(args[0], fx.Node) or meta.shape(args[0]) is None:
+        return None
+    return _alias(view, node, args, kwargs)
 
 
 def _item(view, node, args, kwargs):
@@ -417,8 +426,8 @@ _FUNCTIONS: dict[Any, Builder] = {
     aten.clamp_min.default: _clamp_min,
     torch.clamp: _clamp_min,
     aten.clamp.default: _clamp_min,
-    aten.expand_as.default: _alias,
-    aten.expand.default: _alias,
+    aten.expand_as.default: _expand,
+    aten.expand.default: _expand,
     aten.contiguous.default: _alias,
     aten._local_scalar_dense.default: _item,
     getattr: _dtype_attr,
@@ -449,7 +458,7 @@ _METHODS: dict[str, Builder] = {
     "half": _method_cast(torch.float16),
     "bfloat16": _method_cast(torch.bfloat16),
     "double": _method_cast(torch.float64),
-    "expand_as": _alias,
+    "expand_as": _expand,
     "contiguous": _alias,
     "item": _item,
     "clamp_min": _clamp_min,

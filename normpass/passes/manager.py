@@ -37,6 +37,16 @@ def _escape(site: Site) -> str | None:
     return None
 
 
+def _reshaped(site: Site) -> str | None:
+    """Why the site cannot be replaced: its output has another shape than its input (an `expand` of
+    the input seen through as a view, or a weight that broadcasts to more dims), or None. The ops
+    keep their input's shape."""
+    before, after = meta.shape(site.input), meta.shape(site.output)
+    if before is None or after is None or meta.same_shape(before, after):
+        return None
+    return f"the output's shape {tuple(after)} is not the input's {tuple(before)} (a broadcast operand)"
+
+
 def _graphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
     """The root graph and subgraphs (higher-order ops such as export's autocast regions)."""
     return [(name, mod) for name, mod in gm.named_modules() if isinstance(mod, fx.GraphModule)]
@@ -82,7 +92,8 @@ def _run_graph(
                 continue
             site.anchor = node
             where, source = locate(site.output, prefix)
-            reason = _escape(site) or next((r for c in pattern.checks if (r := c(site))), None)
+            checks = (_escape, _reshaped, *pattern.checks)
+            reason = next((r for c in checks if (r := c(site))), None)
             if reason is not None:
                 report.rows.append(Row(where, source, site.form, "left alone", None, reason, node.name))
                 break

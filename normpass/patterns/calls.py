@@ -83,9 +83,11 @@ def match_call(t: Term, m: Matcher) -> Site | None:
         dt = meta.dtype(Matcher.node_of(x_term))
         if dt is None:
             raise Reject(
-                form, "eps=None means finfo(input dtype).eps, and this graph does not record the dtype"
+                form,
+                "eps=None means the machine epsilon of the input's accumulation dtype, and this "
+                "graph does not record the input dtype",
             )
-        eps = torch.finfo(dt).eps
+        eps = torch.finfo(meta.accumulation_dtype(dt)).eps  # ATen's: fp32's for bf16/fp16 inputs
     eps = m.eps(m.view.arg(eps))
     # Without metadata the call keeps its input's dtype (outside autocast): that is x, or an upcast of it.
     unaliased = m.unalias(x_term)
