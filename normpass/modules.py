@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from normpass import reference
+
 __all__ = ["FusedLayerNorm", "FusedRMSNorm", "PartialRMSNorm"]
 
 _ShapeLike = int | Sequence[int] | torch.Size
@@ -66,7 +68,7 @@ def rms_norm(
     input's accumulation dtype (fp32 for bf16/fp16 inputs), as `F.rms_norm` computes it."""
     _check_input("normpass rms_norm", input, normalized_shape)
     if eps is None:  # nn.RMSNorm's eps=None
-        eps = torch.finfo(torch.float64 if input.dtype == torch.float64 else torch.float32).eps
+        eps = torch.finfo(reference.acc_dtype(input)).eps
     return torch.ops.normpass.rms_norm(input, weight, eps, bias, normalized_ndim=len(normalized_shape), p=p)
 
 

@@ -357,6 +357,23 @@ class ScaledByItsInput(nn.Module):
         return y + h
 
 
+# ---- outside the tables (inputs of their own) ----------------------------------------------------------
+
+
+class NormOfExpandedInput(nn.Module):
+    """F.layer_norm of a broadcast input: the norm's output has the expanded shape."""
+
+    def forward(self, x, y):
+        return F.layer_norm(x.expand_as(y), (y.shape[-1],))
+
+
+class RmsNormDefaultEps(nn.Module):
+    """F.rms_norm with eps=None: the machine epsilon of the accumulation dtype."""
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],))
+
+
 # name: (factory, extra inputs beyond x, rewritten ops expected under fuse)
 FORMS: dict[str, tuple] = {
     "R1 llama": (R1Llama, 0, 1),

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from expecttest import TestCase
-from norm_forms import FORMS, LOOKALIKES, build, inputs
+from norm_forms import FORMS, LOOKALIKES, NormOfExpandedInput, RmsNormDefaultEps, build, inputs
 from rewrite_helpers import IRS, capture, check_numerics, compact, n_normpass, op_counts, rewrite_copy
 
 # symbolic_trace cannot trace T5's `if self.weight.dtype in (...)` (a Python branch on a Proxy).
@@ -471,13 +470,6 @@ return [rms_norm_default]""",
         check_numerics(model, xs, "export")
 
 
-class NormOfExpandedInput(torch.nn.Module):
-    """F.layer_norm of a broadcast input: the norm's output has the expanded shape."""
-
-    def forward(self, x, y):
-        return F.layer_norm(x.expand_as(y), (y.shape[-1],))
-
-
 @pytest.mark.parametrize("ir", IRS)
 def test_norm_of_an_expanded_input_keeps_the_expanded_shape(ir):
     # Where the graph records shapes the expand is seen through, so the site is left alone with the
@@ -486,11 +478,6 @@ def test_norm_of_an_expanded_input_keeps_the_expanded_shape(ir):
     rep = check_numerics(NormOfExpandedInput(), (x, y), ir)
     if ir != "fx":
         assert not rep.rewritten and "shape" in rep.rows[0].reason, str(rep)
-
-
-class RmsNormDefaultEps(torch.nn.Module):
-    def forward(self, x):
-        return F.rms_norm(x, (x.shape[-1],))
 
 
 @pytest.mark.parametrize("ir", ["dynamo", "export", "aten"])

@@ -184,9 +184,10 @@ class Rewriter:
         if total is not None:
             from normpass.patterns.residual import aliases_of, later_uses
 
-            uses = later_uses(site, self.view)
+            aliases = aliases_of(site.input, self.view)
+            uses = later_uses(site, aliases)
             x = total.args[0].args[0]
-            dead = [site.input, *aliases_of(site.input, self.view)]
+            dead = [site.input, *aliases]
             for node in dead:  # their checks precede `total`
                 for check in [u for u in node.users if is_check(u)]:
                     self.graph.erase_node(check)

@@ -30,12 +30,11 @@ def aliases_of(h: fx.Node, view: View) -> list[fx.Node]:
     return found
 
 
-def later_uses(site: Site, view: View) -> list[tuple[fx.Node, fx.Node]]:
-    """(user, value) for each use of h = site.input, or of an alias of h, that outlives the site: the
-    fused op's `sum` replaces the value there. Uses that go away with the site are not listed: its own
-    nodes, the aliases themselves, and input-side casts only the site uses."""
-    values = [site.input, *aliases_of(site.input, view)]
-    aliases = set(values[1:])
+def later_uses(site: Site, aliases: list[fx.Node]) -> list[tuple[fx.Node, fx.Node]]:
+    """(user, value) for each use of h = site.input, or of one of its `aliases` (aliases_of), that
+    outlives the site: the fused op's `sum` replaces the value there. Uses that go away with the site
+    are not listed: its own nodes, the aliases themselves, and input-side casts only the site uses."""
+    values = [site.input, *aliases]
     known: dict[fx.Node, bool] = {}
 
     def dies(u: fx.Node) -> bool:
@@ -66,6 +65,7 @@ def match_residual(site: Site, view: View, order: dict[fx.Node, float]) -> tuple
     # h's surviving uses will read the op's `sum`, so they must come after the op (an `h.dtype` read
     # will read x's instead, the same dtype, wherever it is).
     at = order[site.output]
-    if any(view[u].op != "dtype_of" and order.get(u, at) < at for u, _ in later_uses(site, view)):
+    uses = later_uses(site, aliases_of(h, view))
+    if any(view[u].op != "dtype_of" and order.get(u, at) < at for u, _ in uses):
         return None
     return x, r
