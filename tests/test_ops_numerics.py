@@ -314,6 +314,36 @@ def test_forward_ad_is_refused_not_dropped(name):
         call(name, fwAD.make_dual(x, torch.randn_like(x)), r, w, b)
 
 
+@pytest.mark.parametrize("name", OPS)
+def test_vmap_normalizes_each_sample_with_its_own_weight(name):
+    """torch.func.vmap over a model ensemble's stacked parameters (PyTorch's per-sample fallback runs
+    the op once per sample): each sample's result against the float64 reference of that sample."""
+    samples = [make_inputs(name, (5, 16), torch.float32) for _ in range(3)]
+    # One set per sample; make_inputs seeds by name, so vary them apart from that.
+    x, r, w, b = (
+        None if ts[0] is None else torch.stack([t * (1 + i) for i, t in enumerate(ts)])
+        for ts in zip(*samples, strict=True)
+    )
+    in_dims = tuple(None if t is None else 0 for t in (x, r, w, b))
+    n_outs = 1 + (r is not None)  # vmap returns tensors only
+    outs = torch.func.vmap(lambda *args: call(name, *args)[:n_outs], in_dims=in_dims)(x, r, w, b)
+    out, s = (*outs, None)[:2]
+    for i in range(3):
+        args = [None if t is None else t[i] for t in (x, r, w, b)]
+        ref_out, _ = reference64(name, *[None if t is None else t.double() for t in args])
+        assert_no_worse(f"out[{i}]", out[i], torch_form(name, *args)[0], ref_out, torch.float32)
+        if s is not None:
+            assert torch.equal(s[i], args[0] + args[1])
+
+
+def test_torch_func_grad_is_refused_not_wrong():
+    """PyTorch does not yet run custom ops' autograd under torch.func.grad/vjp/jacrev (the C++
+    autograd::Function, and torch.library.register_autograd in the fallback): a clear error."""
+    x, _, w, _ = make_inputs("rms_norm", (4, 8), torch.float32)
+    with pytest.raises(RuntimeError, match="functorch transforms"):
+        torch.func.grad(lambda x: ops.rms_norm(x, w, EPS).sum())(x)
+
+
 # ---- gradcheck / gradgradcheck in fp64 over every flag combination --------------------------------------
 
 
