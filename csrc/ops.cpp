@@ -197,8 +197,25 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
                 dtype_name(stats->scalar_type()), " but must be ", dtype_name(acc_dtype(input)));
   }
 
+  // dweight in the weight's dtype; dbias too, or, without a weight, in the accumulation dtype
+  // (autograd casts it to the bias's, which this op does not see).
+  const auto param_dtype = weight.has_value() ? weight->scalar_type() : acc_dtype(input);
+
+  // The kernels read every gradient in x's dtype. A wider grad_out (out_dtype=float32 on bf16 x)
+  // would lose there the bits that the graph it replaces keeps, so the backward then runs on x
+  // widened to grad_out's dtype, and dx is narrowed back.
+  auto wide_dtype = at::promote_types(input.scalar_type(), grad_out.scalar_type());
+  if (wide_dtype == at::kDouble && !input.is_cpu()) wide_dtype = at::kFloat; // CPU-only float64
+  if (wide_dtype != input.scalar_type()) {
+    const Tensor wide = input.to(wide_dtype);
+    const bool stats_fit = stats.has_value() && stats->scalar_type() == acc_dtype(wide);
+    auto [dx, dw, db] = norm_backward(op, grad_out, wide, weight, center, eps, has_bias, ndim,
+                                      weight_offset, p, grad_sum, extra_grad_outs,
+                                      stats_fit ? stats : std::nullopt);
+    return {dx.to(input.scalar_type()), dw.to(param_dtype), db.to(param_dtype)};
+  }
+
   const auto param_sizes = input.sizes().slice(input.dim() - ndim);
-  const auto param_dtype = weight.has_value() ? weight->scalar_type() : input.scalar_type();
   // The kernels write dweight/dbias in x's dtype or the accumulation dtype; a
   // parameter of a third dtype gets its gradient cast from the latter.
   const auto grad_dtype = param_dtype == input.scalar_type() ? param_dtype : acc_dtype(input);

@@ -100,7 +100,7 @@ def _backward_fake(name: str):
             stats,
         )
         param_shape = input.shape[input.dim() - normalized_ndim :]
-        param_dtype = weight.dtype if weight is not None else input.dtype
+        param_dtype = reference.param_grad_dtype(input, weight)
         # Absent gradients are distinct empty tensors, as the kernels return them (never aliases).
         grad_weight = input.new_empty(param_shape if weight is not None else (0,), dtype=param_dtype)
         grad_bias = input.new_empty(param_shape if has_bias else (0,), dtype=param_dtype)

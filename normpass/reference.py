@@ -175,6 +175,12 @@ def acc_dtype(input: Tensor) -> torch.dtype:
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def param_grad_dtype(input: Tensor, weight: Tensor | None) -> torch.dtype:
+    """dweight's and dbias's dtype in the backward ops: the weight's, else the accumulation dtype
+    (autograd casts dbias to the bias's dtype, which the backward ops do not see)."""
+    return weight.dtype if weight is not None else acc_dtype(input)
+
+
 def row_stats(input: Tensor, eps: float, *, center: bool, normalized_ndim: int = 1, p: float = 1.0) -> Tensor:
     """Each row's (mean, rstd) as `norm` uses them (mean 0 for RMSNorm): the forward's saved statistics.
 
@@ -228,16 +234,18 @@ def norm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of `norm`, as the *_backward ops return them.
 
-    The output's gradient is grad_out plus any `extra_grad_outs`, added in order in the input dtype
-    (as the eager adds the backward ops fold in). Written out in closed form (the formula the kernels
-    use) rather than through torch.autograd.grad, so it is itself differentiable with no re-entrant
-    autograd call: the fused ops' double backward goes through it.
+    The output's gradient is grad_out plus any `extra_grad_outs`, added in order in grad_out's dtype
+    or x's, the wider (as the eager adds the backward ops fold in). Written out in closed form (the
+    formula the kernels use) rather than through torch.autograd.grad, so it is itself differentiable
+    with no re-entrant autograd call: the fused ops' double backward goes through it.
     """
+    # A grad_out wider than x (out_dtype=float32 on bf16 x) keeps its width, as in the kernels.
+    wide = torch.promote_types(input.dtype, grad_out.dtype)
     for term in extra_grad_outs or ():
-        grad_out = grad_out.to(input.dtype) + term.to(input.dtype)
-    acc = acc_dtype(input)
+        grad_out = grad_out.to(wide) + term.to(wide)
+    acc = torch.float64 if wide == torch.float64 else torch.float32
     param_shape = input.shape[input.dim() - normalized_ndim :]
-    param_dtype = weight.dtype if weight is not None else input.dtype
+    param_dtype = param_grad_dtype(input, weight)
     n = math.prod(param_shape)
     rows = row_count(input, normalized_ndim)
     h = input.to(acc).reshape(rows, n)

@@ -52,8 +52,18 @@ def call(name, x, residual, w, b, eps=EPS, **kw):
 def torch_form(
     name, x, residual, w, b, eps=EPS, *, normalized_ndim=1, weight_offset=0.0, p=1.0, out_dtype=None
 ):
-    """What a model writes without normpass, in the input dtype."""
+    """What a model writes without normpass, in the input dtype; for a wider out_dtype, the norm of
+    the upcast input (T5's and BERT's float32 norms of 16-bit activations)."""
     s = x + residual if residual is not None else x
+    if (
+        out_dtype is not None
+        and out_dtype != s.dtype
+        and torch.promote_types(s.dtype, out_dtype) == out_dtype
+    ):
+        kw = dict(normalized_ndim=normalized_ndim, weight_offset=weight_offset, p=p)
+        return torch_form(name, s.to(out_dtype), None, w, b, eps, **kw)[0], (
+            s if residual is not None else None
+        )
     shape = s.shape[s.dim() - normalized_ndim :]
     if w is not None and weight_offset:
         w = w + weight_offset
@@ -238,6 +248,44 @@ def test_parity_flags(name, case, dtype):
         pytest.skip("p is an RMSNorm argument")
     x, r, w, b = make_inputs(name, (6, 37), dtype, **make_kw)
     check_parity(name, x, r, w, b, **op_kw)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("name", OPS)
+def test_wider_out_dtype_keeps_the_gradient_width(name, dtype):
+    """out_dtype=float32 on 16-bit x: the float32 output gradient reaches dx, dweight and dbias at full
+    width, as in the float32 graph the op replaces (rounding it to x's dtype first cost 10^4x in dweight)."""
+    x, r, w, b = make_inputs(name, (2048, 64), dtype, param_dtype=torch.float32)
+    dy = torch.randn(x.shape)
+    ins = [t.detach().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    out, _ = call(name, *ins, out_dtype=torch.float32)
+    ours = torch.autograd.grad(out, [t for t in ins if t is not None], dy)
+    # float64 truth from the op's own sum, which the residual ops round to x's dtype
+    ref_in = [
+        t.double().requires_grad_() if t is not None else None for t in ((x if r is None else x + r), w, b)
+    ]
+    ref_out, _ = reference64(name, ref_in[0], None, *ref_in[1:])
+    ref = torch.autograd.grad(ref_out, [t for t in ref_in if t is not None], dy.double())
+    ref = (ref[0], *ref) if r is not None else ref  # dresidual = dx
+    for g, rg in zip(ours, ref, strict=True):
+        scale = rg.abs().max().item()
+        # a float32 sum of float32 terms, then dx's one rounding to x's dtype
+        tolerance = (torch.finfo(g.dtype).eps / 2 + 64 * torch.finfo(torch.float32).eps) * scale
+        assert max_err(g, rg) <= tolerance
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_dbias_without_weight_is_not_rounded_to_x_dtype(name):
+    """A float32 bias beside bf16 x and no weight: its gradient, the float32 sum of the output gradient
+    over rows, is not rounded to bf16 on the way (the backward ops return it in the accumulation dtype)."""
+    x, r, _, b = make_inputs(name, (2048, 64), torch.bfloat16, weight=False, param_dtype=torch.float32)
+    b.requires_grad_()
+    out, _ = call(name, x, r, None, b)
+    dy = torch.randn(out.shape).to(out.dtype)
+    (db,) = torch.autograd.grad(out, b, dy)
+    ref = dy.double().sum(0)
+    assert db.dtype == torch.float32
+    assert max_err(db, ref) <= 64 * torch.finfo(torch.float32).eps * ref.abs().max().item()
 
 
 def test_parity_many_rows_threads():
