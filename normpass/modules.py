@@ -256,3 +256,27 @@ class FusedLayerNorm(_FusedNorm):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, low_precision={self.low_precision}"
+
+
+def why_not_plain(layer: nn.Module) -> str | None:
+    """Why a norm layer may compute more than its class's norm (so that replacing its call by a
+    normpass op could change the model), or None.
+
+    Example:
+        >>> ln = torch.nn.LayerNorm(8)
+        >>> why_not_plain(ln) is None
+        True
+        >>> _ = ln.register_forward_hook(lambda m, i, o: o * 2)
+        >>> why_not_plain(ln)
+        'it has hooks registered on it'
+    """
+    bases = (nn.LayerNorm, nn.RMSNorm, FusedLayerNorm, FusedRMSNorm)
+    base = next(b for b in bases if isinstance(layer, b))
+    if type(layer).forward is not base.forward:
+        return f"its class {type(layer).__qualname__} overrides {base.__name__}.forward"
+    if torch.nn.utils.parametrize.is_parametrized(layer):
+        return "it is parametrized (torch.nn.utils.parametrize)"
+    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    if any(getattr(layer, h, None) for h in hooks):
+        return "it has hooks registered on it"
+    return None

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from normpass.modules import FusedLayerNorm, FusedRMSNorm, PartialRMSNorm
+from normpass.modules import FusedLayerNorm, FusedRMSNorm, PartialRMSNorm, why_not_plain
 
 __all__ = [
     "Replacement",
@@ -65,19 +65,6 @@ def _layer_norms(m: nn.Module) -> bool:
 
 def _rms_norms(m: nn.Module) -> bool:
     return isinstance(m, nn.RMSNorm | FusedRMSNorm)
-
-
-def _why_not_swappable(m: nn.Module) -> str | None:
-    """Why swapping `m` for a normpass layer could change the model, or None if it cannot."""
-    base = next(b for b in (nn.LayerNorm, nn.RMSNorm, FusedLayerNorm, FusedRMSNorm) if isinstance(m, b))
-    if type(m).forward is not base.forward:
-        return f"its class {type(m).__qualname__} overrides {base.__name__}.forward"
-    if torch.nn.utils.parametrize.is_parametrized(m):
-        return "it is parametrized (torch.nn.utils.parametrize)"
-    hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    if any(getattr(m, h, None) for h in hooks):
-        return "it has hooks registered on it"
-    return None
 
 
 def _optimizer_params(optimizers: Optimizers) -> set[int] | None:
@@ -145,7 +132,7 @@ def _converter(applies: Callable[[nn.Module], bool], build: Callable[[nn.Module]
     def convert(m: nn.Module) -> nn.Module | None:
         if not applies(m):
             return None
-        reason = _why_not_swappable(m)
+        reason = why_not_plain(m)
         if reason is not None:
             if id(m) not in warned:
                 warned.add(id(m))

@@ -374,6 +374,26 @@ class RmsNormDefaultEps(nn.Module):
         return F.rms_norm(x, (x.shape[-1],))
 
 
+class FlooredRms(_Norm):
+    """x * floor(1 / rms): the division's rounding_mode makes it no RMSNorm."""
+
+    def forward(self, x):
+        rms = torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps)
+        return x * torch.div(1.0, rms, rounding_mode="floor") * self.weight
+
+
+class HookedLayerNorm(nn.Module):
+    """An nn.LayerNorm with a forward hook: the module call computes more than the norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(H)
+        self.ln.register_forward_hook(lambda module, args, out: out * 2.0 + 1.0)
+
+    def forward(self, x):
+        return self.ln(x)
+
+
 # name: (factory, extra inputs beyond x, rewritten ops expected under fuse)
 FORMS: dict[str, tuple] = {
     "R1 llama": (R1Llama, 0, 1),

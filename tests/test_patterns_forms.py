@@ -9,7 +9,16 @@ from __future__ import annotations
 import pytest
 import torch
 from expecttest import TestCase
-from norm_forms import FORMS, LOOKALIKES, NormOfExpandedInput, RmsNormDefaultEps, build, inputs
+from norm_forms import (
+    FORMS,
+    LOOKALIKES,
+    FlooredRms,
+    HookedLayerNorm,
+    NormOfExpandedInput,
+    RmsNormDefaultEps,
+    build,
+    inputs,
+)
 from rewrite_helpers import IRS, capture, check_numerics, compact, n_normpass, op_counts, rewrite_copy
 
 # symbolic_trace cannot trace T5's `if self.weight.dtype in (...)` (a Python branch on a Proxy).
@@ -488,3 +497,21 @@ def test_rms_norm_default_eps_is_the_accumulation_dtypes(ir, dtype):
     x = (0.01 * torch.randn(2, 3, 8)).to(dtype)
     rep = check_numerics(RmsNormDefaultEps(), (x,), ir)
     assert len(rep.rewritten) == 1, str(rep)
+
+
+@pytest.mark.parametrize("ir", IRS)
+def test_layer_with_a_hook_keeps_it(ir):
+    # symbolic_trace keeps the module call, hook and all: the call is left alone, with the reason.
+    # Dynamo and export trace the hook into the graph, so the norm itself is rewritten.
+    rep = check_numerics(HookedLayerNorm(), inputs("R1 llama"), ir)
+    if ir == "fx":
+        reason = "the layer may compute more than its norm: it has hooks registered on it"
+        assert [(r.rewritten, r.reason) for r in rep.rows] == [(False, reason)], str(rep)
+    else:
+        assert len(rep.rewritten) == 1, str(rep)
+
+
+@pytest.mark.parametrize("ir", IRS)
+def test_floored_division_is_no_norm(ir):
+    rep = check_numerics(FlooredRms(), (3 * torch.randn(2, 3, 8),), ir)
+    assert not rep.rewritten, str(rep)

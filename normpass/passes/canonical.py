@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from normpass.modules import why_not_plain
 from normpass.passes import meta
 
 aten = torch.ops.aten
@@ -182,7 +183,8 @@ def _convert_element_type(view, node, args, kwargs):
 
 def _binary(op: str):
     def build(view, node, args, kwargs):
-        if len(args) != 2 or kwargs.get("alpha", 1) != 1:
+        # Any other keyword (div's rounding_mode, out=) changes the math: not this op.
+        if len(args) != 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
             return None
         a, b = (view.arg(x) for x in args)
         if op == "mul" and isinstance(a, Term) and a is b:
@@ -306,13 +308,14 @@ def _norm_module(view: View, node: fx.Node) -> Term | None:
     def param(name):
         return f"{node.target}.{name}" if getattr(mod, name, None) is not None else None
 
+    if not isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+        return None
+    attrs = {"normalized_shape": tuple(mod.normalized_shape), "eps": mod.eps, "target": type(mod)}
+    # A subclass's forward, hooks or a parametrization: the call computes more than the norm.
+    attrs["not_plain"] = why_not_plain(mod)
     if isinstance(mod, torch.nn.LayerNorm):
-        attrs = {"normalized_shape": tuple(mod.normalized_shape), "eps": mod.eps, "target": type(mod)}
         return Term("layer_norm", (x, param("weight"), param("bias")), attrs, node=node, nodes=(node,))
-    if isinstance(mod, getattr(torch.nn, "RMSNorm", ())):
-        attrs = {"normalized_shape": tuple(mod.normalized_shape), "eps": mod.eps, "target": type(mod)}
-        return Term("rms_norm", (x, param("weight"), None), attrs, node=node, nodes=(node,))
-    return None
+    return Term("rms_norm", (x, param("weight"), None), attrs, node=node, nodes=(node,))
 
 
 def _normalize(view, node, args, kwargs):

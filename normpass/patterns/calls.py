@@ -68,6 +68,8 @@ def _output(t: Term, m: Matcher, form: str, extra: str) -> torch.fx.Node:
 def match_call(t: Term, m: Matcher) -> Site | None:
     """Anchor: any norm call."""
     form = _call_name(t)
+    if t.attrs.get("not_plain"):
+        raise Reject(form, f"the layer may compute more than its norm: {t.attrs['not_plain']}")
     m.nodes.update(t.nodes)
     output = t.node
     if t.op == "native_layer_norm":
