@@ -12,7 +12,9 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: at::parallel_for is an inline OpenMP loop in the headers; without the flag the
     # extension's kernels run on one thread. libgomp is the one torch already loaded (same soname).
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # No -std: BuildExtension adds the standard the installed torch was built with (C++17 for 2.11,
+    # C++20 for 2.13); compiling its inline headers under another one risks ODR violations.
+    cxx = ["-O3", "-fopenmp"]
     link = ["-fopenmp"]
     with_cuda = (
         torch.version.cuda is not None
@@ -25,13 +27,11 @@ def extension():
             sources,
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
-            py_limited_api=False,
         )
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr", "-std=c++17"]
+    nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     return CUDAExtension(
         "normpass._C",
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
-        define_macros=[("NORMPASS_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx + ["-DNORMPASS_WITH_CUDA"], "nvcc": nvcc + ["-DNORMPASS_WITH_CUDA"]},
         extra_link_args=link,
     )

@@ -4,9 +4,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <charconv>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -40,10 +40,11 @@ std::string dtype_name(at::ScalarType t) {
 // Messages format numbers here rather than through std::ostream: a CUDA build against torch
 // 2.11 on the GPU machine (GCC 13) segfaulted inside ostream's numeric formatting on the first
 // failing check (seen 2026-11-22); strings pass through unharmed.
+// The shortest text that reads back as v (Python's repr, but for repr's trailing ".0").
 std::string num(double v) {
   char buf[32];
-  std::snprintf(buf, sizeof(buf), "%g", v);
-  return buf;
+  auto end = std::to_chars(buf, buf + sizeof(buf), v).ptr;
+  return std::string(buf, end);
 }
 
 std::string num(int64_t v) {
@@ -69,7 +70,7 @@ void check_param(const char* op, const char* name, const optional<Tensor>& t,
               shape(expected));
 }
 
-// Checks everything a user can get wrong; returns the normalized size.
+// A tensor that must match the input in device and shape (a residual, a gradient).
 void check_like_input(const char* op, const char* name, const Tensor& t, const Tensor& input) {
   TORCH_CHECK(t.device() == input.device(), op, ": ", name, " is on ", t.device(),
               " but input is on ", input.device());
@@ -79,6 +80,7 @@ void check_like_input(const char* op, const char* name, const Tensor& t, const T
               " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
 }
 
+// Checks everything a user can get wrong; returns the normalized size.
 int64_t check_args(const char* op, const Tensor& input, const optional<Tensor>& residual,
                    const optional<Tensor>& weight, const optional<Tensor>& bias,
                    int64_t ndim, double eps, double p) {
@@ -185,7 +187,10 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   const int64_t cols = check_args(op, input, std::nullopt, weight, std::nullopt, ndim, eps, p);
   check_like_input(op, "grad_out", grad_out, input);
   if (grad_sum.has_value()) check_like_input(op, "grad_sum", *grad_sum, input);
-  for (const Tensor& g : extra_grad_outs) check_like_input(op, "extra_grad_outs[i]", g, input);
+  for (size_t i = 0; i < extra_grad_outs.size(); ++i) {
+    const std::string name = "extra_grad_outs[" + std::to_string(i) + "]";
+    check_like_input(op, name.c_str(), extra_grad_outs[i], input);
+  }
   const int64_t rows = row_count(input, cols);
   if (stats.has_value()) {
     TORCH_CHECK(stats->device() == input.device(), op, ": stats is on ", stats->device(),

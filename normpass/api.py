@@ -9,8 +9,8 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from typing import Any, overload
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, overload
 
 import torch
 from torch import fx
@@ -18,9 +18,9 @@ from torch import fx
 from normpass import ops as _ops  # noqa: F401  (registers torch.ops.normpass)
 from normpass.passes import manager
 from normpass.passes.match import Matcher, NoMatch, Reject, Site
-from normpass.passes.registry import Pattern, PatternRegistry, current_registry
+from normpass.passes.registry import CheckFn, Pattern, PatternRegistry, ReplaceFn, current_registry
 from normpass.passes.report import Report, Row
-from normpass.passes.rewriter import POLICIES
+from normpass.passes.rewriter import POLICIES, PRMS_P
 from normpass.passes.template import template_pattern
 
 __all__ = [
@@ -66,7 +66,7 @@ def rewrite(
     gm: GraphLike,
     policy: str = "fuse",
     *,
-    p: float = 0.0625,
+    p: float = PRMS_P,
     registry: PatternRegistry | None = None,
     example_inputs: Sequence[Any] | None = None,
     report: bool = False,
@@ -92,6 +92,11 @@ def rewrite(
     """
     registry = registry if registry is not None else current_registry()
     if isinstance(gm, torch.export.ExportedProgram):
+        if example_inputs is not None:
+            raise ValueError(
+                "normpass.rewrite: an ExportedProgram records its shapes and dtypes; "
+                "example_inputs are for graphs without metadata"
+            )
         result = _rewrite_exported(gm, policy, p, registry)
         return result if report else result[0]
     if not isinstance(gm, fx.GraphModule):
@@ -131,7 +136,7 @@ def explain(
     model_or_gm: torch.nn.Module | GraphLike,
     *example_inputs: Any,
     policy: str = "fuse",
-    p: float = 0.0625,
+    p: float = PRMS_P,
     registry: PatternRegistry | None = None,
     **example_kwargs: Any,
 ) -> Report:
@@ -171,12 +176,12 @@ def _has_meta(gm: fx.GraphModule) -> bool:
 
 def register_pattern(
     name: str,
-    match: Any = None,
+    match: Callable | None = None,
     *,
     anchors: Sequence[str] | None = None,
-    kind: str | None = None,
-    checks: Sequence[Any] = (),
-    replacement: Any = None,
+    kind: Literal["rms", "layer"] | None = None,
+    checks: Sequence[CheckFn] = (),
+    replacement: ReplaceFn | None = None,
     registry: PatternRegistry | None = None,
     replace: bool = False,
 ) -> Pattern:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from normpass.passes.rewriter import POLICIES
+from normpass.passes.rewriter import PRMS_P, check_policy
 
 log = logging.getLogger("normpass")
 
@@ -37,7 +37,7 @@ class BackendOptions:
     """
 
     policy: str = "fuse"
-    p: float = 0.0625
+    p: float = PRMS_P
     compiler: str | Callable = "inductor"
     registry: Any = None
     inductor_options: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -50,10 +50,7 @@ class BackendOptions:
         if unknown:
             raise ValueError(f"normpass backend: unknown option(s) {unknown}; valid options are {valid}")
         result = dataclasses.replace(base or cls(), **options)
-        if result.policy not in POLICIES:
-            raise ValueError(
-                f"normpass backend: unknown policy {result.policy!r}; valid policies are {POLICIES}"
-            )
+        check_policy(result.policy, result.p, "normpass backend")
         if result.inductor_options and result.compiler != "inductor":
             raise ValueError("normpass backend: inductor_options need compiler='inductor'")
         return result

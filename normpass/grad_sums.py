@@ -53,26 +53,34 @@ def _addends(grad: Node, like: torch.Tensor) -> list[Node]:
     return [*_addends(left, like), right]
 
 
+# Where the backward ops take their further output-gradient terms (the same in both schemas).
+_EXTRA = next(i for i, a in enumerate(_BACKWARD_OPS[0]._schema.arguments) if a.name == "extra_grad_outs")
+assert all(op._schema.arguments[_EXTRA].name == "extra_grad_outs" for op in _BACKWARD_OPS)
+
+
+def _with_terms(args: tuple, terms: list) -> tuple:
+    """A backward call's positional args with grad_out = terms[0] and extra_grad_outs = the rest; the
+    arguments after those (stats), when passed, stay."""
+    return (terms[0], *args[1:_EXTRA], terms[1:], *args[_EXTRA + 1 :])
+
+
 def fold_grad_sums(graph: Graph) -> int:
     """Pass the addends of each normpass backward op's grad_out to the op; returns how many ops."""
     folded = 0
     backward_ops = [n for op in _BACKWARD_OPS for n in graph.find_nodes(op="call_function", target=op)]
     for node in backward_ops:
-        grad, x, *rest = node.args
-        like = _val(x)
-        if like is None or (len(rest) > 3 and rest[3]):  # no metadata, or extra_grad_outs already given
+        args, like = node.args, _val(node.args[1])
+        if like is None or (len(args) > _EXTRA and args[_EXTRA]):  # no metadata, or terms already given
             continue
-        terms = _addends(grad, like)
+        terms = _addends(args[0], like)
         if len(terms) < 2:
             continue
-        # (grad_out, input, weight, grad_sum, eps, extra_grad_outs, stats): stats, when passed, stay.
-        stats = rest[4:]
-        node.args = (terms[0], x, *rest[:3], terms[1:], *stats)
+        node.args = _with_terms(args, terms)
         # Inductor lays out a custom op's inputs as the eager call had them: record the new call.
         if "eager_input_vals" in node.meta:
             fake_args, fake_kwargs = node.meta["eager_input_vals"]
-            fake_args = (_val(terms[0]), *fake_args[1:5], [_val(t) for t in terms[1:]], *fake_args[6:])
-            node.meta["eager_input_vals"] = (fake_args, fake_kwargs)
+            fake_terms = [_val(t) for t in terms]
+            node.meta["eager_input_vals"] = (_with_terms(fake_args, fake_terms), fake_kwargs)
         folded += 1
     if folded:
         graph.eliminate_dead_code()

@@ -201,12 +201,16 @@ class PartialRMSNorm(FusedRMSNorm):
         self.p = float(p)
 
     @classmethod
-    def from_layer_norm(cls, ln: nn.LayerNorm, p: float = 0.0625, eps: float | None = None) -> PartialRMSNorm:
-        return super().from_layer_norm(ln, eps=eps, p=p)
+    def from_layer_norm(
+        cls, ln: nn.LayerNorm, p: float = 0.0625, eps: float | None = None, **kw
+    ) -> PartialRMSNorm:
+        """A pRMSNorm that uses `ln.weight` and `ln.bias` themselves; eps defaults to `ln.eps`."""
+        return super().from_layer_norm(ln, eps=eps, p=p, **kw)
 
     @classmethod
-    def from_rms_norm(cls, rms: nn.RMSNorm | FusedRMSNorm, p: float = 0.0625) -> PartialRMSNorm:
-        return super().from_rms_norm(rms, p=p)
+    def from_rms_norm(cls, rms: nn.RMSNorm | FusedRMSNorm, p: float = 0.0625, **kw) -> PartialRMSNorm:
+        """A pRMSNorm that uses `rms.weight` (and `rms.bias`, if any) themselves, with the same eps."""
+        return super().from_rms_norm(rms, p=p, **kw)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, p={self.p}"
@@ -243,6 +247,8 @@ class FusedLayerNorm(_FusedNorm):
         *,
         low_precision: bool = False,
     ) -> None:
+        if eps is None:  # RMSNorm's eps=None (the machine epsilon) has no LayerNorm counterpart
+            raise ValueError("FusedLayerNorm: eps must be a float >= 0, got None")
         super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
         self.low_precision = low_precision
 

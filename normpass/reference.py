@@ -47,6 +47,7 @@ def check_args(
     residual: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
+    *,
     normalized_ndim: int,
     eps: float,
     p: float = 1.0,
@@ -106,7 +107,7 @@ def check_forward(
     out_dtype: torch.dtype | None,
 ) -> None:
     """Every check of a forward op (`check_args` and out_dtype), for fake and reference impls."""
-    check_args(op, input, residual, weight, bias, normalized_ndim, eps, p)
+    check_args(op, input, residual, weight, bias, normalized_ndim=normalized_ndim, eps=eps, p=p)
     torch._check(
         out_dtype is None or is_float_dtype(out_dtype),
         lambda: f"{op}: out_dtype must be a floating-point dtype, got {out_dtype}",
@@ -126,12 +127,12 @@ def check_backward(
     stats: Tensor | None = None,
 ) -> None:
     """Every check of a backward op, for fake and reference impls."""
-    check_args(op, input, None, weight, None, normalized_ndim, eps, p)
+    check_args(op, input, None, weight, None, normalized_ndim=normalized_ndim, eps=eps, p=p)
     check_like_input(op, "grad_out", grad_out, input)
     if grad_sum is not None:
         check_like_input(op, "grad_sum", grad_sum, input)
-    for term in extra_grad_outs or ():
-        check_like_input(op, "extra_grad_outs[i]", term, input)
+    for i, term in enumerate(extra_grad_outs or ()):
+        check_like_input(op, f"extra_grad_outs[{i}]", term, input)
     if stats is not None:
         rows = row_count(input, normalized_ndim)
         acc = acc_dtype(input)

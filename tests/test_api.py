@@ -87,6 +87,19 @@ class TestRewrite(TestCase):
             self.assertIn(op, [r.op for r in rep.rows])
             torch.testing.assert_close(gm(*xs), model(*xs), atol=1e-5, rtol=1e-5)
 
+    def test_dims_spelled_two_ways_need_the_rank(self):
+        class MeanLastVarDim2(nn.Module):  # the same dim of a 3-D input, spelled -1 and 2
+            def forward(self, x):
+                u = x.mean(-1, keepdim=True)
+                return (x - u) * torch.rsqrt(((x - u) ** 2).mean(2, keepdim=True) + 1e-5)
+
+        model, xs = MeanLastVarDim2(), (torch.randn(2, 3, H),)
+        _, rep = rewrite_copy(fx.symbolic_trace(model))
+        self.assertIn("does not record the input's rank", rep.rows[0].reason)
+        gm, rep = rewrite_copy(fx.symbolic_trace(model), example_inputs=xs)
+        self.assertEqual([r.op for r in rep.rows], ["normpass.layer_norm"])
+        torch.testing.assert_close(gm(*xs), model(*xs), atol=1e-5, rtol=1e-5)
+
     def test_runtime_dtype_without_metadata(self):
         # No metadata: the output dtype promote(x.dtype, w.dtype) is computed in the graph, so one graph
         # serves fp32 and bf16 inputs like the original.
@@ -101,6 +114,9 @@ class TestRewrite(TestCase):
         gm = fx.symbolic_trace(build("R1 llama"))
         with self.assertRaisesRegex(ValueError, "unknown policy 'fast'"):
             normpass.rewrite(gm, "fast")
+        ep = torch.export.export(build("R1 llama"), inputs("R1 llama"))
+        with self.assertRaisesRegex(ValueError, "an ExportedProgram records its shapes"):
+            normpass.rewrite(ep, example_inputs=inputs("R1 llama"))
         with self.assertRaisesRegex(ValueError, "p must be in"):
             normpass.rewrite(gm, "prmsnorm", p=0.0)
         with self.assertRaisesRegex(TypeError, "nn.Module, use torch.fx.symbolic_trace"):
@@ -253,6 +269,64 @@ return [rms_norm_default]""",
         )
         self.assertEqual(rep.rows[0].reason, "custom replacement")
         torch.testing.assert_close(g.module()(*xs), model(*xs), atol=1e-5, rtol=1e-5)
+
+    def test_template_must_compute_the_op_it_becomes(self):
+        # Without a replacement the site becomes the plain op: whatever else a template computes would
+        # be dropped, so registering it fails and says why.
+        cases = {
+            "needs an argument named eps": lambda x, weight: (
+                x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 0.1) * weight
+            ),
+            "does not compute RMSNorm": lambda x, weight, eps: (
+                x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * (1.0 + weight)
+            ),
+            "has argument\\(s\\) \\['scale'\\]": lambda x, weight, eps, scale: (
+                _abs_rms(x, weight, eps) * scale
+            ),
+        }
+        for message, template in cases.items():
+            with normpass.PatternRegistry(), self.assertRaisesRegex(ValueError, message):
+                normpass.register_pattern("t", template, kind="rms")
+        with normpass.PatternRegistry(), self.assertRaisesRegex(ValueError, "does not compute LayerNorm"):
+            normpass.register_pattern("t", _abs_rms, kind="layer")
+        with normpass.PatternRegistry():  # with a replacement, the template's math is the user's to keep
+            normpass.register_pattern(
+                "t", cases["does not compute RMSNorm"], kind="rms", replacement=lambda g, s: None
+            )
+
+    def test_template_weight_must_have_the_normalized_shape(self):
+        class Gated(nn.Module):  # the "weight" is an activation of the input's full shape
+            def forward(self, x, gate):
+                return _abs_rms(x, gate, 1e-6)
+
+        xs = (torch.randn(2, H), torch.randn(2, H))
+        with normpass.PatternRegistry():
+            normpass.register_pattern("abs_rms", _abs_rms, kind="rms")
+            for ir in ("dynamo", "export"):
+                rep = check_numerics(Gated(), xs, ir)
+                self.assertEqual(
+                    [(r.rewritten, r.reason) for r in rep.rows],
+                    [(False, "its weight is not a float tensor of the normalized shape")],
+                )
+
+    def test_failing_replacement_leaves_the_graph_as_it_was(self):
+        def half_built(graph, site):  # inserts a node, then fails
+            graph.call_function(torch.ops.aten.neg.default, (site.input,))
+            raise RuntimeError("replacement broke")
+
+        model, xs = AbsRms(), inputs("R1 llama")
+        with normpass.PatternRegistry():
+            normpass.register_pattern("abs_rms", _abs_rms, kind="rms", replacement=half_built)
+            ep = capture(model, xs, "export")
+            before = compact(ep)
+            with self.assertWarnsRegex(UserWarning, "replacement broke"):
+                ep, rep = api.rewrite(ep, report=True)
+        self.assertEqual(compact(ep), before)
+        ep.validate()
+        self.assertEqual(
+            [(r.decision, r.reason) for r in rep.rows],
+            [("left alone", "the rewrite failed: RuntimeError('replacement broke')")],
+        )
 
     def test_search_function_reports_lookalike(self):
         def tanh_norm(term, m):  # a search function over the canonical view: flags tanh(x) "norms"

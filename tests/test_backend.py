@@ -126,6 +126,9 @@ def test_unknown_option_lists_valid_ones():
         torch.compile(torch.nn.LayerNorm(8), backend="normpass", options={"policy": "fast"})(
             torch.randn(2, 8)
         )
+    # a bad p is refused when the backend is made, not at its first compile
+    with pytest.raises(ValueError, match=r"normpass backend: p must be in \(0, 1\], got 2"):
+        normpass.backend(policy="prmsnorm", p=2)
 
 
 def test_options_merge_over_configured_backend():

@@ -225,6 +225,8 @@ def test_errors():
         FusedRMSNorm([])
     with pytest.raises(ValueError, match="eps must be >= 0"):
         FusedLayerNorm(8, eps=-1.0)
+    with pytest.raises(ValueError, match="FusedLayerNorm: eps must be a float >= 0, got None"):
+        FusedLayerNorm(8, eps=None)
     ln = nn.LayerNorm(8)
     ln.weight = nn.Parameter(torch.ones(4))
     with pytest.raises(ValueError, match=r"weight has shape \[4\] but normalized_shape is \[8\]"):

@@ -79,6 +79,11 @@ CASES = {
         lambda x, r, w, b: ((x, r, w, 1e-5), dict(p=1.5)),
         r"normpass\.add_rms_norm: p must be in \(0, 1\], got 1\.5",
     ),
+    "p_just_above_one": (  # every digit it takes to tell it from 1
+        "rms_norm",
+        lambda x, r, w, b: ((x, w, 1e-5), dict(p=1.0000001)),
+        r"normpass\.rms_norm: p must be in \(0, 1\], got 1\.0000001",
+    ),
     "p_negative": (
         "rms_norm",
         lambda x, r, w, b: ((x, None, 1e-5), dict(p=-0.5)),

@@ -250,16 +250,30 @@ def test_parity_flags(name, case, dtype):
     check_parity(name, x, r, w, b, **op_kw)
 
 
+# The front end's rules (shared by the CPU and CUDA kernels), checked on both where a GPU is present.
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("name", OPS)
-def test_wider_out_dtype_keeps_the_gradient_width(name, dtype):
+def test_wider_out_dtype_keeps_the_gradient_width(name, dtype, device):
     """out_dtype=float32 on 16-bit x: the float32 output gradient reaches dx, dweight and dbias at full
     width, as in the float32 graph the op replaces (rounding it to x's dtype first cost 10^4x in dweight)."""
     x, r, w, b = make_inputs(name, (2048, 64), dtype, param_dtype=torch.float32)
     dy = torch.randn(x.shape)
-    ins = [t.detach().requires_grad_() if t is not None else None for t in (x, r, w, b)]
+    ins = [t.detach().to(device).requires_grad_() if t is not None else None for t in (x, r, w, b)]
     out, _ = call(name, *ins, out_dtype=torch.float32)
-    ours = torch.autograd.grad(out, [t for t in ins if t is not None], dy)
+    ours = [g.cpu() for g in torch.autograd.grad(out, [t for t in ins if t is not None], dy.to(device))]
     # float64 truth from the op's own sum, which the residual ops round to x's dtype
     ref_in = [
         t.double().requires_grad_() if t is not None else None for t in ((x if r is None else x + r), w, b)
@@ -274,16 +288,18 @@ def test_wider_out_dtype_keeps_the_gradient_width(name, dtype):
         assert max_err(g, rg) <= tolerance
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", OPS)
-def test_dbias_without_weight_is_not_rounded_to_x_dtype(name):
+def test_dbias_without_weight_is_not_rounded_to_x_dtype(name, device):
     """A float32 bias beside bf16 x and no weight: its gradient, the float32 sum of the output gradient
     over rows, is not rounded to bf16 on the way (the backward ops return it in the accumulation dtype)."""
-    x, r, _, b = make_inputs(name, (2048, 64), torch.bfloat16, weight=False, param_dtype=torch.float32)
+    inputs = make_inputs(name, (2048, 64), torch.bfloat16, weight=False, param_dtype=torch.float32)
+    x, r, _, b = (t.to(device) if t is not None else None for t in inputs)
     b.requires_grad_()
     out, _ = call(name, x, r, None, b)
     dy = torch.randn(out.shape).to(out.dtype)
-    (db,) = torch.autograd.grad(out, b, dy)
-    ref = dy.double().sum(0)
+    (db,) = torch.autograd.grad(out, b, dy.to(device))
+    db, ref = db.cpu(), dy.double().sum(0)
     assert db.dtype == torch.float32
     assert max_err(db, ref) <= 64 * torch.finfo(torch.float32).eps * ref.abs().max().item()
 
@@ -494,7 +510,7 @@ def test_reference_fallback_parity():
              "normpass.rms_norm: weight has shape [7]"),
             (lambda: ops.rms_norm_backward(
                 torch.randn(3, 8), torch.randn(3, 8), None, None, 1e-6, [torch.randn(3, 4)], **bwd),
-             "normpass.rms_norm_backward: extra_grad_outs[i] has shape [3, 4]"),
+             "normpass.rms_norm_backward: extra_grad_outs[0] has shape [3, 4]"),
         ):
             try:
                 call()
@@ -582,6 +598,6 @@ def test_extra_grad_outs_equal_summed_grad_out(terms, center, dtype):
 def test_extra_grad_outs_checked():
     x = torch.randn(3, 8)
     kw = dict(has_bias=False, normalized_ndim=1, weight_offset=0.0, p=1.0)
-    message = r"extra_grad_outs\[i\] has shape \[3, 4\] but input has shape \[3, 8\]"
-    with pytest.raises(RuntimeError, match=message):
-        ops.rms_norm_backward(x, x, None, None, 1e-5, [torch.randn(3, 4)], **kw)
+    message = r"extra_grad_outs\[1\] has shape \[3, 4\] but input has shape \[3, 8\]"
+    with pytest.raises(RuntimeError, match=message):  # the message names which term
+        ops.rms_norm_backward(x, x, None, None, 1e-5, [x, torch.randn(3, 4)], **kw)

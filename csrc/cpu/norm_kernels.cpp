@@ -87,7 +87,10 @@ Isa cpu_isa() {
     Isa best = Isa::kBaseline;
 #ifdef NORMPASS_X86_VARIANTS
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
+      best = Isa::kAvx2;
+    }
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
       best = Isa::kAvx512;
@@ -95,6 +98,8 @@ Isa cpu_isa() {
 #endif
     const char* env = std::getenv("NORMPASS_CPU_ISA");
     const std::string cap = env ? env : "";
+    TORCH_CHECK(cap.empty() || cap == "baseline" || cap == "avx2" || cap == "avx512",
+                "normpass: NORMPASS_CPU_ISA must be baseline, avx2 or avx512, got '", cap, "'");
     if (cap == "baseline") return Isa::kBaseline;
     if (cap == "avx2") return std::min(best, Isa::kAvx2);
     return best;

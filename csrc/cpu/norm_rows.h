@@ -79,7 +79,7 @@ NP_TARGET inline void store(c10::Half* p, int64_t i, float v) {
       (f + (static_cast<uint32_t>(15 - 127) << 23) + UINT32_C(0xFFF) + ((f >> 13) & 1)) >> 13;
   const uint32_t special = UINT32_C(0x7C00) | (static_cast<uint32_t>(f > (UINT32_C(255) << 23)) << 9);
   const uint32_t is_subnormal = 0u - static_cast<uint32_t>(f < (UINT32_C(113) << 23));
-  const uint32_t is_special = 0u - static_cast<uint32_t>(f >= (UINT32_C(127 + 16) << 23));
+  const uint32_t is_special = 0u - static_cast<uint32_t>(f >= (static_cast<uint32_t>(127 + 16) << 23));
   uint32_t h = (subnormal & is_subnormal) | (normal & ~is_subnormal);
   h = (special & is_special) | (h & ~is_special);
   reinterpret_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(h | (sign >> 16));

@@ -263,6 +263,10 @@ __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, const
       for (int k = 0; k < K; ++k) v[k] += remote[k];
     }
   }
+#else
+  // Code JIT-compiled from pre-sm_90 PTX (an "8.0+PTX" build on Hopper) has no cluster sum, while
+  // the host, reading the device's compute capability, may launch clusters: fail, never a wrong sum.
+  if (L.cluster > 1 && !L.split) __trap();
 #endif
   parity ^= 1;
 }

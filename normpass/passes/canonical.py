@@ -51,6 +51,13 @@ class Term:
         return f"{self.op}[{name}]"
 
 
+def strip(t: Any, ops: tuple[str, ...] = ("alias",)) -> Any:
+    """t without the wrapping terms whose op is in `ops` (aliases: views that keep the value)."""
+    while isinstance(t, Term) and t.op in ops:
+        t = t.args[0]
+    return t
+
+
 def leaf(node: fx.Node) -> Term:
     return Term("leaf", node=node, nodes=(node,))
 

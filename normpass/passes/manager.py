@@ -15,9 +15,9 @@ from torch import fx
 from normpass.passes import meta
 from normpass.passes.canonical import View
 from normpass.passes.match import Matcher, NoMatch, Reject, Site, is_check, real_users
-from normpass.passes.registry import Pattern, PatternRegistry
+from normpass.passes.registry import PatternRegistry
 from normpass.passes.report import Report, Row, locate
-from normpass.passes.rewriter import POLICIES, Rewriter
+from normpass.passes.rewriter import Rewriter, check_policy, plan
 
 
 def _escape(site: Site) -> str | None:
@@ -53,10 +53,7 @@ def _graphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
 
 
 def run(gm: fx.GraphModule, policy: str, p: float, registry: PatternRegistry) -> Report:
-    if policy not in POLICIES:
-        raise ValueError(f"normpass: unknown policy {policy!r}; valid policies are {POLICIES}")
-    if not (0 < p <= 1):
-        raise ValueError(f"normpass: p must be in (0, 1], got {p}")
+    check_policy(policy, p)
     report = Report(policy)
     for name, sub in _graphs(gm):
         _run_graph(sub, policy, p, registry, report, prefix=f"{name}/" if name else "")
@@ -73,7 +70,7 @@ def _run_graph(
         if node in rewriter.erased or node.op in ("placeholder", "output", "get_attr") or is_check(node):
             continue
         term = view[node]
-        rejected: tuple[Reject, Pattern] | None = None
+        rejected: Reject | None = None
         for pattern in registry.for_anchor(term.op):
             m = Matcher(view)
             try:
@@ -81,36 +78,41 @@ def _run_graph(
             except NoMatch:
                 continue
             except Reject as r:
-                rejected = rejected or (r, pattern)
+                rejected = rejected or r
                 continue
             except Exception as e:  # a broken pattern must not break the user's compile: skip, and say so
                 msg = f"normpass: pattern {pattern.name!r} failed on node {node.name}: {e!r}"
                 warnings.warn(msg, stacklevel=2)
-                rejected = rejected or (Reject(pattern.name, f"the pattern failed: {e!r}"), pattern)
+                rejected = rejected or Reject(pattern.name, f"the pattern failed: {e!r}")
                 continue
             if site is None:
                 continue
-            site.anchor = node
             where, source = locate(site.output, prefix)
             checks = (_escape, _reshaped, *pattern.checks)
             reason = next((r for c in checks if (r := c(site))), None)
             if reason is not None:
                 report.rows.append(Row(where, source, site.form, "left alone", None, reason, node.name))
                 break
-            op = rewriter.apply(site, pattern.replacement)
-            why = "custom replacement" if pattern.replacement else _why(site, op, rewriter, policy, p)
+            try:
+                op = rewriter.apply(site, pattern.replacement)
+            except Exception as e:  # nor a failing replacement: the graph is as it was, and the row says why
+                warnings.warn(f"normpass: rewriting {site.form!r} at {node.name} failed: {e!r}", stacklevel=2)
+                report.rows.append(
+                    Row(where, source, site.form, "left alone", None, f"the rewrite failed: {e!r}", node.name)
+                )
+                break
+            why = "custom replacement" if pattern.replacement else _why(site, op, policy, p)
             report.rows.append(Row(where, source, site.form, "rewritten", op, why, node.name))
             break
         else:
             if rejected is not None:
-                r, _ = rejected
                 where, source = locate(node, prefix)
-                report.rows.append(Row(where, source, r.form, "left alone", None, r.reason, node.name))
+                report.rows.append(
+                    Row(where, source, rejected.form, "left alone", None, rejected.reason, node.name)
+                )
 
 
-def _why(site: Site, op: str, rewriter: Rewriter, policy: str, p: float) -> str:
-    from normpass.passes.rewriter import plan
-
+def _why(site: Site, op: str, policy: str, p: float) -> str:
     reason = plan(site, policy, p).reason
     if op.startswith("normpass.add_"):
         reason += "; residual add fused (h = x + r used downstream takes the op's sum)"

@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from normpass.passes import meta
-from normpass.passes.canonical import Term, View
+from normpass.passes.canonical import Term, View, strip
 
 # Users that only check a value (torch.export inserts them after casts); they never keep a node alive.
 _CHECKS = {torch.ops.aten._assert_tensor_metadata.default}
@@ -70,7 +70,6 @@ class Site:
     weight_offset: float = 0.0
     p: float = 1.0
     low_precision_input: fx.Node | None = None
-    anchor: fx.Node | None = None
 
     def __post_init__(self) -> None:
         self.nodes = set(self.nodes) - set(self.keep)  # input-side nodes may outlive the site
@@ -101,8 +100,7 @@ class Matcher:
         return t
 
     def is_op(self, t: Any, *ops: str) -> bool:
-        while isinstance(t, Term) and t.op == "alias":
-            t = t.args[0]
+        t = strip(t)
         return isinstance(t, Term) and t.op in ops
 
     def split(self, t: Term, first: str | tuple[str, ...]) -> tuple[Term, Any]:
@@ -139,6 +137,31 @@ class Matcher:
     def is_cast(t: Any) -> bool:
         """t is spelled as a cast (a real one, or one to the dtype the tensor already has)."""
         return isinstance(t, Term) and (t.op == "cast" or (t.op == "alias" and t.attrs.get("cast", False)))
+
+    def param(self, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple[fx.Node, Term] | None:
+        """(node, term) when t is a weight/bias of x's normalized shape (its last k dims), else None.
+
+        A probe: the aliases in front of t are recorded (as parameter-side, in self.keep) only when t
+        is one, so a candidate that is not (a residual added to the norm's output) leaves the site as
+        it was. `seen`: nodes that cannot be the parameter (the norm's own input).
+        """
+        probe = Matcher(self.view)
+        t = probe.unalias(t)
+        if not isinstance(t, Term) or t.node is None or t.node in seen or meta.is_tensor(t.node) is False:
+            return None
+        dt = meta.dtype(t.node)
+        if dt is not None and not dt.is_floating_point:
+            return None
+        shape, xshape = meta.shape(t.node), meta.shape(x)
+        if shape is None or len(shape) != k:
+            return None
+        if xshape is not None:
+            if not meta.same_shape(shape, xshape[len(xshape) - k :]):
+                return None
+        elif not all(isinstance(s, int) and s > 1 for s in shape):  # no metadata: the op checks at run time
+            return None
+        self.keep.update(probe.nodes)
+        return t.node, t
 
     # -- facts about values ---------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LOW = (torch.float16, torch.bfloat16)
 
 

@@ -42,7 +42,8 @@ class Pattern:
 
 
 class PatternRegistry:
-    """An ordered set of patterns; the built-in ones first unless builtins=False.
+    """A set of patterns: the built-in ones (unless builtins=False) and the user's, which are tried
+    first at each anchor (they refine the built-in ones).
 
     Example:
         >>> with normpass.PatternRegistry() as reg:     # nothing registered here leaks out

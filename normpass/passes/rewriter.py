@@ -14,6 +14,15 @@ from normpass.passes.match import Site, is_check, real_users
 
 ops = torch.ops.normpass
 POLICIES = ("fuse", "low_precision", "rmsnorm", "prmsnorm")
+PRMS_P = 0.0625  # the "prmsnorm" policy's default partial fraction, the RMSNorm paper's
+
+
+def check_policy(policy: str, p: float, who: str = "normpass") -> None:
+    """ValueError for an unknown policy or a partial fraction p outside (0, 1]."""
+    if policy not in POLICIES:
+        raise ValueError(f"{who}: unknown policy {policy!r}; valid policies are {POLICIES}")
+    if not (0 < p <= 1):
+        raise ValueError(f"{who}: p must be in (0, 1], got {p}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +55,7 @@ def plan(site: Site, policy: str, p: float) -> Plan:
     return Plan(layer, site.p, False, "same function, fp32 accumulation")
 
 
-def _default_out(site: Site, input: fx.Node, out: meta.DtypeExpr) -> bool:
+def _default_out(input: fx.Node, out: meta.DtypeExpr) -> bool:
     """Whether the op's default output dtype (its input's) is `out`."""
     known_out, known_in = meta.resolve(out), meta.dtype(input)
     if known_out is not None and known_in is not None:
@@ -79,7 +88,7 @@ class Rewriter:
     """Applies sites to one graph, keeping the graph's node order known for the residual check."""
 
     def __init__(self, gm: fx.GraphModule, view, policy: str, p: float) -> None:
-        self.gm, self.graph, self.view, self.policy, self.p = gm, gm.graph, view, policy, p
+        self.graph, self.view, self.policy, self.p = gm.graph, view, policy, p
         self.order: dict[fx.Node, float] = {n: float(i) for i, n in enumerate(self.graph.nodes)}
         self.erased: set[fx.Node] = set()
         self.aten = any(
@@ -98,55 +107,75 @@ class Rewriter:
         return node
 
     def apply(self, site: Site, replacement=None) -> str:
-        """Rewrite the site; returns the name of the op now computing it."""
-        from normpass.patterns.residual import match_residual
+        """Rewrite the site; returns the name of the op now computing it.
 
+        If building the replacement fails (a user replacement raising, an op's checks refusing its
+        arguments), what it inserted is erased, so the graph is as it was, and the error propagates.
+        """
         pl = plan(site, self.policy, self.p)
-        out_node = site.output
-        key = next((k for k in ("val", "example_value") if k in out_node.meta), None)
-        with self.graph.inserting_before(out_node):
-            if replacement is not None:
-                new = replacement(self.graph, site)
-                self.order[new] = self.order[out_node] - 0.5
-                if key is not None:
-                    _fake(new, key)
-                self._replace(site, new, None)
-                return getattr(new.target, "__name__", str(new.target))
-            weight = self.graph.get_attr(site.weight) if isinstance(site.weight, str) else site.weight
-            bias = self.graph.get_attr(site.bias) if isinstance(site.bias, str) else site.bias
-            input = site.low_precision_input if pl.low_precision else site.input
-            out_dtype = None
-            if not pl.low_precision and not _default_out(site, input, site.out_dtype):
-                out_dtype = meta.emit(self.graph, site.out_dtype)
-            kw: dict[str, Any] = {}
-            if site.normalized_ndim != 1:
-                kw["normalized_ndim"] = site.normalized_ndim
-            if site.weight_offset:
-                kw["weight_offset"] = site.weight_offset
-            if not pl.center and pl.p != 1.0:
-                kw["p"] = pl.p
-            if out_dtype is not None:
-                kw["out_dtype"] = out_dtype
-            residual = match_residual(site, self.view, self.order)
-            if residual is not None:
-                target = ops.add_layer_norm.default if pl.center else ops.add_rms_norm.default
-                params = (weight, bias, site.eps) if pl.center else (weight, site.eps, bias)
-                if not pl.center and bias is None:
-                    params = params[:2]
-                fused = self._insert(target, (*residual, *params), kw, like=out_node, key=key)
-                new = self._insert(operator.getitem, (fused, 0), like=out_node, key=key)
-                total = self._insert(operator.getitem, (fused, 1), like=out_node, key=key)
-            else:
-                target = ops.layer_norm.default if pl.center else ops.rms_norm.default
-                params = (weight, bias, site.eps) if pl.center else (weight, site.eps, bias)
-                if not pl.center and bias is None:
-                    params = params[:2]
-                new = self._insert(target, (input, *params), kw, like=out_node, key=key)
-                total = None
+        key = next((k for k in ("val", "example_value") if k in site.output.meta), None)
+        last_old = site.output.prev  # the build inserts between it and site.output
+        try:
+            with self.graph.inserting_before(site.output):
+                if replacement is not None:
+                    new, total, name = self._build_custom(site, replacement, key)
+                else:
+                    new, total, name = self._build_op(site, pl, key)
+        except Exception:
+            self._erase_after(last_old, site.output)
+            raise
         if pl.low_precision and self.aten:
             self._keep_fp32_users(site, new, key)
         self._replace(site, new, total)
-        return str(target.overloadpacket)
+        return name
+
+    def _build_custom(self, site: Site, replacement, key: str | None) -> tuple[fx.Node, None, str]:
+        new = replacement(self.graph, site)
+        self.order[new] = self.order[site.output] - 0.5
+        if key is not None:
+            _fake(new, key)
+        return new, None, getattr(new.target, "__name__", str(new.target))
+
+    def _build_op(self, site: Site, pl: Plan, key: str | None) -> tuple[fx.Node, fx.Node | None, str]:
+        """The normpass op (its residual-add form where the add before the norm can be fused):
+        (output node, node of the sum or None, op name)."""
+        from normpass.patterns.residual import match_residual
+
+        weight = self.graph.get_attr(site.weight) if isinstance(site.weight, str) else site.weight
+        bias = self.graph.get_attr(site.bias) if isinstance(site.bias, str) else site.bias
+        input = site.low_precision_input if pl.low_precision else site.input
+        kw: dict[str, Any] = {}
+        if site.normalized_ndim != 1:
+            kw["normalized_ndim"] = site.normalized_ndim
+        if site.weight_offset:
+            kw["weight_offset"] = site.weight_offset
+        if not pl.center and pl.p != 1.0:
+            kw["p"] = pl.p
+        if not pl.low_precision and not _default_out(input, site.out_dtype):
+            kw["out_dtype"] = meta.emit(self.graph, site.out_dtype)
+        # The schemas: layer_norm(x, weight, bias, eps), rms_norm(x, weight, eps, bias=None).
+        if pl.center:
+            params = (weight, bias, site.eps)
+        else:
+            params = (weight, site.eps) if bias is None else (weight, site.eps, bias)
+        like = site.output
+        residual = match_residual(site, self.view, self.order)
+        if residual is None:
+            target = ops.layer_norm.default if pl.center else ops.rms_norm.default
+            new = self._insert(target, (input, *params), kw, like=like, key=key)
+            return new, None, str(target.overloadpacket)
+        target = ops.add_layer_norm.default if pl.center else ops.add_rms_norm.default
+        fused = self._insert(target, (*residual, *params), kw, like=like, key=key)
+        new = self._insert(operator.getitem, (fused, 0), like=like, key=key)
+        total = self._insert(operator.getitem, (fused, 1), like=like, key=key)
+        return new, total, str(target.overloadpacket)
+
+    def _erase_after(self, last_old: fx.Node, end: fx.Node) -> None:
+        """Erase the nodes a failed build inserted between last_old and end, newest first."""
+        while end.prev is not last_old:
+            node = end.prev
+            self.graph.erase_node(node)
+            self.order.pop(node, None)
 
     def _keep_fp32_users(self, site: Site, new: fx.Node, key: str | None) -> None:
         """ATen graphs spell dtypes out: users that cast to the low dtype take the op's output

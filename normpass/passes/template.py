@@ -2,7 +2,8 @@
 
 The template is traced with symbolic_trace and canonicalized exactly like a graph, so it matches every
 spelling of the same math. Its arguments `x`/`input`, `weight`, `bias` and `eps` bind to the site's
-input, parameters and eps; any other argument binds to any value (consistently).
+input, parameters and eps; any other argument binds to any value (consistently), which only a
+custom replacement can use: without one, the template must compute exactly the normpass op.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import fx
 
+from normpass import reference
 from normpass.passes import meta
-from normpass.passes.canonical import Term, View
+from normpass.passes.canonical import Term, View, strip
 from normpass.passes.match import Matcher, NoMatch, Reject, Site
 from normpass.passes.registry import Pattern
 
@@ -55,9 +58,13 @@ class _Template:
         if out_dtype is None:
             raise Reject(self.name, "the graph does not record the output dtype; pass example_inputs")
 
-        def param(name: str):
-            v = binding.get(name)
-            return None if v is None else Matcher.node_of(m.unalias(v))
+        def param(name: str) -> fx.Node | None:
+            if binding.get(name) is None:
+                return None
+            found = m.param(binding[name], self.k, xnode, {xnode})
+            if found is None:
+                raise Reject(self.name, f"its {name} is not a float tensor of the normalized shape")
+            return found[0]
 
         eps = binding.get("eps", 0.0)
         return Site(
@@ -116,7 +123,7 @@ def _unify(tpl: Any, t: Any, binding: dict[str, Any], m: Matcher) -> bool:
             binding[name] = t
             return True
         t = m.unalias(t)
-        tpl = _skip_alias(tpl)
+        tpl = strip(tpl)
         if not isinstance(t, Term) or t.op != tpl.op or len(t.args) != len(tpl.args):
             return False
         if not _same_attrs(tpl, t, binding):
@@ -135,12 +142,6 @@ def _unify(tpl: Any, t: Any, binding: dict[str, Any], m: Matcher) -> bool:
     if isinstance(tpl, (int, float)) and isinstance(t, (int, float)):
         return float(tpl) == float(t)
     return tpl == t
-
-
-def _skip_alias(t: Term) -> Term:
-    while t.op == "alias":
-        t = t.args[0]
-    return t
 
 
 def _same_attrs(tpl: Term, t: Term, binding: dict[str, Any]) -> bool:
@@ -169,6 +170,48 @@ def _same_attrs(tpl: Term, t: Term, binding: dict[str, Any]) -> bool:
     return True
 
 
+def _check_computes_the_op(tpl: _Template, fn: Callable) -> None:
+    """Without a replacement a site becomes the plain normpass op, so the template must compute exactly
+    that op: anything more (a literal eps, `1 + weight`, an extra factor or argument) would be dropped
+    silently. Checked once, on random inputs."""
+    where = f"normpass.register_pattern: template {tpl.name!r}"
+    params = list(inspect.signature(fn).parameters)
+    unbound = [p for p in params if p not in (*_INPUT_NAMES, "weight", "bias", "eps")]
+    if unbound:
+        raise ValueError(
+            f"{where} has argument(s) {unbound} the normpass op has no place for; give a replacement"
+        )
+    if "eps" not in params:
+        raise ValueError(
+            f"{where} needs an argument named eps (the site's eps binds to it), or a replacement"
+        )
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, *[6] * tpl.k, generator=g) * 2 + 0.5
+    shape = x.shape[1:]
+    values = {
+        "weight": torch.randn(shape, generator=g) + 1,
+        "bias": torch.randn(shape, generator=g),
+        "eps": 0.5,
+    }
+    args = {p: x if p in _INPUT_NAMES else values[p] for p in params}
+    try:
+        got = fn(**args)
+    except Exception as e:
+        raise ValueError(f"{where} failed on example inputs: {e!r}") from e
+    center = tpl.kind == "layer"
+    want = reference.norm(x, args.get("weight"), args.get("bias"), 0.5, center=center, normalized_ndim=tpl.k)
+    if not (
+        isinstance(got, torch.Tensor)
+        and got.shape == want.shape
+        and torch.allclose(got.float(), want, 1e-4, 1e-5)
+    ):
+        what = "LayerNorm" if center else "RMSNorm"
+        raise ValueError(
+            f"{where} does not compute {what} of x with its weight and bias (checked on random inputs), "
+            "so the normpass op would change the results; fix the template or give a replacement"
+        )
+
+
 _TEMPLATES: dict[tuple, _Template] = {}
 
 
@@ -181,4 +224,6 @@ def template_pattern(
     tpl = _TEMPLATES.get(key)
     if tpl is None:
         tpl = _TEMPLATES[key] = _Template(name, fn, kind)
+    if replacement is None:
+        _check_computes_the_op(tpl, fn)
     return Pattern(name, tpl.match, (tpl.root.op,), "user", checks, replacement)

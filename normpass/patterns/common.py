@@ -64,35 +64,10 @@ def check_dims(form: str, dims: tuple | None, keepdim: bool, x: Term) -> int:
     return k
 
 
-def _param(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple[fx.Node, Any] | None:
-    """(node, multiplied term) when t is a weight/bias of the normalized shape, else None.
-
-    A probe: the aliases in front of t are recorded (as parameter-side, in m.keep) only when t is one,
-    so a candidate that is not (a residual added to the norm's output) leaves the site as it was.
-    """
-    probe = Matcher(m.view)
-    t = probe.unalias(t)
-    if not isinstance(t, Term) or t.node is None or t.node in seen or meta.is_tensor(t.node) is False:
-        return None
-    dt = meta.dtype(t.node)
-    if dt is not None and not dt.is_floating_point:
-        return None
-    shape, xshape = meta.shape(t.node), meta.shape(x)
-    if shape is None or len(shape) != k:
-        return None
-    if xshape is not None:
-        if not meta.same_shape(shape, xshape[len(xshape) - k :]):
-            return None
-    elif not all(isinstance(s, int) and s > 1 for s in shape):  # no metadata: the op checks at run time
-        return None
-    m.keep.update(probe.nodes)
-    return t.node, t
-
-
 def _weight(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple[fx.Node, float, Any] | None:
     """A weight factor: w, an exact upcast of w, or `w + c` (Gemma's 1 + w) -> (w, c, factor term).
 
-    A probe, as _param: nothing is recorded in m unless the factor is a weight.
+    A probe, as Matcher.param: nothing is recorded in m unless the factor is a weight.
     """
     probe = Matcher(m.view)
     factor = probe.unalias(t)
@@ -105,9 +80,9 @@ def _weight(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple
             offset, base = float(a), b
     inner = Matcher(m.view)
     root = inner.upcast_root(base)
-    found = _param(inner, root, k, x, seen)
+    found = inner.param(root, k, x, seen)
     if found is None and root is not base:  # an upcast we cannot prove exact: keep it as the weight
-        found = _param(inner, base, k, x, seen)
+        found = inner.param(base, k, x, seen)
     if found is None:
         return None
     # `1 + w` and upcasts of w are weight-side: removed with the site when nothing else uses them.
@@ -156,7 +131,7 @@ def finish(
                 weight, offset, factor = found
                 dt, steps = meta.promote(dt, dtype_expr(factor)), [*steps, "weight"]
             elif t.op == "add" and bias is None:
-                found = _param(m, others[0], k, xnode, seen)
+                found = m.param(others[0], k, xnode, seen)
                 if found is None:
                     break
                 bias, term = found
@@ -182,3 +157,20 @@ def finish(
         keep=set(m.keep),
         weight_offset=offset,
     )
+
+
+def stat_and_eps(m: Matcher, rsqrt: Term) -> tuple[Term, float | fx.Node]:
+    """(statistic, eps) from rsqrt(stat + eps) or rsqrt(stat): the root of both families."""
+    arg = m.unalias(rsqrt.args[0])
+    if isinstance(arg, Term) and arg.op == "add":
+        a, b = arg.args
+        for stat, eps in ((a, b), (b, a)):
+            if isinstance(stat, Term) and m.is_op(stat, "mean", "var", "getitem"):
+                try:
+                    e = m.eps(eps)
+                except NoMatch:
+                    continue
+                m.take(arg, "add")
+                return stat, e
+        raise NoMatch
+    return arg, 0.0

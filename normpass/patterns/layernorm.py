@@ -20,8 +20,7 @@ from typing import Any
 from normpass.passes import meta
 from normpass.passes.canonical import Term
 from normpass.passes.match import Matcher, NoMatch, Reject, Site
-from normpass.patterns.common import check_dims, dtype_expr, finish
-from normpass.patterns.rmsnorm import stat_and_eps
+from normpass.patterns.common import check_dims, dtype_expr, finish, stat_and_eps
 
 
 def _same(m: Matcher, a: Any, b: Any) -> bool:
@@ -84,7 +83,14 @@ def match_layernorm(t: Term, m: Matcher) -> Site | None:
             "look-alike: unbiased var",
             f"unbiased variance (correction={correction:g}); LayerNorm divides by n, not n - 1",
         )
-    if _dim_set(mean_dims, m.unalias(h)) != _dim_set(dims, m.unalias(h)):
+    same = _same_dims(mean_dims, dims, m.unalias(h))
+    if same is None:
+        raise Reject(
+            form,
+            f"mean over dims {mean_dims}, variance over dims {dims}: the graph does not record the "
+            "input's rank to tell whether they are the same; pass example_inputs",
+        )
+    if not same:
         raise Reject(
             "look-alike: mismatched dims", f"mean over dims {mean_dims} but variance over dims {dims}"
         )
@@ -94,8 +100,15 @@ def match_layernorm(t: Term, m: Matcher) -> Site | None:
     return finish(m, kind="layer", form=form, normalized=t, x=h, k=k, eps=eps, core_dtype=core)
 
 
-def _dim_set(dims: tuple | None, x: Term) -> frozenset | None:
+def _same_dims(a: tuple | None, b: tuple | None, x: Term) -> bool | None:
+    """Whether reductions over dims a and b of x reduce the same dims; None when only x's rank,
+    which the graph does not record, could tell (-1 and 2, say)."""
+    if a is None or b is None:
+        return a == b
+    if set(a) == set(b):
+        return True
     ndim = meta.ndim(x.node) if x.node is not None else None
-    if dims is None or (ndim is None and any(d >= 0 for d in dims)):
-        return frozenset(dims or ())
-    return frozenset(d % ndim if ndim else d for d in dims)
+    if ndim is None:
+        mixed = any(d >= 0 for d in (*a, *b)) and any(d < 0 for d in (*a, *b))
+        return None if mixed and len(set(a)) == len(set(b)) else False
+    return {d % ndim for d in a} == {d % ndim for d in b}

@@ -5,7 +5,7 @@ refused inside the RMSNorm/LayerNorm patterns themselves.
 
 from __future__ import annotations
 
-from normpass.passes.canonical import Term
+from normpass.passes.canonical import Term, strip
 from normpass.passes.match import Matcher, NoMatch, Reject, Site
 
 
@@ -21,8 +21,7 @@ def match_eps_outside(t: Term, m: Matcher) -> Site | None:
     if not m.is_op(denom, "add"):
         raise NoMatch
     for root in denom.args:
-        while isinstance(root, Term) and root.op in ("alias", "cast"):  # decomposed graphs cast around it
-            root = root.args[0]
+        root = strip(root, ("alias", "cast"))  # decomposed graphs cast around it
         if m.is_op(root, "sqrt", "std", "vector_norm"):
             extra = ""
             moments = root if root.op == "std" else m.unalias(root.args[0]) if root.args else None

@@ -13,24 +13,7 @@ from __future__ import annotations
 from normpass.passes import meta
 from normpass.passes.canonical import Term
 from normpass.passes.match import Matcher, NoMatch, Site
-from normpass.patterns.common import check_dims, dtype_expr, finish
-
-
-def stat_and_eps(m: Matcher, rsqrt: Term) -> tuple[Term, float | object]:
-    """(statistic, eps) from rsqrt(stat + eps) or rsqrt(stat)."""
-    arg = m.unalias(rsqrt.args[0])
-    if isinstance(arg, Term) and arg.op == "add":
-        a, b = arg.args
-        for stat, eps in ((a, b), (b, a)):
-            if isinstance(stat, Term) and m.is_op(stat, "mean", "var", "getitem"):
-                try:
-                    e = m.eps(eps)
-                except NoMatch:
-                    continue
-                m.take(arg, "add")
-                return stat, e
-        raise NoMatch
-    return arg, 0.0
+from normpass.patterns.common import check_dims, dtype_expr, finish, stat_and_eps
 
 
 def match_rmsnorm(t: Term, m: Matcher) -> Site | None:
