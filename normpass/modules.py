@@ -280,9 +280,13 @@ def why_not_plain(layer: nn.Module) -> str | None:
     base = next(b for b in bases if isinstance(layer, b))
     if type(layer).forward is not base.forward:
         return f"its class {type(layer).__qualname__} overrides {base.__name__}.forward"
+    if "forward" in vars(layer):  # e.g. accelerate's device hooks wrap the instance's forward
+        return "its forward is replaced on the instance"
     if torch.nn.utils.parametrize.is_parametrized(layer):
         return "it is parametrized (torch.nn.utils.parametrize)"
     hooks = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     if any(getattr(layer, h, None) for h in hooks):
         return "it has hooks registered on it"
+    if any(getattr(torch.nn.modules.module, "_global" + h, None) for h in hooks):
+        return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     return None

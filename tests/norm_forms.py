@@ -382,6 +382,14 @@ class FlooredRms(_Norm):
         return x * torch.div(1.0, rms, rounding_mode="floor") * self.weight
 
 
+class RoundingNoneRms(_Norm):
+    """x / rms with rounding_mode=None: plain true division, an RMSNorm."""
+
+    def forward(self, x):
+        rms = torch.sqrt((x * x).mean(-1, keepdim=True) + self.eps)
+        return torch.div(x, rms, rounding_mode=None) * self.weight
+
+
 class HookedLayerNorm(nn.Module):
     """An nn.LayerNorm with a forward hook: the module call computes more than the norm."""
 

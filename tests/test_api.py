@@ -289,6 +289,10 @@ return [rms_norm_default]""",
                 normpass.register_pattern("t", template, kind="rms")
         with normpass.PatternRegistry(), self.assertRaisesRegex(ValueError, "does not compute LayerNorm"):
             normpass.register_pattern("t", _abs_rms, kind="layer")
+        with normpass.PatternRegistry():  # a template that ends in a cast is checked at its own dtype
+            normpass.register_pattern(
+                "t", lambda x, weight, eps: _abs_rms(x, weight, eps).bfloat16(), kind="rms"
+            )
         with normpass.PatternRegistry():  # with a replacement, the template's math is the user's to keep
             normpass.register_pattern(
                 "t", cases["does not compute RMSNorm"], kind="rms", replacement=lambda g, s: None
@@ -327,6 +331,15 @@ return [rms_norm_default]""",
             [(r.decision, r.reason) for r in rep.rows],
             [("left alone", "the rewrite failed: RuntimeError('replacement broke')")],
         )
+
+        def rewired(graph, site):  # changes the graph's existing nodes, then fails: nothing to undo
+            site.output.replace_all_uses_with(graph.call_function(torch.ops.aten.neg.default, (site.input,)))
+            raise RuntimeError("replacement broke after rewiring")
+
+        with normpass.PatternRegistry():
+            normpass.register_pattern("abs_rms", _abs_rms, kind="rms", replacement=rewired)
+            with self.assertRaisesRegex(RuntimeError, "replacement broke after rewiring"):
+                api.rewrite(capture(model, xs, "export"))
 
     def test_search_function_reports_lookalike(self):
         def tanh_norm(term, m):  # a search function over the canonical view: flags tanh(x) "norms"

@@ -6,6 +6,8 @@ Graphs and reports are expecttest strings (regenerate with EXPECTTEST_ACCEPT=1, 
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from expecttest import TestCase
@@ -16,10 +18,12 @@ from norm_forms import (
     HookedLayerNorm,
     NormOfExpandedInput,
     RmsNormDefaultEps,
+    RoundingNoneRms,
     build,
     inputs,
 )
 from rewrite_helpers import IRS, capture, check_numerics, compact, n_normpass, op_counts, rewrite_copy
+from torch import nn
 
 # symbolic_trace cannot trace T5's `if self.weight.dtype in (...)` (a Python branch on a Proxy).
 FX_UNTRACEABLE = {"R2 t5"}
@@ -515,3 +519,25 @@ def test_layer_with_a_hook_keeps_it(ir):
 def test_floored_division_is_no_norm(ir):
     rep = check_numerics(FlooredRms(), (3 * torch.randn(2, 3, 8),), ir)
     assert not rep.rewritten, str(rep)
+    rep = check_numerics(
+        RoundingNoneRms(), (3 * torch.randn(2, 3, 8),), ir
+    )  # rounding_mode=None: true division
+    assert len(rep.rewritten) == 1, str(rep)
+
+
+def test_layer_with_a_replaced_forward_or_a_global_hook_keeps_it():
+    # The module call in a symbolic_trace graph runs whatever wraps the layer's forward.
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    # as accelerate's device hooks do (a method, so that the float64 copy calls its own layer)
+    model[1].forward = types.MethodType(lambda self, x: nn.LayerNorm.forward(self, x) * 2.0, model[1])
+    rep = check_numerics(model, inputs("R1 llama"), "fx")
+    assert [r.reason for r in rep.rows] == [
+        "the layer may compute more than its norm: its forward is replaced on the instance"
+    ]
+
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: out + 1.0)
+    try:
+        rep = check_numerics(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), inputs("R1 llama"), "fx")
+    finally:
+        handle.remove()
+    assert len(rep.rows) == 1 and "global module hooks are registered" in rep.rows[0].reason, str(rep)

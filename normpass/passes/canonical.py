@@ -190,8 +190,9 @@ def _convert_element_type(view, node, args, kwargs):
 
 def _binary(op: str):
     def build(view, node, args, kwargs):
-        # Any other keyword (div's rounding_mode, out=) changes the math: not this op.
-        if len(args) != 2 or set(kwargs) - {"alpha"} or kwargs.get("alpha", 1) != 1:
+        # Any other keyword set (div's rounding_mode, out=) changes the math: not this op.
+        others = {k for k, v in kwargs.items() if k != "alpha" and v is not None}
+        if len(args) != 2 or others or kwargs.get("alpha", 1) != 1:
             return None
         a, b = (view.arg(x) for x in args)
         if op == "mul" and isinstance(a, Term) and a is b:
@@ -386,6 +387,7 @@ _FUNCTIONS: dict[Any, Builder] = {
     operator.truediv: _binary("div"),
     torch.div: _binary("div"),
     aten.div.Tensor: _binary("div"),
+    aten.div.Tensor_mode: _binary("div"),  # true division only when rounding_mode is None
     aten.div.Scalar: _binary("div"),
     operator.pow: _pow,
     torch.pow: _pow,

@@ -17,7 +17,7 @@ from normpass.passes.canonical import View
 from normpass.passes.match import Matcher, NoMatch, Reject, Site, is_check, real_users
 from normpass.passes.registry import PatternRegistry
 from normpass.passes.report import Report, Row, locate
-from normpass.passes.rewriter import Rewriter, check_policy, plan
+from normpass.passes.rewriter import RewriteFailed, Rewriter, check_policy, plan
 
 
 def _escape(site: Site) -> str | None:
@@ -95,11 +95,10 @@ def _run_graph(
                 break
             try:
                 op = rewriter.apply(site, pattern.replacement)
-            except Exception as e:  # nor a failing replacement: the graph is as it was, and the row says why
-                warnings.warn(f"normpass: rewriting {site.form!r} at {node.name} failed: {e!r}", stacklevel=2)
-                report.rows.append(
-                    Row(where, source, site.form, "left alone", None, f"the rewrite failed: {e!r}", node.name)
-                )
+            except RewriteFailed as e:  # nor a failing replacement: the graph is as it was; the row says why
+                warnings.warn(f"normpass: rewriting {site.form!r} at {node.name} failed: {e}", stacklevel=2)
+                reason = f"the rewrite failed: {e}"
+                report.rows.append(Row(where, source, site.form, "left alone", None, reason, node.name))
                 break
             why = "custom replacement" if pattern.replacement else _why(site, op, policy, p)
             report.rows.append(Row(where, source, site.form, "rewritten", op, why, node.name))

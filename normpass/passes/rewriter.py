@@ -25,6 +25,10 @@ def check_policy(policy: str, p: float, who: str = "normpass") -> None:
         raise ValueError(f"{who}: p must be in (0, 1], got {p}")
 
 
+class RewriteFailed(Exception):
+    """Building a site's replacement failed; what it added was erased, so the graph is as it was."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """What a site becomes: which op, with which p, and why that is allowed."""
@@ -110,20 +114,22 @@ class Rewriter:
         """Rewrite the site; returns the name of the op now computing it.
 
         If building the replacement fails (a user replacement raising, an op's checks refusing its
-        arguments), what it inserted is erased, so the graph is as it was, and the error propagates.
+        arguments), the nodes it added are erased and RewriteFailed is raised: the graph is as it was.
+        A failed build that also changed nodes already in the graph cannot be undone: its error
+        propagates as it is.
         """
         pl = plan(site, self.policy, self.p)
         key = next((k for k in ("val", "example_value") if k in site.output.meta), None)
-        last_old = site.output.prev  # the build inserts between it and site.output
+        existing = set(self.graph.nodes)
         try:
             with self.graph.inserting_before(site.output):
                 if replacement is not None:
                     new, total, name = self._build_custom(site, replacement, key)
                 else:
                     new, total, name = self._build_op(site, pl, key)
-        except Exception:
-            self._erase_after(last_old, site.output)
-            raise
+        except Exception as e:
+            self._undo_build(existing, e)
+            raise RewriteFailed(repr(e)) from e
         if pl.low_precision and self.aten:
             self._keep_fp32_users(site, new, key)
         self._replace(site, new, total)
@@ -170,10 +176,14 @@ class Rewriter:
         total = self._insert(operator.getitem, (fused, 1), like=like, key=key)
         return new, total, str(target.overloadpacket)
 
-    def _erase_after(self, last_old: fx.Node, end: fx.Node) -> None:
-        """Erase the nodes a failed build inserted between last_old and end, newest first."""
-        while end.prev is not last_old:
-            node = end.prev
+    def _undo_build(self, existing: set[fx.Node], error: Exception) -> None:
+        """Erase the nodes a failed build added, newest first; re-raise `error` if the build also
+        removed or rewired nodes that were there before (nothing to restore them from)."""
+        added = [n for n in self.graph.nodes if n not in existing]
+        removed = len(self.graph.nodes) - len(added) != len(existing)
+        if removed or any(u not in set(added) for n in added for u in n.users):
+            raise error
+        for node in reversed(added):
             self.graph.erase_node(node)
             self.order.pop(node, None)
 
