@@ -289,7 +289,10 @@ def test_skips_layers_it_cannot_swap_safely():
     hooked.register_forward_hook(lambda m, i, o: o)
     parametrized = nn.LayerNorm(8)
     torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", nn.Identity())
+    wrapped = nn.LayerNorm(8)
+    wrapped.forward = lambda x: nn.LayerNorm.forward(wrapped, x)  # as accelerate's device hooks do
     model = nn.Sequential(CustomLayerNorm(8), TaggedLayerNorm(8), hooked, parametrized, CustomLayerNorm(8))
+    model.append(wrapped)
     model.append(model[0])  # shared: warned about once
 
     with pytest.warns(UserWarning) as record:
@@ -300,6 +303,7 @@ def test_skips_layers_it_cannot_swap_safely():
         "normpass: left LayerNorm alone because it has hooks registered on it",
         "normpass: left ParametrizedLayerNorm alone because it is parametrized (torch.nn.utils.parametrize)",
         "normpass: left CustomLayerNorm alone because its class CustomLayerNorm overrides LayerNorm.forward",
+        "normpass: left LayerNorm alone because its forward is replaced on the instance",
     ]
     assert [r.name for r in replaced] == ["1"]  # a subclass that keeps LayerNorm.forward is swapped
     assert record[0].filename == __file__  # the warning points at the caller
