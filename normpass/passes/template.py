@@ -173,7 +173,7 @@ def _same_attrs(tpl: Term, t: Term, binding: dict[str, Any]) -> bool:
 def _check_computes_the_op(tpl: _Template, fn: Callable) -> None:
     """Without a replacement a site becomes the plain normpass op, so the template must compute exactly
     that op: anything more (a literal eps, `1 + weight`, an extra factor or argument) would be dropped
-    silently. Checked once, on random inputs."""
+    silently. Checked when the template is registered, on random inputs."""
     where = f"normpass.register_pattern: template {tpl.name!r}"
     params = list(inspect.signature(fn).parameters)
     unbound = [p for p in params if p not in (*_INPUT_NAMES, "weight", "bias", "eps")]
@@ -202,8 +202,8 @@ def _check_computes_the_op(tpl: _Template, fn: Callable) -> None:
         raise ValueError(f"{where} returns {getattr(got, 'dtype', type(got).__name__)}, not a float tensor")
     center = tpl.kind == "layer"
     # At the template's own output dtype (one may end in a cast to bf16): within a few of its ulps.
-    params = (args.get("weight"), args.get("bias"))
-    want = reference.norm(x, *params, 0.5, center=center, normalized_ndim=tpl.k, out_dtype=got.dtype)
+    weight_bias = (args.get("weight"), args.get("bias"))
+    want = reference.norm(x, *weight_bias, 0.5, center=center, normalized_ndim=tpl.k, out_dtype=got.dtype)
     tol = max(1e-4, 4 * torch.finfo(got.dtype).eps)
     if not (got.shape == want.shape and torch.allclose(got.float(), want.float(), tol, tol)):
         what = "LayerNorm" if center else "RMSNorm"
