@@ -148,15 +148,24 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
     const Tensor& weight = tensors[1];
     const Tensor& stats = tensors[2];
 
+    // The backward op returns dbias in the weight's dtype (it does not see the bias): beside a
+    // wider bias (fp32 next to a bf16 weight) it reads the weight widened, so that dbias is not
+    // rounded on the way.
+    Tensor w = weight;
+    if (w.defined() && !bias_dtype.isNone()) {
+      const auto wide = c10::promoteTypes(w.scalar_type(), bias_dtype.toScalarType());
+      if (wide != w.scalar_type()) w = w.to(wide);
+    }
     const Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(tensors[0]);
     const bool grad_sum = residual && grads[1].defined();
     auto [dx, dw, db] =
-        run_backward(a, grad_out, tensors[0], weight.defined() ? optional(weight) : std::nullopt,
+        run_backward(a, grad_out, tensors[0], w.defined() ? optional(w) : std::nullopt,
                      grad_sum ? optional(grads[1]) : std::nullopt,
                      stats.defined() ? optional(stats) : std::nullopt, !bias_dtype.isNone());
     // One gradient per forward argument: (args, input, residual, weight, bias); d(sum)/d(input)
     // and d(sum)/d(residual) are both the identity.
-    return {Tensor(), dx, residual ? dx : Tensor(), weight.defined() ? dw : Tensor(),
+    return {Tensor(), dx, residual ? dx : Tensor(),
+            weight.defined() ? dw.to(weight.scalar_type()) : Tensor(),
             bias_dtype.isNone() ? Tensor() : db.to(bias_dtype.toScalarType())};
   }
 };

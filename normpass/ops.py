@@ -175,8 +175,11 @@ def _norm_grads(ctx, grad_out: Tensor, grad_sum: Tensor | None):
         backward_op = ops.layer_norm_backward
     else:
         backward_op, kw["p"] = ops.rms_norm_backward, ctx.p
-    dx, dw, db = backward_op(grad_out, x, weight, grad_sum, ctx.eps, **kw)
-    dw = dw if weight is not None else None
+    w = weight  # widened beside a wider bias, whose gradient comes back in w's dtype
+    if weight is not None and ctx.has_bias:
+        w = weight.to(torch.promote_types(weight.dtype, ctx.bias_dtype))
+    dx, dw, db = backward_op(grad_out, x, w, grad_sum, ctx.eps, **kw)
+    dw = dw.to(weight.dtype) if weight is not None else None
     db = db.to(ctx.bias_dtype) if ctx.has_bias else None
     return dx, dw, db
 

@@ -289,14 +289,19 @@ def test_wider_out_dtype_keeps_the_gradient_width(name, dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight", ["none", "bf16"])
 @pytest.mark.parametrize("name", OPS)
-def test_dbias_without_weight_is_not_rounded_to_x_dtype(name, device):
-    """A float32 bias beside bf16 x and no weight: its gradient, the float32 sum of the output gradient
-    over rows, is not rounded to bf16 on the way (the backward ops return it in the accumulation dtype)."""
-    inputs = make_inputs(name, (2048, 64), torch.bfloat16, weight=False, param_dtype=torch.float32)
-    x, r, _, b = (t.to(device) if t is not None else None for t in inputs)
+def test_float32_dbias_is_not_rounded_to_bf16(name, weight, device):
+    """A float32 bias beside bf16 x, with no weight or a bf16 one: its gradient, the float32 sum of the
+    output gradient over rows, is not rounded to bf16 on the way."""
+    inputs = make_inputs(name, (2048, 64), torch.bfloat16, param_dtype=torch.float32)
+    x, r, w, b = (t.to(device) if t is not None else None for t in inputs)
+    w = None if weight == "none" else w.to(torch.bfloat16).requires_grad_()
     b.requires_grad_()
-    out, _ = call(name, x, r, None, b)
+    out, _ = call(name, x, r, w, b)
+    if w is not None:
+        (dw,) = torch.autograd.grad(out, w, torch.ones_like(out), retain_graph=True)
+        assert dw.dtype == torch.bfloat16
     dy = torch.randn(out.shape).to(out.dtype)
     (db,) = torch.autograd.grad(out, b, dy.to(device))
     db, ref = db.cpu(), dy.double().sum(0)
