@@ -180,8 +180,9 @@ class Rewriter:
         """Erase the nodes a failed build added, newest first; re-raise `error` if the build also
         removed or rewired nodes that were there before (nothing to restore them from)."""
         added = [n for n in self.graph.nodes if n not in existing]
+        new = set(added)
         removed = len(self.graph.nodes) - len(added) != len(existing)
-        if removed or any(u not in set(added) for n in added for u in n.users):
+        if removed or any(u not in new for n in added for u in n.users):
             raise error
         for node in reversed(added):
             self.graph.erase_node(node)
