@@ -114,7 +114,9 @@ struct LaunchConfig {
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1] = {};
 
-  LaunchConfig(int64_t ctas, int threads, size_t smem, int cluster) {
+  // cooperative: every CTA resident at once, or the launch fails (CTAs that
+  // wait on each other in global memory).
+  LaunchConfig(int64_t ctas, int threads, size_t smem, int cluster, bool cooperative = false) {
     cfg.gridDim = dim3(static_cast<unsigned>(ctas));
     cfg.blockDim = dim3(threads);
     cfg.dynamicSmemBytes = smem;
@@ -123,6 +125,11 @@ struct LaunchConfig {
       attr[0].val.clusterDim.x = cluster;
       attr[0].val.clusterDim.y = 1;
       attr[0].val.clusterDim.z = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+    } else if (cooperative) {
+      attr[0].id = cudaLaunchAttributeCooperative;
+      attr[0].val.cooperative = 1;
       cfg.attrs = attr;
       cfg.numAttrs = 1;
     }
@@ -149,13 +156,19 @@ int max_cluster(void (*kernel)(KArgs...), int threads) {
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 template <typename... KArgs, typename... Args>
-void launch(void (*kernel)(KArgs...), int64_t ctas, int threads, size_t smem, int cluster,
-            Args&&... args) {
+void launch_ex(void (*kernel)(KArgs...), int64_t ctas, int threads, size_t smem, int cluster,
+               bool cooperative, Args&&... args) {
   TORCH_CHECK(ctas > 0 && ctas <= INT32_MAX, "normpass CUDA: grid of ", std::to_string(ctas), " CTAs");
-  LaunchConfig c(ctas, threads, smem, cluster);
+  LaunchConfig c(ctas, threads, smem, cluster, cooperative);
   c.cfg.stream = current_stream();
   C10_CUDA_CHECK(cudaLaunchKernelEx(&c.cfg, kernel, std::forward<Args>(args)...));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename... KArgs, typename... Args>
+void launch(void (*kernel)(KArgs...), int64_t ctas, int threads, size_t smem, int cluster,
+            Args&&... args) {
+  launch_ex(kernel, ctas, threads, smem, cluster, false, std::forward<Args>(args)...);
 }
 
 // Clusters of `cluster` CTAs of `kernel` that run at once, 0 if none can.

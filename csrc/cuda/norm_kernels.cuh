@@ -227,7 +227,9 @@ struct BwdArgs {
   float eps;
   const float2* stats; // (mean, rstd) of each row from the forward (SAVED only)
   float4* row_parts;  // (rows, cluster) shares of the row sums (split layouts only)
-  int phase;          // split layouts: 1 stores the shares, 2 writes the outputs
+  int* arrived;       // per row: CTAs past their share (phase 0 of a split layout)
+  int phase;          // split layouts: 0 both in one cooperative launch, or two
+                      // launches: 1 stores the shares, 2 writes the outputs
   RowLayout layout;
 };
 
@@ -308,11 +310,13 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmem sh;
+  __shared__ float4 meet_lanes[kMeetLanes]; // meet only
   extern __shared__ float4 smem_partials[]; // dw then db partials
   int parity = 0;
   const bool sums_only = L.split && a.phase == 1;
   const bool from_parts = L.split && a.phase == 2;
-  const bool resident = L.tiles == 1 && !L.split;
+  const bool meet = L.split && a.phase == 0;
+  const bool resident = L.tiles == 1 && (!L.split || meet);
   const int64_t cluster_id = blockIdx.x / L.cluster;
   const int64_t clusters = gridDim.x / L.cluster;
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);
@@ -382,7 +386,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       // every CTA of the row).
       auto reduce = [&](auto& acc) {
         constexpr int K = sizeof(acc) / sizeof(float);
-        float4* parts = from_parts || sums_only ? a.row_parts + r0 * L.cluster : nullptr;
+        float4* parts = L.split ? a.row_parts + r0 * L.cluster : nullptr;
         if (from_parts) {
 #pragma unroll
           for (int k = 0; k < K; ++k) acc[k] = 0.f;
@@ -393,6 +397,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         // less (barrier stalls 3.5% of samples against 9.6%), and its kernel lost
         // 1.5-5% to the switch's convergence checks at rows of one CTA (N >= 8192).
         row_sum<CENTER>(acc, L, th, sh, parity);
+        if (meet) meet_in_memory(acc, parts, a.arrived + r0, L, th, meet_lanes);
         if (sums_only && valid && threadIdx.x % L.tpr == 0) parts[th.rank] = pack_sums(acc);
       };
       float mean = 0.f, rstd, sum_gxm, mean_g = 0.f;
@@ -472,8 +477,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       // The next row block's first tile of x and dy is asked into L2 while this
       // one is written, so its loads wait on L2, not on DRAM (v22, bf16
       // forward+backward +2-4% at N 1024-8192 and LayerNorm 65536). Not for MORE:
-      // its step-shape calls lost 2 µs with it. Split rows were not tried.
-      if (!MORE && !L.split && rb + clusters < L.row_blocks) {
+      // its step-shape calls lost 2 µs with it. Split rows in two launches were
+      // not tried; in one (meet) they are resident rows.
+      if (!MORE && (!L.split || meet) && rb + clusters < L.row_blocks) {
         const int64_t next = (rb + clusters) * L.rows_per_cta + th.group;
         if (next < L.rows)
           for_each_vec<ITEMS, full.value>(th, L, 0, [&](int k, int j) {

@@ -142,7 +142,8 @@ struct RowLayout {
   int cluster;        // CTAs per row (1 unless the row needs more than one CTA)
   int tiles;          // passes per row phase; 1 = the row is register resident
   bool split;         // the row's CTAs are no hardware cluster: their sums meet in
-                      // global memory, between two launches (backward only)
+                      // global memory, in one cooperative launch or between two
+                      // (backward only)
   bool full;          // every thread has all its vectors in every tile, and
                       // every column is a statistics column
 };
@@ -277,6 +278,43 @@ __device__ __forceinline__ void cluster_exit_barrier(const RowLayout& L) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (L.cluster > 1 && !L.split) cooperative_groups::this_cluster().sync();
 #endif
+}
+
+// The sums of a split row whose CTAs are co-resident (a cooperative launch):
+// each CTA stores its share v (a CTA total: rows_per_cta == 1) to parts[rank]
+// and counts itself in at the row's counter `arrived`; the first warp waits
+// for all L.cluster shares, lane i adds shares i, i + 32, ... in order, and
+// every thread adds the lanes' sums in order: the same bits in every CTA.
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+constexpr int kMeetLanes = 32;
+template <int K>
+__device__ __forceinline__ void meet_in_memory(float (&v)[K], float4* parts, int* arrived,
+                                               const RowLayout& L, const RowThread& th,
+                                               float4 (&lanes)[kMeetLanes]) {
+  if (threadIdx.x == 0) {
+    parts[th.rank] = pack_sums(v);
+    __threadfence();
+    atomicAdd(arrived, 1);
+  }
+  if (threadIdx.x < 32) {
+    while (load_acquire(arrived) < L.cluster) __nanosleep(32);
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int r = threadIdx.x; r < L.cluster; r += 32) {
+      const float4 p = __ldcg(parts + r);
+      s.x += p.x, s.y += p.y, s.z += p.z, s.w += p.w;
+    }
+    lanes[threadIdx.x] = s;
+  }
+  // The next writer of `lanes` is the next row's first warp, after that row's
+  // row_sum barrier, which every reader below has passed.
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) v[k] = 0.f;
+  for (int i = 0; i < kMeetLanes && i < L.cluster; ++i) add_sums(v, lanes[i]);
 }
 
 // Calls f(std::true_type) for full layouts (RowLayout::full), else
