@@ -207,10 +207,11 @@ constexpr int kMaxGradTerms = 3;
 // once at the end, one row of `partials` per cluster. Each partial element has
 // one owner thread and a fixed summation order: deterministic.
 // Rows whose partials would cost a cluster occupancy are split over CTAs that
-// are no cluster (layout.split; a "cluster" below is then that group of CTAs):
-// the kernel runs twice on the same grid; phase 1 stores each CTA's share of
-// the row sums in row_parts, phase 2 adds the shares in rank order and writes
-// dx, re-reading x and dy, with the partials of one tile per CTA.
+// are no cluster (layout.split; a "cluster" below is then that group of CTAs).
+// If every CTA of the grid is resident, they meet in memory in one cooperative
+// launch (phase 0: meet_in_memory); else the kernel runs twice on the same
+// grid: phase 1 stores each CTA's share of the row sums in row_parts, phase 2
+// adds the shares in rank order and writes dx, re-reading x and dy.
 template <typename T, typename W>
 struct BwdArgs {
   const T* dy;
