@@ -53,8 +53,9 @@ using NormForward = void(
 // (length cols, in x's dtype or the accumulation dtype; written, not
 // accumulated: the front end allocates them uninitialized). Reductions over
 // rows must be deterministic.
-// extra_grad_outs (x's dtype and shape, like grad_out) are further terms of
-// the output's gradient: grad_out + extra[0] + ..., each sum rounded to x's
+// grad_out is of x's dtype; the CUDA kernels also take fp32 for 16-bit x.
+// extra_grad_outs (grad_out's dtype, x's shape) are further terms of the
+// output's gradient: grad_out + extra[0] + ..., each sum rounded to grad_out's
 // dtype as eager adds are. An output read by several ops (q, k and v
 // projections) gets one term per reader, so the backward sums them as it
 // loads them instead of after a separate add kernel.

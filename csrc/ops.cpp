@@ -206,12 +206,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   // (autograd casts it to the bias's, which this op does not see).
   const auto param_dtype = weight.has_value() ? weight->scalar_type() : acc_dtype(input);
 
-  // The kernels read every gradient in x's dtype. A wider grad_out (out_dtype=float32 on bf16 x)
-  // would lose there the bits that the graph it replaces keeps, so the backward then runs on x
-  // widened to grad_out's dtype, and dx is narrowed back.
+  // A grad_out wider than x (out_dtype=float32 on bf16 x, autocast's fp32 weight) carries bits
+  // that the graph it replaces keeps. The CUDA kernels read an fp32 gradient as it is (norm.h);
+  // on CPU the backward runs on x widened to grad_out's dtype, and dx is narrowed back.
   auto wide_dtype = at::promote_types(input.scalar_type(), grad_out.scalar_type());
   if (wide_dtype == at::kDouble && !input.is_cpu()) wide_dtype = at::kFloat; // CPU-only float64
-  if (wide_dtype != input.scalar_type()) {
+  const auto dy_dtype = input.is_cuda() ? wide_dtype : input.scalar_type();
+  if (wide_dtype != dy_dtype) {
     const Tensor wide = input.to(wide_dtype);
     const bool stats_fit = stats.has_value() && stats->scalar_type() == acc_dtype(wide);
     auto [dx, dw, db] = norm_backward(op, grad_out, wide, weight, center, eps, has_bias, ndim,
@@ -236,13 +237,14 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   } else {
     NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
     Tensor grad_input2d = grad_input.view({-1, cols});
-    // Gradients reach the kernels as (rows, cols) views in the input dtype.
-    auto rows_of = [&](const Tensor& g) { return as_rows(g.to(input.scalar_type()), cols); };
+    // Gradients reach the kernels as (rows, cols) views: the output's in dy_dtype, the sum's
+    // (grad_sum) in x's dtype.
+    auto rows_of = [&](const Tensor& g, at::ScalarType dtype) { return as_rows(g.to(dtype), cols); };
     optional<Tensor> grad_sum2d;
-    if (grad_sum.has_value()) grad_sum2d = rows_of(*grad_sum);
+    if (grad_sum.has_value()) grad_sum2d = rows_of(*grad_sum, input.scalar_type());
     auto w = kernel_params(weight, std::nullopt, input).first;
     std::vector<Tensor> extra2d;
-    for (const Tensor& g : extra_grad_outs) extra2d.push_back(rows_of(g));
+    for (const Tensor& g : extra_grad_outs) extra2d.push_back(rows_of(g, dy_dtype));
     // The CUDA kernels read a row's pair as one 8-byte load: contiguous and aligned.
     optional<Tensor> stats2d;
     if (stats.has_value()) {
@@ -250,8 +252,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
       if (reinterpret_cast<uintptr_t>(stats2d->const_data_ptr()) % (2 * stats2d->element_size()))
         stats2d = stats2d->clone();
     }
-    backward_kernel(input)(rows_of(grad_out), extra2d, as_rows(input, cols), w, grad_sum2d, params,
-                           grad_input2d, grad_weight, grad_bias, stats2d);
+    backward_kernel(input)(rows_of(grad_out, dy_dtype), extra2d, as_rows(input, cols), w,
+                           grad_sum2d, params, grad_input2d, grad_weight, grad_bias, stats2d);
   }
   auto finish = [&](const optional<Tensor>& g) {
     return g.has_value() ? g->view(param_sizes).to(param_dtype)

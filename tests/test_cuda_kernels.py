@@ -94,7 +94,7 @@ def torch_side(x, r, w, b, dy, ds, eps, center, k, offset, native: bool):
     elif native:
         y = F.rms_norm(h, (n,), wl, eps)
     else:
-        y = norm_math(h.float(), wl, bl, eps, center, k, offset).to(x.dtype)
+        y = norm_math(h.float(), wl, bl, eps, center, k, offset).to(dy.dtype)
     leaves = [t for t in (h, wl, bl) if t is not None]
     grads = torch.autograd.grad(y, leaves, dy)
     dx = grads[0] + (ds if ds is not None else 0)
@@ -158,9 +158,9 @@ def run_case(
 
     if strided:  # rows of a wider tensor: x[:, :n], row stride n + 3
         x = rand(m, n + 3)[:, :n]
-        dy = rand(m, n + 5)[:, 1 : n + 1]
+        dy = rand(m, n + 5, dt=out_dtype or dtype)[:, 1 : n + 1]
     else:
-        x, dy = rand(m, n), rand(m, n)
+        x, dy = rand(m, n), rand(m, n, dt=out_dtype or dtype)
     if x_mean:
         assert not strided, "x_mean would make the strided x contiguous"
         x = (x.float() + x_mean).to(dtype)
@@ -228,6 +228,17 @@ def test_weight_offset_and_grad_sum(dtype, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_partial_rms(dtype, p, n):
     run_case(rows_for(n), n, dtype, False, p=p)
+
+
+# An fp32 output's gradient is read as fp32 (16-bit rows: the kernels of fp32 gradients). 4099:
+# scalar accesses; 65536: a cluster; 262144: split rows (LayerNorm), 1 << 20: split (RMSNorm too).
+@pytest.mark.parametrize("n", [1024, 4099, 16384, 65536, 262144, 1 << 20])
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_fp32_gradients_of_16_bit_rows(center, n):
+    m = min(rows_for(n), 67)
+    run_case(m, n, torch.bfloat16, center, out_dtype=torch.float32, param_dtype=torch.float32)
+    run_case(m, n, torch.float16, center, out_dtype=torch.float32, residual=True, grad_sum=True)
+    run_case(m, n, torch.bfloat16, center, out_dtype=torch.float32, strided=True, weight=False)
 
 
 @pytest.mark.parametrize("n", [1024, 5000, 65536])
@@ -357,12 +368,14 @@ def test_cuda_graph_capture(n, m):
 @pytest.mark.parametrize("n", [1024, 4099, 16384, 262144])
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
 @pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
-def test_extra_grad_outs(center, n, terms, saved):
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_extra_grad_outs(center, n, terms, saved, grad_dtype):
     """The backward sums the output's gradient terms as it loads them: same bits as summing first."""
     m = rows_for(n)
-    x, dy = (torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device="cuda", dtype=grad_dtype)
     w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    extra = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(terms)]
+    extra = [torch.randn(m, n, device="cuda", dtype=grad_dtype) for _ in range(terms)]
     summed = dy
     for term in extra:
         summed = summed + term

@@ -1,6 +1,6 @@
 // The backward of one input dtype: launch plan, dweight/dbias partials and
 // the dispatch onto the kernel's compile-time switches. Included only by the
-// files that instantiate BackwardKernels<T, CENTER> (norm_backward_<dtype>_{ln,rms}.cu).
+// files that instantiate BackwardKernels<T, G, CENTER> (norm_backward_<dtype>[_f32grad]_{ln,rms}.cu).
 #pragma once
 
 #include "launch.h"
@@ -11,14 +11,15 @@ namespace cuda {
 using at::Tensor;
 using std::optional;
 
-template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE, bool SAVED>
+template <typename T, typename W, typename G, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE,
+          bool SAVED>
 void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& x,
                      const Tensor& weight,
                      const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                      optional<Tensor>& grad_weight, optional<Tensor>& grad_bias,
                      const optional<Tensor>& stats) {
   const int64_t cols = x.size(1);
-  auto kernel = norm_bwd_kernel<T, W, VEC, CENTER, BIAS_GRAD, MORE, SAVED>;
+  auto kernel = norm_bwd_kernel<T, W, G, VEC, CENTER, BIAS_GRAD, MORE, SAVED>;
   const bool partials = grad_weight || BIAS_GRAD;
   struct Plan {
     LaunchShape shape;
@@ -78,8 +79,8 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   if (grad_weight) dw_part = at::empty({clusters, cols}, f32);
   if (BIAS_GRAD) db_part = at::empty({clusters, cols}, f32);
 
-  BwdArgs<T, W> a{};
-  a.dy = ptr<T>(grad_out);
+  BwdArgs<T, W, G> a{};
+  a.dy = ptr<G>(grad_out);
   a.x = ptr<T>(x);
   a.weight = ptr<W>(weight);
   a.grad_sum = ptr<T>(grad_sum);
@@ -89,7 +90,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   a.dy_stride = grad_out.stride(0);
   a.n_more = static_cast<int>(more.size());
   for (size_t i = 0; i < more.size(); ++i) {
-    a.dy_more[i] = ptr<T>(more[i]);
+    a.dy_more[i] = ptr<G>(more[i]);
     a.dy_more_stride[i] = more[i].stride(0);
   }
   a.x_stride = x.stride(0);
@@ -114,7 +115,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
     a.arrived = arrived.mutable_data_ptr<int>();
     a.phase = 0;
   } else if (L.split) {
-    BwdArgs<T, W> sums = a;
+    BwdArgs<T, W, G> sums = a;
     sums.phase = 1;
     launch(kernel, clusters * L.cluster, q.shape.threads, 0, 1, sums);
     a.phase = 2;
@@ -150,7 +151,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   }
 }
 
-template <typename T, typename W, bool CENTER>
+template <typename T, typename W, typename G, bool CENTER>
 void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x,
                     const Tensor& weight,
                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
@@ -161,29 +162,34 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
              vector_ok(grad_input, kVec) && vector_ok(weight, kVec);
   for (const Tensor& g : more) vec = vec && vector_ok(g, kVec);
   dispatch_flags<kVec>(vec, grad_bias.has_value(), [&](auto v, auto dbias) {
-    dispatch_bool(!more.empty(), [&](auto more_terms) {
+    auto with_terms = [&](auto more_terms) {
       dispatch_bool(stats.has_value(), [&](auto saved) {
-        backward_launch<T, W, decltype(v)::value, CENTER, decltype(dbias)::value,
+        backward_launch<T, W, G, decltype(v)::value, CENTER, decltype(dbias)::value,
                         decltype(more_terms)::value, decltype(saved)::value>(
             grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
       });
-    });
+    };
+    // Terms summed in the kernel only in x's dtype (norm_backward.cu).
+    if constexpr (std::is_same_v<G, T>) dispatch_bool(!more.empty(), with_terms);
+    else with_terms(std::false_type{});
   });
 }
 
-// The entry point passes a weight (ones for none), of x's dtype or fp32.
-template <typename T, bool CENTER>
-void BackwardKernels<T, CENTER>::run(const Tensor& grad_out, at::TensorList more, const Tensor& x,
-                                     const optional<Tensor>& weight,
-                                     const optional<Tensor>& grad_sum, const NormParams& p,
-                                     Tensor& grad_input, optional<Tensor>& grad_weight,
-                                     optional<Tensor>& grad_bias, const optional<Tensor>& stats) {
+// The entry point passes a weight (ones for none), of x's dtype or fp32, and
+// gradients of G.
+template <typename T, typename G, bool CENTER>
+void BackwardKernels<T, G, CENTER>::run(const Tensor& grad_out, at::TensorList more,
+                                        const Tensor& x, const optional<Tensor>& weight,
+                                        const optional<Tensor>& grad_sum, const NormParams& p,
+                                        Tensor& grad_input, optional<Tensor>& grad_weight,
+                                        optional<Tensor>& grad_bias,
+                                        const optional<Tensor>& stats) {
   if (weight->scalar_type() != x.scalar_type()) {
-    backward_typed<T, float, CENTER>(grad_out, more, x, *weight, grad_sum, p, grad_input,
-                                     grad_weight, grad_bias, stats);
+    backward_typed<T, float, G, CENTER>(grad_out, more, x, *weight, grad_sum, p, grad_input,
+                                        grad_weight, grad_bias, stats);
   } else {
-    backward_typed<T, T, CENTER>(grad_out, more, x, *weight, grad_sum, p, grad_input,
-                                 grad_weight, grad_bias, stats);
+    backward_typed<T, T, G, CENTER>(grad_out, more, x, *weight, grad_sum, p, grad_input,
+                                    grad_weight, grad_bias, stats);
   }
 }
 

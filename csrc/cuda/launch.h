@@ -205,12 +205,13 @@ void set_max_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
 
 // The kernels of one input dtype T and one norm (CENTER: LayerNorm, else
 // RMSNorm) behind the entry points' signatures (../norm.h), after their
-// checks. Each pair is instantiated in a file of its own,
-// norm_{forward,backward}_<dtype>_{ln,rms}.cu, so that the build compiles them
-// in parallel (all in one file took 4.6 minutes; a file per dtype left the
-// bf16 backward alone at 2 minutes).
+// checks; the backward's also of one gradient dtype G (T, or fp32 for 16-bit
+// T). Each is instantiated in a file of its own,
+// norm_{forward,backward}_<dtype>[_f32grad]_{ln,rms}.cu, so that the build
+// compiles them in parallel (all in one file took 4.6 minutes; a file per
+// dtype left the bf16 backward alone at 2 minutes).
 template <typename T, bool CENTER> struct ForwardKernels { static NormForward run; };
-template <typename T, bool CENTER> struct BackwardKernels { static NormBackward run; };
+template <typename T, typename G, bool CENTER> struct BackwardKernels { static NormBackward run; };
 
 } // namespace cuda
 } // namespace normpass

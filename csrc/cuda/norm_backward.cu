@@ -18,9 +18,14 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   // The kernel always reads a weight (no per-element test); ones stand in for none.
   const Tensor weight = raw_weight ? *fold_offset(raw_weight, p.weight_offset)
                                    : at::ones({x.size(1)}, x.options());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() &&
-                  (!grad_sum || grad_sum->scalar_type() == x.scalar_type()),
-              "normpass CUDA: grad_out and grad_sum must have x's dtype");
+  // The output's gradient terms: x's dtype, or fp32 for 16-bit x (read as they are).
+  const auto g_dtype = grad_out.scalar_type();
+  TORCH_CHECK(g_dtype == x.scalar_type() || g_dtype == at::kFloat,
+              "normpass CUDA: grad_out must have x's dtype or fp32, got ", g_dtype);
+  for (const Tensor& g : extra_grad_outs)
+    TORCH_CHECK(g.scalar_type() == g_dtype, "normpass CUDA: the gradient terms must share a dtype");
+  TORCH_CHECK(!grad_sum || grad_sum->scalar_type() == x.scalar_type(),
+              "normpass CUDA: grad_sum must have x's dtype");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() || weight.scalar_type() == at::kFloat,
               "normpass CUDA: weight must be of x's dtype or fp32, got ", weight.scalar_type());
   for (const auto& g : {grad_weight, grad_bias}) {
@@ -32,15 +37,23 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", std::to_string(x.size(1)),
               " elements (at most ", std::to_string(kMaxCols), ")");
   const c10::cuda::CUDAGuard guard(x.device());
-  // The kernel sums up to kMaxGradTerms - 1 extra terms as it loads; more are added up front.
-  const bool in_kernel = extra_grad_outs.size() < kMaxGradTerms;
+  // The kernel sums up to kMaxGradTerms - 1 extra terms as it loads; more are added up front, and
+  // so are fp32 terms of 16-bit x (in the kernel they spilled 2.5 KB of registers).
+  const bool in_kernel = extra_grad_outs.size() < kMaxGradTerms && g_dtype == x.scalar_type();
   const Tensor dy = in_kernel ? grad_out : sum_grad_terms(grad_out, extra_grad_outs);
   const at::TensorList more = in_kernel ? extra_grad_outs : at::TensorList();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
     dispatch_bool(p.center, [&](auto center) {
-      BackwardKernels<T, decltype(center)::value>::run(dy, more, x, weight, grad_sum, p, grad_input,
-                                                       grad_weight, grad_bias, stats);
+      constexpr bool C = decltype(center)::value;
+      auto run = [&](auto g_tag) {
+        using G = typename decltype(g_tag)::type;
+        BackwardKernels<T, G, C>::run(dy, more, x, weight, grad_sum, p, grad_input, grad_weight,
+                                      grad_bias, stats);
+      };
+      if constexpr (std::is_same_v<T, float>) run(t_tag);
+      else if (g_dtype == at::kFloat) run(Tag<float>{});
+      else run(t_tag);
     });
   });
 }

@@ -1,4 +1,4 @@
 // The LayerNorm backward kernels for float input (see BackwardKernels in launch.h).
 #include "backward_launch.cuh"
 
-template struct normpass::cuda::BackwardKernels<float, true>;
+template struct normpass::cuda::BackwardKernels<float, float, true>;

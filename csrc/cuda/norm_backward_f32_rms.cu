@@ -1,4 +1,4 @@
 // The RMSNorm backward kernels for float input (see BackwardKernels in launch.h).
 #include "backward_launch.cuh"
 
-template struct normpass::cuda::BackwardKernels<float, false>;
+template struct normpass::cuda::BackwardKernels<float, float, false>;

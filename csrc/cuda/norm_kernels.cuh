@@ -212,10 +212,13 @@ constexpr int kMaxGradTerms = 3;
 // launch (phase 0: meet_in_memory); else the kernel runs twice on the same
 // grid: phase 1 stores each CTA's share of the row sums in row_parts, phase 2
 // adds the shares in rank order and writes dx, re-reading x and dy.
-template <typename T, typename W>
+// The output's gradient is of x's storage type T or, for 16-bit x, fp32 (G):
+// a norm whose output is wider than its input (autocast's fp32 weight times
+// bf16 rows) gets its gradient read as it is, not rounded, nor widened with x.
+template <typename T, typename W, typename G>
 struct BwdArgs {
-  const T* dy;
-  const T* dy_more[kMaxGradTerms - 1]; // further gradient terms: dy + dy_more[0] + ...
+  const G* dy;
+  const G* dy_more[kMaxGradTerms - 1]; // further gradient terms: dy + dy_more[0] + ...
   int64_t dy_more_stride[kMaxGradTerms - 1];
   int n_more;
   const T* x;
@@ -304,8 +307,9 @@ __device__ float pairwise_sum(int n, F&& at) {
   return level[top];
 }
 
-template <typename T, typename W, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE, bool SAVED>
-__global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdArgs<T, W> a) {
+template <typename T, typename W, typename G, int VEC, bool CENTER, bool BIAS_GRAD, bool MORE,
+          bool SAVED>
+__global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdArgs<T, W, G> a) {
   constexpr int ITEMS = bwd_items<VEC>();
   using Part = SmemPartial<ITEMS, VEC>;
   const RowLayout& L = a.layout;
@@ -339,10 +343,11 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       const bool valid = row < L.rows;
       const int64_t r0 = valid ? row : 0;
       const T* x = row_base(a.x + r0 * a.x_stride);
-      const T* dy = row_base(a.dy + r0 * a.dy_stride);
+      const G* dy = row_base(a.dy + r0 * a.dy_stride);
       const T* ds = a.grad_sum ? row_base(a.grad_sum + r0 * a.ds_stride) : nullptr;
       T* dx = row_base(a.dx + r0 * L.cols);
-      Frag<T, VEC, ITEMS> xf, gf, sf; // x, dy and grad_sum of one tile
+      Frag<T, VEC, ITEMS> xf, sf; // x and grad_sum of one tile
+      Frag<G, VEC, ITEMS> gf;     // dy
 
       // grad_sum is first needed after the reduction. Its loads go out before
       // it (resident rows) or before the tile's first dx store (which the
@@ -358,14 +363,14 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
           load(gf.v[k], dy + j * VEC);
         });
         if constexpr (MORE) {
-          // Further terms of dy, each sum rounded to T as the eager adds it replaces. Their
+          // Further terms of dy, each sum rounded to G as the eager adds it replaces. Their
           // loads go out after the row's and before any add, so all are in flight at once
           // (a kernel of its own: the registers for them cost the usual call 1-3%).
-          Frag<T, VEC, ITEMS> terms[kMaxGradTerms - 1];
+          Frag<G, VEC, ITEMS> terms[kMaxGradTerms - 1];
 #pragma unroll
           for (int i = 0; i < kMaxGradTerms - 1; ++i) {
             if (i < a.n_more) {
-              const T* more = a.dy_more[i] + r0 * a.dy_more_stride[i];
+              const G* more = a.dy_more[i] + r0 * a.dy_more_stride[i];
               for_each_vec<ITEMS, full.value>(th, L, t,
                                               [&](int k, int j) { load(terms[i].v[k], more + j * VEC); });
             }
@@ -376,7 +381,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
               for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
 #pragma unroll
                 for (int e = 0; e < VEC; ++e)
-                  gf.v[k].v[e] = from_float<T>(gf(k, e) + terms[i](k, e));
+                  gf.v[k].v[e] = from_float<G>(gf(k, e) + terms[i](k, e));
               });
             }
           }

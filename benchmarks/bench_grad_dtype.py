@@ -1,0 +1,71 @@
+"""The backward of a norm whose output is wider than its input: bf16 rows, fp32 gradient.
+
+Under autocast a Llama RMSNorm multiplies its bf16 rows by an fp32 weight, so its output, and the
+gradient that reaches normpass's backward, are fp32. The kernels read that gradient as it is
+(2 + 4 bytes in, 2 out per element); before, the front end widened x to fp32 and narrowed dx back
+(three more passes). Both are timed here, with the bf16 gradient for scale, on M*N = 2^26 elements,
+the backward reading the statistics its forward saved (as under autograd). TB/s counts the bytes
+the call must move (x, dy and dx), against the copy ceiling of the same run.
+
+    python benchmarks/bench_grad_dtype.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from bench_kernels import bench_ms, copy_ceiling
+
+import normpass  # noqa: F401  (registers torch.ops.normpass)
+
+EPS = 1e-6
+ELEMS = 1 << 26
+
+
+def calls(n: int, center: bool):
+    """(name, bytes per element, fn) for one row width."""
+    ops = torch.ops.normpass
+    x = torch.randn(ELEMS // n, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, device="cuda")  # fp32, as autocast leaves it
+    dy32 = torch.randn_like(x, dtype=torch.float32)
+    dy16 = dy32.to(torch.bfloat16)
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2]
+
+    def widened():  # the front end's path before the kernels read fp32 gradients
+        dx, dw, db = op(dy32, x.float(), w, None, EPS, None, stats, **kw)
+        return dx.to(torch.bfloat16), dw, db
+
+    yield "bf16 dy", 6, lambda: op(dy16, x, w, None, EPS, None, stats, **kw)
+    yield "fp32 dy", 8, lambda: op(dy32, x, w, None, EPS, None, stats, **kw)
+    yield "fp32 dy, x widened", 8, widened
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 65536])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA device", file=sys.stderr)
+        return 1
+    ceiling = copy_ceiling()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling:.3f} TB/s")
+    print("| norm | N | call | µs | TB/s | % of ceiling |")
+    print("|---|---|---|---|---|---|")
+    for center in (False, True):
+        for n in args.ns:
+            for name, per_elem, fn in calls(n, center):
+                fn()  # first call: build the plan, allocate
+                ms = bench_ms(fn, 100)
+                tbs = per_elem * ELEMS / ms / 1e9
+                norm = "layer_norm" if center else "rms_norm"
+                print(f"| {norm} | {n} | {name} | {1e3 * ms:.1f} | {tbs:.2f} | {100 * tbs / ceiling:.0f}% |")
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
