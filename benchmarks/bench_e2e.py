@@ -1,9 +1,11 @@
 """End-to-end training step: eager vs inductor vs normpass (over inductor and over eager).
 
 bf16 forward + backward of transformers models with random weights (ANCHORS.md's two models by
-default). Prints tokens/s, peak memory and compile time, and writes a markdown table.
+default), or with `--amp` fp32 weights under bf16 autocast. Prints tokens/s, peak memory and compile
+time, and writes a markdown table.
 
     python benchmarks/bench_e2e.py --out results/          # GPU, the ANCHORS.md sizes
+    python benchmarks/bench_e2e.py --models llama --amp    # fp32 weights, bf16 autocast
     python benchmarks/bench_e2e.py --tiny --device cpu     # a quick check that it runs
 """
 
@@ -111,12 +113,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_variant(model, backend, ids, device: str, steps: int, warmup: int) -> dict[str, float]:
+def run_variant(
+    model, backend, ids, device: str, steps: int, warmup: int, amp: bool = False
+) -> dict[str, float]:
     torch._dynamo.reset()
     fn = model if backend is None else torch.compile(model, backend=backend)
 
     def step():
-        loss = fn(input_ids=ids, labels=ids).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+            loss = fn(input_ids=ids, labels=ids).loss
         loss.backward()
         for p in model.parameters():
             p.grad = None
@@ -157,16 +162,18 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models and shapes, for a quick check")
     ap.add_argument("--variants", default=",".join(variants()))
     ap.add_argument("--attention", default="sdpa", choices=ATTENTION, help="see ATTENTION above")
+    ap.add_argument("--amp", action="store_true", help="fp32 weights, the step under bf16 autocast")
     ap.add_argument("--out", default=None, help="folder for e2e.md")
     args = ap.parse_args(argv)
     if args.tiny:
         args.batch, args.seq, args.steps, args.warmup = 2, 64, 3, 1
-    dtype = torch.bfloat16
+    dtype = torch.float32 if args.amp else torch.bfloat16
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    precision = "fp32 weights, bf16 autocast" if args.amp else "bf16"
     header = (
         f"{device_name}, torch {torch.__version__}, normpass {normpass.__version__}, "
-        f"{datetime.date.today()}; bf16 training step, batch {args.batch} x {args.seq} tokens, "
+        f"{datetime.date.today()}; {precision} training step, batch {args.batch} x {args.seq} tokens, "
         f"attention {args.attention}"
     )
     print(header, flush=True)
@@ -185,7 +192,9 @@ def main(argv=None) -> int:
         for i, (variant, backend) in enumerate(chosen.items(), 1):
             print(f"[{name} {i}/{len(chosen)}] {variant} ...", end=" ", file=sys.stderr, flush=True)
             try:
-                results[variant] = r = run_variant(model, backend, ids, args.device, args.steps, args.warmup)
+                results[variant] = r = run_variant(
+                    model, backend, ids, args.device, args.steps, args.warmup, args.amp
+                )
                 print(f"{r['step_ms']:.1f} ms", file=sys.stderr, flush=True)
             except Exception as e:  # report the cell, keep benchmarking the rest
                 print(f"failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
