@@ -91,23 +91,24 @@ variable_list run_forward(const NormArgs& a, const Tensor& input, const optional
 
 Grads run_backward(const NormArgs& a, const Tensor& grad_out, const Tensor& x,
                    const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
-                   const optional<Tensor>& stats, bool has_bias) {
+                   const optional<Tensor>& stats, bool has_bias, bool weight_grad) {
   static const auto rms_norm_backward =
       op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
                double, optional<at::TensorList>, const optional<Tensor>&, bool, int64_t, double,
-               double)>("normpass::rms_norm_backward");
+               double, bool)>("normpass::rms_norm_backward");
   static const auto layer_norm_backward =
       op<Grads(const Tensor&, const Tensor&, const optional<Tensor>&, const optional<Tensor>&,
-               double, optional<at::TensorList>, const optional<Tensor>&, bool, int64_t,
-               double)>("normpass::layer_norm_backward");
+               double, optional<at::TensorList>, const optional<Tensor>&, bool, int64_t, double,
+               bool)>("normpass::layer_norm_backward");
 
   std::optional<at::AutoDispatchBelowADInplaceOrView> below;
   if (!at::GradMode::is_enabled()) below.emplace();
   return a.center ? layer_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, std::nullopt,
-                                             stats, has_bias, a.normalized_ndim, a.weight_offset)
+                                             stats, has_bias, a.normalized_ndim, a.weight_offset,
+                                             weight_grad)
                   : rms_norm_backward.call(grad_out, x, weight, grad_sum, a.eps, std::nullopt,
                                            stats, has_bias, a.normalized_ndim, a.weight_offset,
-                                           a.p);
+                                           a.p, weight_grad);
 }
 
 } // namespace
@@ -148,11 +149,17 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
     const Tensor& weight = tensors[1];
     const Tensor& stats = tensors[2];
 
+    // Frozen parameters (LoRA, BitFit) get no gradient, and the kernels keep no partials for
+    // them. Edges are counted over the tensors given: input, residual, weight, bias.
+    const size_t weight_edge = residual ? 2 : 1;
+    const bool weight_grad = weight.defined() && ctx->needs_input_grad(weight_edge);
+    const bool bias_grad =
+        !bias_dtype.isNone() && ctx->needs_input_grad(weight_edge + (weight.defined() ? 1 : 0));
     // The backward op returns dbias in the weight's dtype (it does not see the bias): beside a
     // wider bias (fp32 next to a bf16 weight) it reads the weight widened, so that dbias is not
     // rounded on the way.
     Tensor w = weight;
-    if (w.defined() && !bias_dtype.isNone()) {
+    if (w.defined() && bias_grad) {
       const auto wide = c10::promoteTypes(w.scalar_type(), bias_dtype.toScalarType());
       if (wide != w.scalar_type()) w = w.to(wide);
     }
@@ -161,12 +168,12 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
     auto [dx, dw, db] =
         run_backward(a, grad_out, tensors[0], w.defined() ? optional(w) : std::nullopt,
                      grad_sum ? optional(grads[1]) : std::nullopt,
-                     stats.defined() ? optional(stats) : std::nullopt, !bias_dtype.isNone());
+                     stats.defined() ? optional(stats) : std::nullopt, bias_grad, weight_grad);
     // One gradient per forward argument: (args, input, residual, weight, bias); d(sum)/d(input)
     // and d(sum)/d(residual) are both the identity.
     return {Tensor(), dx, residual ? dx : Tensor(),
-            weight.defined() ? dw.to(weight.scalar_type()) : Tensor(),
-            bias_dtype.isNone() ? Tensor() : db.to(bias_dtype.toScalarType())};
+            weight_grad ? dw.to(weight.scalar_type()) : Tensor(),
+            bias_grad ? db.to(bias_dtype.toScalarType()) : Tensor()};
   }
 };
 

@@ -183,7 +183,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     const char* op, const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
     bool center, double eps, bool has_bias, int64_t ndim, double weight_offset, double p,
     const optional<Tensor>& grad_sum, at::TensorList extra_grad_outs,
-    const optional<Tensor>& stats) {
+    const optional<Tensor>& stats, bool weight_grad) {
   const int64_t cols = check_args(op, input, std::nullopt, weight, std::nullopt, ndim, eps, p);
   check_like_input(op, "grad_out", grad_out, input);
   if (grad_sum.has_value()) check_like_input(op, "grad_sum", *grad_sum, input);
@@ -217,7 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     const bool stats_fit = stats.has_value() && stats->scalar_type() == acc_dtype(wide);
     auto [dx, dw, db] = norm_backward(op, grad_out, wide, weight, center, eps, has_bias, ndim,
                                       weight_offset, p, grad_sum, extra_grad_outs,
-                                      stats_fit ? stats : std::nullopt);
+                                      stats_fit ? stats : std::nullopt, weight_grad);
     return {dx.to(input.scalar_type()), dw.to(param_dtype), db.to(param_dtype)};
   }
 
@@ -228,7 +228,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   const auto grad_options = input.options().dtype(grad_dtype);
   Tensor grad_input = at::empty(input.sizes(), input.options());
   optional<Tensor> grad_weight, grad_bias;
-  if (weight.has_value()) grad_weight = at::empty({cols}, grad_options);
+  // Not for a frozen weight (weight_grad=False): the kernels then keep no dweight partials.
+  if (weight.has_value() && weight_grad) grad_weight = at::empty({cols}, grad_options);
   if (has_bias) grad_bias = at::empty({cols}, grad_options);
   if (input.numel() == 0) {
     // No rows: no kernel runs, and dweight/dbias are empty sums.
@@ -314,19 +315,20 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_backward(
     const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
     const optional<Tensor>& grad_sum, double eps, optional<at::TensorList> extra_grad_outs,
     const optional<Tensor>& stats, bool has_bias, int64_t normalized_ndim, double weight_offset,
-    double p) {
+    double p, bool weight_grad) {
   return norm_backward("normpass.rms_norm_backward", grad_out, input, weight, false, eps,
                        has_bias, normalized_ndim, weight_offset, p, grad_sum,
-                       extra_grad_outs.value_or(at::TensorList()), stats);
+                       extra_grad_outs.value_or(at::TensorList()), stats, weight_grad);
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_backward(
     const Tensor& grad_out, const Tensor& input, const optional<Tensor>& weight,
     const optional<Tensor>& grad_sum, double eps, optional<at::TensorList> extra_grad_outs,
-    const optional<Tensor>& stats, bool has_bias, int64_t normalized_ndim, double weight_offset) {
+    const optional<Tensor>& stats, bool has_bias, int64_t normalized_ndim, double weight_offset,
+    bool weight_grad) {
   return norm_backward("normpass.layer_norm_backward", grad_out, input, weight, true, eps,
                        has_bias, normalized_ndim, weight_offset, 1.0, grad_sum,
-                       extra_grad_outs.value_or(at::TensorList()), stats);
+                       extra_grad_outs.value_or(at::TensorList()), stats, weight_grad);
 }
 
 } // namespace
@@ -349,10 +351,12 @@ TORCH_LIBRARY(normpass, m) {
         "ScalarType? out_dtype=None) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, "
         "float eps, Tensor[]? extra_grad_outs=None, Tensor? stats=None, *, bool has_bias, "
-        "int normalized_ndim, float weight_offset, float p) -> (Tensor, Tensor, Tensor)");
+        "int normalized_ndim, float weight_offset, float p, bool weight_grad=True) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, "
         "float eps, Tensor[]? extra_grad_outs=None, Tensor? stats=None, *, bool has_bias, "
-        "int normalized_ndim, float weight_offset) -> (Tensor, Tensor, Tensor)");
+        "int normalized_ndim, float weight_offset, bool weight_grad=True) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 #define NORMPASS_IMPL(dispatch_key)                              \

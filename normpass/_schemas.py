@@ -19,8 +19,8 @@ SCHEMAS = {
     "-> (Tensor, Tensor, Tensor)",
     "rms_norm_backward": "(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, float eps, "
     "Tensor[]? extra_grad_outs=None, Tensor? stats=None, *, bool has_bias, int normalized_ndim, "
-    "float weight_offset, float p) -> (Tensor, Tensor, Tensor)",
+    "float weight_offset, float p, bool weight_grad=True) -> (Tensor, Tensor, Tensor)",
     "layer_norm_backward": "(Tensor grad_out, Tensor input, Tensor? weight, Tensor? grad_sum, float eps, "
     "Tensor[]? extra_grad_outs=None, Tensor? stats=None, *, bool has_bias, int normalized_ndim, "
-    "float weight_offset) -> (Tensor, Tensor, Tensor)",
+    "float weight_offset, bool weight_grad=True) -> (Tensor, Tensor, Tensor)",
 }

@@ -87,6 +87,7 @@ def _backward_fake(name: str):
         normalized_ndim,
         weight_offset,
         p=1.0,
+        weight_grad=True,
     ):
         reference.check_backward(
             f"normpass.{name}",
@@ -103,7 +104,8 @@ def _backward_fake(name: str):
         param_shape = input.shape[input.dim() - normalized_ndim :]
         param_dtype = reference.param_grad_dtype(input, weight)
         # Absent gradients are distinct empty tensors, as the kernels return them (never aliases).
-        grad_weight = input.new_empty(param_shape if weight is not None else (0,), dtype=param_dtype)
+        has_dw = weight is not None and weight_grad
+        grad_weight = input.new_empty(param_shape if has_dw else (0,), dtype=param_dtype)
         grad_bias = input.new_empty(param_shape if has_bias else (0,), dtype=param_dtype)
         return input.new_empty(input.shape), grad_weight, grad_bias
 
@@ -170,17 +172,25 @@ torch.library.register_autograd(
 def _norm_grads(ctx, grad_out: Tensor, grad_sum: Tensor | None):
     """(grad_input, grad_weight, grad_bias) through the fused backward op (as csrc/autograd.cpp does)."""
     x, weight = ctx.saved_tensors
-    kw = dict(has_bias=ctx.has_bias, normalized_ndim=ctx.normalized_ndim, weight_offset=ctx.weight_offset)
+    # Frozen parameters get no gradient (and the kernels keep no partials for them).
+    weight_grad = weight is not None and ctx.needs_input_grad[ctx.weight_index]
+    bias_grad = ctx.has_bias and ctx.needs_input_grad[ctx.bias_index]
+    kw = dict(
+        has_bias=bias_grad,
+        normalized_ndim=ctx.normalized_ndim,
+        weight_offset=ctx.weight_offset,
+        weight_grad=weight_grad,
+    )
     if ctx.center:
         backward_op = ops.layer_norm_backward
     else:
         backward_op, kw["p"] = ops.rms_norm_backward, ctx.p
     w = weight  # widened beside a wider bias, whose gradient comes back in w's dtype
-    if weight is not None and ctx.has_bias:
+    if weight is not None and bias_grad:
         w = weight.to(torch.promote_types(weight.dtype, ctx.bias_dtype))
     dx, dw, db = backward_op(grad_out, x, w, grad_sum, ctx.eps, **kw)
-    dw = dw.to(weight.dtype) if weight is not None else None
-    db = db.to(ctx.bias_dtype) if ctx.has_bias else None
+    dw = dw.to(weight.dtype) if weight_grad else None
+    db = db.to(ctx.bias_dtype) if bias_grad else None
     return dx, dw, db
 
 
@@ -194,6 +204,9 @@ def _setup(center: bool, residual: bool):
             weight, bias, eps = args
         else:
             weight, eps, bias = args
+        # Positions in the op's arguments, for needs_input_grad: (input, [residual,] weight, ...).
+        ctx.weight_index = 2 if residual else 1
+        ctx.bias_index = ctx.weight_index + (1 if center else 2)
         ctx.center, ctx.eps = center, eps
         ctx.normalized_ndim = keyword_only_inputs.get("normalized_ndim", 1)
         ctx.weight_offset = keyword_only_inputs.get("weight_offset", 0.0)

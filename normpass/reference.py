@@ -232,8 +232,12 @@ def norm_backward(
     normalized_ndim: int,
     weight_offset: float,
     p: float = 1.0,
+    weight_grad: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias) of `norm`, as the *_backward ops return them.
+
+    grad_bias is computed only with `has_bias`, grad_weight only with a weight and `weight_grad`
+    (False for a frozen weight); absent ones come back empty.
 
     The output's gradient is grad_out plus any `extra_grad_outs`, added in order in grad_out's dtype
     or x's, the wider (as the eager adds the backward ops fold in). Written out in closed form (the
@@ -264,6 +268,6 @@ def norm_backward(
         dx = dx + grad_sum.to(acc)
     # Absent gradients are distinct empty tensors (outputs of one op must not alias).
     empty = input.new_empty(0, dtype=param_dtype)
-    dw = (dy * xhat).sum(0).view(param_shape).to(param_dtype) if weight is not None else empty
+    dw = (dy * xhat).sum(0).view(param_shape).to(param_dtype) if weight is not None and weight_grad else empty
     db = dy.sum(0).view(param_shape).to(param_dtype) if has_bias else empty.clone()
     return dx.to(input.dtype), dw, db

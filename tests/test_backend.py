@@ -246,6 +246,31 @@ def test_training_matches_eager_and_fuses_every_norm(name):
     assert_no_further_than_eager(ours, eager, ref)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_frozen_norm_weights_are_not_differentiated(name):
+    """BitFit-style fine-tuning (norm weights frozen, biases trained): the traced backward asks the
+    backward ops for no dweight, and the gradients that remain match eager's."""
+    model = models.build(name)
+    for module in model.modules():
+        if "Norm" in type(module).__name__:
+            module.weight.requires_grad_(False)
+    batch = models.example_batch(name)
+    eager = loss_and_grads(model, batch)
+    recorder = Recorder()
+    ours = loss_and_grads(model, batch, torch.compile(model, backend=normpass.backend(compiler=recorder)))
+    asked = [
+        (n.kwargs.get("weight_grad", True), n.kwargs["has_bias"])
+        for gm in recorder.graphs["backward"]
+        for n in gm.graph.nodes
+        if isinstance(n.target, torch._ops.OpOverload) and n.target._opname in BACKWARD_OPS
+    ]
+    has_bias = name == "gpt2"  # LayerNorm with bias; Llama's RMSNorm has none
+    assert asked == [(False, has_bias)] * models.count_norm_modules(model)
+    assert ours[1].keys() == eager[1].keys()
+    for key, grad in eager[1].items():
+        torch.testing.assert_close(ours[1][key], grad, rtol=1e-4, atol=1e-5)
+
+
 # llama: the gradient-sum test; mamba: inductor compiles its selective scan for 45 s on CPU (its norm
 # is the Llama form, which the other models cover here)
 @pytest.mark.parametrize("name", [n for n in models.CONFIGS if n not in ("llama", "mamba")])

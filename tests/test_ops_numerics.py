@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import normpass
 from normpass import reference
@@ -309,6 +310,46 @@ def test_float32_dbias_is_not_rounded_to_bf16(name, weight, device):
     assert max_err(db, ref) <= 64 * torch.finfo(torch.float32).eps * ref.abs().max().item()
 
 
+class BackwardCalls(TorchDispatchMode):
+    """Records which gradients each normpass backward op call was asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (ops.rms_norm_backward.default, ops.layer_norm_backward.default):
+            self.asked.append((kwargs.get("weight_grad", True), kwargs["has_bias"]))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("frozen", ["weight", "bias", "both"])
+@pytest.mark.parametrize("name", OPS)
+def test_frozen_parameters_are_not_differentiated(name, frozen, device):
+    """LoRA freezes a norm's weight and bias, BitFit its weight: the backward op is asked only for the
+    gradients autograd wants, and those it returns are the same bits as with nothing frozen."""
+    x, r, w, b = (
+        t.to(device).requires_grad_() if t is not None else None
+        for t in make_inputs(name, (64, 32), torch.bfloat16)
+    )
+    out, _ = call(name, x, r, w, b)
+    dy = torch.randn(out.shape).to(out)
+    leaves = [t for t in (x, r, w, b) if t is not None]
+    everything = torch.autograd.grad(out, leaves, dy)
+    w_frozen, b_frozen = frozen in ("weight", "both"), frozen in ("bias", "both")
+    w.requires_grad_(not w_frozen)
+    b.requires_grad_(not b_frozen)
+    with BackwardCalls() as calls:
+        out, _ = call(name, x, r, w, b)
+        got = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], dy)
+    assert calls.asked == [(not w_frozen, not b_frozen)]
+    expected = [g for t, g in zip(leaves, everything, strict=True) if t.requires_grad]
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)
+
+
 def test_parity_many_rows_threads():
     """Enough rows that the kernels split them over threads and dweight over row blocks."""
     for name in OPS:
@@ -503,6 +544,12 @@ def test_reference_fallback_parity():
             if not t.is_center(name):
                 kw["p"] = 0.5
             t.check_parity(name, x, r, w, b, **kw)
+        # A frozen weight (BitFit): the fallback's autograd asks only for the gradients wanted.
+        x, r, w, b = t.make_inputs("add_layer_norm", (5, 33), torch.float32)
+        with t.BackwardCalls() as calls:
+            out, _ = t.call("add_layer_norm", x.requires_grad_(), r, w, b.requires_grad_())
+            torch.autograd.grad(out.sum(), (x, b))
+        assert calls.asked == [(False, True)], calls.asked
         # The kernels' contract holds here too: contiguous outputs, the same op-named errors.
         ops = torch.ops.normpass
         xt = torch.randn(8, 6).t()
