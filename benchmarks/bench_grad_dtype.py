@@ -5,7 +5,8 @@ gradient that reaches normpass's backward, are fp32. The kernels read that gradi
 (2 + 4 bytes in, 2 out per element); before, the front end widened x to fp32 and narrowed dx back
 (three more passes). Both are timed here, with the bf16 gradient for scale, on M*N = 2^26 elements,
 the backward reading the statistics its forward saved (as under autograd). TB/s counts the bytes
-the call must move (x, dy and dx), against the copy ceiling of the same run.
+the call must move (x, dy and dx), against the copy ceiling of the same run. Also timed: the bf16
+call with the weight frozen (LoRA, BitFit: `weight_grad=False`, no dweight partials).
 
     python benchmarks/bench_grad_dtype.py
 """
@@ -40,6 +41,8 @@ def calls(n: int, center: bool):
         return dx.to(torch.bfloat16), dw, db
 
     yield "bf16 dy", 6, lambda: op(dy16, x, w, None, EPS, None, stats, **kw)
+    frozen = dict(kw, has_bias=False, weight_grad=False)
+    yield "bf16 dy, frozen weight", 6, lambda: op(dy16, x, w, None, EPS, None, stats, **frozen)
     yield "fp32 dy", 8, lambda: op(dy32, x, w, None, EPS, None, stats, **kw)
     yield "fp32 dy, x widened", 8, widened
 
