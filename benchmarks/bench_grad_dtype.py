@@ -1,7 +1,7 @@
 """The backward of a norm whose output is wider than its input: bf16 rows, fp32 gradient.
 
-Under autocast a Llama RMSNorm multiplies its bf16 rows by an fp32 weight, so its output, and the
-gradient that reaches normpass's backward, are fp32. The kernels read that gradient as it is
+A Llama-form RMSNorm of bf16 rows with an fp32 weight (Qwen3's q/k norms under autocast) has an fp32
+output, so the gradient that reaches normpass's backward is fp32. The kernels read it as it is
 (2 + 4 bytes in, 2 out per element); before, the front end widened x to fp32 and narrowed dx back
 (three more passes). Both are timed here, with the bf16 gradient for scale, on M*N = 2^26 elements,
 the backward reading the statistics its forward saved (as under autograd). TB/s counts the bytes

@@ -213,7 +213,7 @@ constexpr int kMaxGradTerms = 3;
 // grid: phase 1 stores each CTA's share of the row sums in row_parts, phase 2
 // adds the shares in rank order and writes dx, re-reading x and dy.
 // The output's gradient is of x's storage type T or, for 16-bit x, fp32 (G):
-// a norm whose output is wider than its input (autocast's fp32 weight times
+// a norm whose output is wider than its input (an fp32 weight times
 // bf16 rows) gets its gradient read as it is, not rounded, nor widened with x.
 template <typename T, typename W, typename G>
 struct BwdArgs {
