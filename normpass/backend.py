@@ -92,12 +92,12 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], opts
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        from normpass.grad_sums import FoldGradSums
+        from normpass.post_grad import PostGradPasses
 
         patches = {**(list_mode_options(mode) if mode else {}), **opts.inductor_options}
-        # The backward ops sum their output's gradient terms themselves (see grad_sums.py).
+        # The ops take their gradient sums and the casts around them (grad_sums.py, fold_casts.py).
         then = patches.get("post_grad_custom_post_pass", torch._inductor.config.post_grad_custom_post_pass)
-        patches["post_grad_custom_post_pass"] = FoldGradSums(then)
+        patches["post_grad_custom_post_pass"] = PostGradPasses(then)
         return compile_fx(gm, example_inputs, config_patches=patches)
     if mode not in (None, "default"):
         raise ValueError(

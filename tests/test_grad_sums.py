@@ -74,29 +74,3 @@ def forward(self, a_1, b_1, c_1, x_1, w_1):
             self.assertEqual(fold_grad_sums(gm.graph), folds, fn.__name__)
             adds_after = sum(n.target is torch.ops.aten.add.Tensor for n in gm.graph.nodes)
             self.assertEqual(adds_before - adds_after, folds, fn.__name__)
-
-    def test_cache_key_follows_the_chained_pass(self):
-        """The compile cache keys on FoldGradSums.uuid(): it changes with the user's chained pass, and
-        a chained pass without a key of its own turns the cache off (None), as it would alone."""
-        from torch._inductor.custom_graph_pass import CustomGraphPass
-
-        from normpass.grad_sums import FoldGradSums
-
-        class Keyed(CustomGraphPass):
-            def __init__(self, key):
-                self.key = key
-
-            def __call__(self, graph):
-                pass
-
-            def uuid(self):
-                return self.key
-
-        alone = FoldGradSums(None).uuid()
-        a, b = FoldGradSums(Keyed("a")).uuid(), FoldGradSums(Keyed("b")).uuid()
-        self.assertIsNotNone(alone)
-        self.assertEqual(alone, FoldGradSums(None).uuid())
-        self.assertEqual(a, FoldGradSums(Keyed("a")).uuid())
-        self.assertEqual(len({alone, a, b}), 3)
-        self.assertIsNone(FoldGradSums(Keyed(None)).uuid())
-        self.assertIsNone(FoldGradSums(lambda graph: None).uuid())
