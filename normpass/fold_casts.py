@@ -40,7 +40,7 @@ _FORWARD_OPS = {
 def _cast_to(node: Any) -> torch.dtype | None:
     """The target dtype of a cast node, or None for any other node."""
     if isinstance(node, Node) and node.op == "call_function" and node.target is _CAST:
-        return node.args[1]
+        return node.args[1] if len(node.args) > 1 else node.kwargs.get("dtype")
     return None
 
 
@@ -59,10 +59,10 @@ def _fold_output_cast(op: Node, index: int | None) -> bool:
         return False
     casts = list(out.users)
     targets = {_cast_to(c) for c in casts}
-    if len(targets) != 1 or (dtype := targets.pop()) not in _NARROW:
+    new_val = fake_value(casts[0])
+    if len(targets) != 1 or (dtype := targets.pop()) not in _NARROW or new_val is None:
         return False
     op.kwargs = {**op.kwargs, "out_dtype": dtype}
-    new_val = fake_value(casts[0])
     out.meta["val"] = new_val
     if index is not None:
         vals = list(op.meta["val"])

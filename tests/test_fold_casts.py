@@ -65,6 +65,17 @@ def forward(self, x_1, w_1, g_1):
         for e, o in zip(expected, gm(*args), strict=True):
             self.assertTrue(torch.equal(e, o))
 
+    def test_a_cast_with_the_dtype_as_keyword_folds(self):
+        gm, args = trace(lambda x, w: cast(ops.rms_norm(x, w, 1e-6), bf16), ((4, 8), f32), ((8,), f32))
+        (node,) = gm.graph.find_nodes(op="call_function", target=cast)
+        node.args, node.kwargs = node.args[:1], {"dtype": bf16}  # as another tracer may spell it
+        gm.recompile()
+        expected = gm(*args)
+        self.assertEqual(fold_casts(gm.graph), 1)
+        gm.recompile()
+        self.assertTrue(torch.equal(gm(*args), expected))
+        self.assertFalse(any(n.target is cast for n in gm.graph.nodes))
+
     def test_lookalikes_stay(self):
         def also_read_in_fp32(x, w):  # the fp32 output is needed as well
             y = ops.rms_norm(x, w, 1e-6)
