@@ -208,11 +208,16 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
 
   // A grad_out wider than x (out_dtype=float32 on bf16 x, autocast's fp32 weight) carries bits
   // that the graph it replaces keeps. The CUDA kernels read an fp32 gradient as it is (norm.h);
-  // on CPU the backward runs on x widened to grad_out's dtype, and dx is narrowed back.
+  // on CPU the backward runs on x widened to grad_out's dtype, and dx is narrowed back. A wider
+  // grad_sum (autograd's is x's dtype; a direct call's may not be) widens it on every device,
+  // since the kernels add grad_sum in x's dtype.
   auto wide_dtype = at::promote_types(input.scalar_type(), grad_out.scalar_type());
+  const bool wide_sum = grad_sum && at::promote_types(input.scalar_type(), grad_sum->scalar_type()) !=
+                                        input.scalar_type();
+  if (wide_sum) wide_dtype = at::promote_types(wide_dtype, grad_sum->scalar_type());
   if (wide_dtype == at::kDouble && !input.is_cpu()) wide_dtype = at::kFloat; // CPU-only float64
   const auto dy_dtype = input.is_cuda() ? wide_dtype : input.scalar_type();
-  if (wide_dtype != dy_dtype) {
+  if (wide_dtype != input.scalar_type() && (!input.is_cuda() || wide_sum)) {
     const Tensor wide = input.to(wide_dtype);
     const bool stats_fit = stats.has_value() && stats->scalar_type() == acc_dtype(wide);
     auto [dx, dw, db] = norm_backward(op, grad_out, wide, weight, center, eps, has_bias, ndim,

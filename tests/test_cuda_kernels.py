@@ -239,6 +239,18 @@ def test_fp32_gradients_of_16_bit_rows(center, n):
     run_case(m, n, torch.bfloat16, center, out_dtype=torch.float32, param_dtype=torch.float32)
     run_case(m, n, torch.float16, center, out_dtype=torch.float32, residual=True, grad_sum=True)
     run_case(m, n, torch.bfloat16, center, out_dtype=torch.float32, strided=True, weight=False)
+    # The fp32 gradient is not rounded to 16 bits on the way (the bound above is too loose to tell):
+    # dweight as the fp32 kernels give it on x widened (rounding dy first moves it by ~2^-9), dx
+    # within its one rounding to bf16.
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    dy, w = torch.randn(m, n, device="cuda"), torch.randn(n, device="cuda")
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    dx, dw, _ = op(dy, x, w, None, EPS, **kw)
+    dx_wide, dw_wide, _ = op(dy, x.float(), w, None, EPS, **kw)
+    torch.testing.assert_close(dw, dw_wide, rtol=1e-4, atol=1e-4 * dw_wide.abs().max().item())
+    bound = torch.finfo(torch.bfloat16).eps * dx_wide.abs() + 1e-5 * dx_wide.abs().max()
+    assert ((dx.float() - dx_wide).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("n", [1024, 5000, 65536])
@@ -258,9 +270,17 @@ def test_params_of_another_16_bit_dtype(center):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
 def test_split_rows_accumulate(center, dtype):
-    # Rows whose partials would cost a cluster occupancy run split over CTAs (two launches); more
-    # rows than groups of CTAs, so each group's partials add up several rows.
+    # Rows whose partials would cost a cluster occupancy run split over CTAs (meeting in one
+    # cooperative launch); more rows than groups of CTAs, so each group's partials add up several rows.
     run_case(67, 1 << 20, dtype, center)
+
+
+# Split rows of more CTAs than run at once (512 of 256 threads; an H100/H200 holds ~264) cannot meet
+# in one launch: their two phases run as two launches.
+@pytest.mark.parametrize("dtype, n", [(torch.float32, 1 << 21), (torch.bfloat16, 1 << 22)], ids=str)
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_split_rows_in_two_launches(center, dtype, n):
+    run_case(5, n, dtype, center)
 
 
 @pytest.mark.parametrize("n", [1024, 8192])
@@ -323,7 +343,7 @@ def test_dweight_deterministic(center, n):
             assert torch.equal(a, b), "backward is not bitwise deterministic"
 
 
-# 262144: LayerNorm's rows split over CTAs (two launches)
+# 262144: LayerNorm's rows split over CTAs (one cooperative launch)
 @pytest.mark.parametrize("n, m", [(4096, 512), (262144, 16)])
 def test_cuda_graph_capture(n, m):
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)

@@ -310,6 +310,23 @@ def test_float32_dbias_is_not_rounded_to_bf16(name, weight, device):
     assert max_err(db, ref) <= 64 * torch.finfo(torch.float32).eps * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad_out_dtype", (torch.bfloat16, torch.float32), ids=str)
+@pytest.mark.parametrize("center", (False, True), ids=("rms", "ln"))
+def test_float32_grad_sum_is_not_rounded_to_bf16(center, grad_out_dtype, device):
+    """A direct backward call with bf16 x and an fp32 grad_sum: dx is rounded once, not grad_sum first."""
+    x = torch.randn(512, 64).to(torch.bfloat16)
+    w, dy, ds = torch.randn(64), torch.randn(512, 64).to(grad_out_dtype), torch.randn(512, 64) * 64
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=False, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    dx = op(*(t.to(device) for t in (dy, x, w, ds)), EPS, **kw)[0].cpu()
+    wide = (t.double() for t in (dy, x, w, ds))
+    dx_ref = reference.norm_backward(*wide, EPS, center=center, **kw)[0]
+    # dx's one rounding to bf16, plus float32 sums
+    tolerance = (torch.finfo(torch.bfloat16).eps / 2 + 64 * torch.finfo(torch.float32).eps) * dx_ref.abs()
+    assert ((dx.double() - dx_ref).abs() <= tolerance + 1e-30).all()
+
+
 class BackwardCalls(TorchDispatchMode):
     """Records which gradients each normpass backward op call was asked for."""
 

@@ -105,6 +105,7 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
   // 2.00), if every CTA of a row can be resident with the others and a row has
   // CTAs of its own (meet_in_memory sums one row per CTA). Else two launches.
   const bool meet = L.split && L.cluster > 1 && L.rows_per_cta == 1 &&
+                    device_attribute(cudaDevAttrCooperativeLaunch) != 0 &&
                     resident_clusters(kernel, q.shape.threads, q.smem, 1) >= L.cluster;
   if (L.split) {
     row_parts = at::empty({L.rows, L.cluster, 4}, f32);
@@ -169,9 +170,13 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
             grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
       });
     };
-    // Terms summed in the kernel only in x's dtype (norm_backward.cu).
-    if constexpr (std::is_same_v<G, T>) dispatch_bool(!more.empty(), with_terms);
-    else with_terms(std::false_type{});
+    // Terms summed in the kernel only in x's dtype (norm_backward.cu sums the others up front).
+    if constexpr (std::is_same_v<G, T>) {
+      dispatch_bool(!more.empty(), with_terms);
+    } else {
+      TORCH_INTERNAL_ASSERT(more.empty(), "normpass CUDA: gradient terms of another dtype than x's");
+      with_terms(std::false_type{});
+    }
   });
 }
 

@@ -208,9 +208,9 @@ constexpr int kMaxGradTerms = 3;
 // one owner thread and a fixed summation order: deterministic.
 // Rows whose partials would cost a cluster occupancy are split over CTAs that
 // are no cluster (layout.split; a "cluster" below is then that group of CTAs).
-// If every CTA of the grid is resident, they meet in memory in one cooperative
-// launch (phase 0: meet_in_memory); else the kernel runs twice on the same
-// grid: phase 1 stores each CTA's share of the row sums in row_parts, phase 2
+// If a row's CTAs can all be resident at once (the persistent grid never holds
+// more CTAs than run at once), they meet in memory in one cooperative launch
+// (phase 0: meet_in_memory); else the kernel runs twice on the same grid: phase 1 stores each CTA's share of the row sums in row_parts, phase 2
 // adds the shares in rank order and writes dx, re-reading x and dy.
 // The output's gradient is of x's storage type T or, for 16-bit x, fp32 (G):
 // a norm whose output is wider than its input (an fp32 weight times
