@@ -238,9 +238,12 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
   TORCH_CHECK(!(weight && bias) || weight->scalar_type() == bias->scalar_type(),
               "normpass: weight and bias must share a dtype, got ", weight->scalar_type(),
               " and ", bias->scalar_type());
-  // Output dtypes other than x's or fp32 are computed in fp32 and cast once.
+  // The rows write x's dtype, the accumulation dtype, and 16-bit outputs of fp32 x (an fp32 norm
+  // under autocast whose output feeds a bf16 matmul); any other is computed in fp32 and cast once.
   const auto acc = acc_dtype(x);
-  if (out.scalar_type() != x.scalar_type() && out.scalar_type() != acc) {
+  const auto o = out.scalar_type();
+  const bool narrow_out = x.scalar_type() == at::kFloat && (o == at::kBFloat16 || o == at::kHalf);
+  if (o != x.scalar_type() && o != acc && !narrow_out) {
     Tensor tmp = at::empty(out.sizes(), out.options().dtype(acc));
     norm_forward_cpu(x, residual, weight, bias, p, tmp, sum, stats);
     out.copy_(tmp);
@@ -250,10 +253,13 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
     using T = scalar_t;
     with_param_type<T>(weight, bias, [&](auto w_tag) {
       using W = decltype(w_tag);
-      if (out.scalar_type() == x.scalar_type()) {
+      if (o == x.scalar_type()) {
         forward_typed<T, W, T>(x, residual, weight, bias, p, out, sum, stats);
-      } else {
+      } else if (o == acc) {
         forward_typed<T, W, at::opmath_type<T>>(x, residual, weight, bias, p, out, sum, stats);
+      } else if constexpr (std::is_same_v<T, float>) {
+        if (o == at::kBFloat16) forward_typed<T, W, c10::BFloat16>(x, residual, weight, bias, p, out, sum, stats);
+        else forward_typed<T, W, c10::Half>(x, residual, weight, bias, p, out, sum, stats);
       }
     });
   });
