@@ -17,6 +17,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 import torch
 
@@ -113,42 +114,64 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_variant(
-    model, backend, ids, device: str, steps: int, warmup: int, amp: bool = False
-) -> dict[str, float]:
+def run_variants(
+    model, backends: dict[str, Any], ids, device: str, steps: int, warmup: int, amp: bool = False
+) -> dict[str, dict[str, float]]:
+    """Each variant's first call (it compiles), `warmup` rounds, then `steps` timed rounds that run
+    every variant once, so that the machine's drift falls on all alike (timed one after the other,
+    the GEMMs of the variant run second once ran 3.5% slower). A variant that fails is reported on
+    stderr and dropped; the others go on."""
     torch._dynamo.reset()
-    fn = model if backend is None else torch.compile(model, backend=backend)
 
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
-            loss = fn(input_ids=ids, labels=ids).loss
-        loss.backward()
-        for p in model.parameters():
-            p.grad = None
-        return loss
+    def training_step(fn):
+        def step():
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
+                loss = fn(input_ids=ids, labels=ids).loss
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()
-    sync(device)
-    first = time.perf_counter() - t0
-    for _ in range(warmup):
-        step()
-    sync(device)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    return {
-        "step_ms": step_s * 1e3,
-        "tokens_per_s": ids.numel() / step_s,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"),
-        "compile_s": max(0.0, first - step_s) if backend is not None else 0.0,
+        return step
+
+    running = {
+        name: training_step(model if backend is None else torch.compile(model, backend=backend))
+        for name, backend in backends.items()
     }
+    first: dict[str, float] = {}
+    times: dict[str, list[float]] = {name: [] for name in running}
+    peak: dict[str, int] = {}
+    for i in range(1 + warmup + steps):
+        what = "first call" if i == 0 else "warm-up" if i <= warmup else f"round {i - warmup}/{steps}"
+        print(f"[{what}]", end=" ", file=sys.stderr, flush=True)
+        for name, step in list(running.items()):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                t0 = time.perf_counter()
+                step()
+                sync(device)
+            except Exception as e:  # report the variant, keep benchmarking the rest
+                print(f"\n{name} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                del running[name], times[name]
+                continue
+            dt = time.perf_counter() - t0
+            if device == "cuda":
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
+            if i == 0:
+                first[name] = dt
+            elif i > warmup:
+                times[name].append(dt)
+        print("", file=sys.stderr, flush=True)
+    results = {}
+    for name, t in times.items():
+        step_s = statistics.median(t)
+        results[name] = {
+            "step_ms": step_s * 1e3,
+            "tokens_per_s": ids.numel() / step_s,
+            "peak_gib": peak[name] / 2**30 if device == "cuda" else float("nan"),
+            "compile_s": max(0.0, first[name] - step_s) if backends[name] is not None else 0.0,
+        }
+    return results
 
 
 def main(argv=None) -> int:
@@ -188,16 +211,7 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         model = build(name, args.tiny, args.device, dtype, args.attention)
         ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=args.device)
-        results = {}
-        for i, (variant, backend) in enumerate(chosen.items(), 1):
-            print(f"[{name} {i}/{len(chosen)}] {variant} ...", end=" ", file=sys.stderr, flush=True)
-            try:
-                results[variant] = r = run_variant(
-                    model, backend, ids, args.device, args.steps, args.warmup, args.amp
-                )
-                print(f"{r['step_ms']:.1f} ms", file=sys.stderr, flush=True)
-            except Exception as e:  # report the cell, keep benchmarking the rest
-                print(f"failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        results = run_variants(model, chosen, ids, args.device, args.steps, args.warmup, args.amp)
         for variant, r in results.items():
             rel = [
                 f"{r['tokens_per_s'] / results[base]['tokens_per_s']:.3f}x" if base in results else "-"

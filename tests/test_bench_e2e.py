@@ -61,3 +61,30 @@ def test_sdpa_causal_keeps_padding_masks():
 def test_unknown_attention_is_an_error():
     with pytest.raises(ValueError, match="attention must be one of"):
         bench_e2e.build("llama", tiny=True, device="cpu", dtype=torch.float32, attention="flash")
+
+
+def test_interleaved_variants_each_run_their_own_compiled_step():
+    """The timed rounds call every variant once per round; each variant's calls reach its own backend's
+    compiled graph (Dynamo keeps one cache entry per backend), and a failing variant is dropped."""
+    calls = {"a": 0, "b": 0}
+
+    def counting(name):
+        def backend(gm, example_inputs):
+            def run(*args):
+                calls[name] += 1
+                return gm.forward(*args)
+
+            return run
+
+        return backend
+
+    def failing(gm, example_inputs):
+        raise RuntimeError("boom")
+
+    torch._dynamo.reset()
+    model = bench_e2e.build("llama", tiny=True, device="cpu", dtype=torch.float32)
+    ids = torch.randint(0, 256, (2, 16))
+    backends = {"eager": None, "a": counting("a"), "broken": failing, "b": counting("b")}
+    results = bench_e2e.run_variants(model, backends, ids, "cpu", steps=2, warmup=1)
+    assert list(results) == ["eager", "a", "b"]
+    assert calls["a"] == calls["b"] > 0 and calls["a"] % 4 == 0  # first call, warm-up, two rounds
