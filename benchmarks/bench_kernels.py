@@ -57,6 +57,17 @@ def copy_ceiling(nbytes: int = 1 << 30) -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e9  # TB/s
 
 
+def ceiling_header(script: str, note: str = "") -> float | None:
+    """A GPU benchmark's start: None (and a message) without a CUDA device; else the copy ceiling,
+    measured now and printed with the device and torch's version (and `note`)."""
+    if not torch.cuda.is_available():
+        print(f"{script}: needs a CUDA device", file=sys.stderr)
+        return None
+    ceiling = copy_ceiling()
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling:.3f} TB/s{note}")
+    return ceiling
+
+
 # ---------------------------------------------------------------------------
 # The contenders. Each factory takes (n, dtype, center) and returns f(x, w, b) -> y, or raises.
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 
 import torch
-from bench_kernels import copy_ceiling, hand_rms
+from bench_kernels import ceiling_header, hand_rms
 from torch.profiler import ProfilerActivity, profile
 
 import normpass  # noqa: F401  (registers torch.ops.normpass)
@@ -58,11 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8192)
     ap.add_argument("--cols", type=int, default=2048)
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_step_inductor: needs a CUDA device", file=sys.stderr)
+    ceiling = ceiling_header("bench_step_inductor")
+    if ceiling is None:
         return 2
-    ceiling = copy_ceiling()
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling:.2f} TB/s")
     print("| rows x cols | call | inductor µs | normpass µs | normpass TB/s |\n|---|---|---|---|---|")
     rows, cols = args.rows, args.cols
     dt = torch.bfloat16

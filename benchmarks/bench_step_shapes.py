@@ -16,7 +16,7 @@ import sys
 
 import torch
 import triton.testing
-from bench_kernels import copy_ceiling
+from bench_kernels import ceiling_header
 
 import normpass  # noqa: F401  (registers torch.ops.normpass)
 
@@ -65,14 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-dtype", choices=["bf16", "fp32"], default="bf16")
     args = ap.parse_args(argv)
     weight_dtype = torch.float32 if args.weight_dtype == "fp32" else torch.bfloat16
-    if not torch.cuda.is_available():
-        print("bench_step_shapes: needs a CUDA device", file=sys.stderr)
+    ceiling = ceiling_header("bench_step_shapes", f"; {args.weight_dtype} weights")
+    if ceiling is None:
         return 2
-    ceiling = copy_ceiling()
-    print(
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; copy ceiling {ceiling:.2f} TB/s; "
-        f"{args.weight_dtype} weights"
-    )
     print("| rows x cols | call | µs | TB/s | % of ceiling |\n|---|---|---|---|---|")
     for rows in args.rows:
         for name, tensors, fn in cases(rows, args.cols, weight_dtype=weight_dtype):
