@@ -216,7 +216,6 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
                                         input.scalar_type();
   if (wide_sum) wide_dtype = at::promote_types(wide_dtype, grad_sum->scalar_type());
   if (wide_dtype == at::kDouble && !input.is_cpu()) wide_dtype = at::kFloat; // CPU-only float64
-  const auto dy_dtype = input.is_cuda() ? wide_dtype : input.scalar_type();
   if (wide_dtype != input.scalar_type() && (!input.is_cuda() || wide_sum)) {
     const Tensor wide = input.to(wide_dtype);
     const bool stats_fit = stats.has_value() && stats->scalar_type() == acc_dtype(wide);
@@ -243,8 +242,14 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   } else {
     NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
     Tensor grad_input2d = grad_input.view({-1, cols});
-    // Gradients reach the kernels as (rows, cols) views: the output's in dy_dtype, the sum's
-    // (grad_sum) in x's dtype.
+    // Gradients reach the kernels as (rows, cols) views: the sum's (grad_sum) in x's dtype, the
+    // output's in the wider of x's and theirs on CUDA (norm.h), where a single 16-bit term of fp32
+    // x (autocast's cast of the output, folded by normpass.fold_casts) is also read as it is;
+    // several are summed in fp32, as the widened terms they replace were.
+    const auto g_dtype = grad_out.scalar_type();
+    const bool narrow = input.scalar_type() == at::kFloat && extra_grad_outs.empty() &&
+                        (g_dtype == at::kBFloat16 || g_dtype == at::kHalf);
+    const auto dy_dtype = !input.is_cuda() ? input.scalar_type() : narrow ? g_dtype : wide_dtype;
     auto rows_of = [&](const Tensor& g, at::ScalarType dtype) { return as_rows(g.to(dtype), cols); };
     optional<Tensor> grad_sum2d;
     if (grad_sum.has_value()) grad_sum2d = rows_of(*grad_sum, input.scalar_type());

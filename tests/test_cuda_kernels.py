@@ -253,6 +253,30 @@ def test_fp32_gradients_of_16_bit_rows(center, n):
     assert ((dx.float() - dx_wide).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("n", [1024, 4099, 12288, 65536, 262144])
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_16_bit_output_and_gradient_of_fp32_rows(center, n):
+    """autocast's fp32 norms, whose output a projection casts (normpass.fold_casts folds the casts):
+    a 16-bit output and a 16-bit gradient on fp32 rows, resident, in clusters and split."""
+    m = min(rows_for(n), 67)
+    run_case(m, n, torch.float32, center, out_dtype=torch.bfloat16)
+    run_case(m, n, torch.float32, center, out_dtype=torch.float16, residual=True, grad_sum=True)
+    run_case(m, n, torch.float32, center, out_dtype=torch.bfloat16, strided=True, weight=False)
+    # Exactly the casts folded: the fp32 output rounded once, the gradient widened losslessly.
+    x, w = torch.randn(m, n, device="cuda"), torch.randn(n, device="cuda")
+
+    def norm(**kw):
+        return ops.layer_norm(x, w, None, EPS, **kw) if center else ops.rms_norm(x, w, EPS, **kw)
+
+    assert torch.equal(norm(out_dtype=torch.bfloat16), norm().to(torch.bfloat16))
+    dy = torch.randn(m, n, device="cuda").to(torch.bfloat16)
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    widened, read = op(dy.float(), x, w, None, EPS, **kw), op(dy, x, w, None, EPS, **kw)
+    for name, e, o in zip(("dx", "dweight", "dbias"), widened, read, strict=True):
+        assert torch.equal(e, o), name
+
+
 @pytest.mark.parametrize("n", [1024, 5000, 65536])
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
 def test_fp32_params_bf16_input(center, n):

@@ -345,6 +345,29 @@ def test_16_bit_output_of_fp32_rows_is_the_rounded_fp32_output(name, out_dtype, 
     assert torch.equal(narrow, wide.to(out_dtype))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("saved", (False, True), ids=("recomputed", "saved"))
+@pytest.mark.parametrize("terms", (1, 2))
+@pytest.mark.parametrize("cols", (1000, 1001), ids=("vectors", "scalars"))
+@pytest.mark.parametrize("grad_dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("center", (False, True), ids=("rms", "ln"))
+def test_16_bit_gradients_of_fp32_rows_are_widened_exactly(center, grad_dtype, cols, terms, saved, device):
+    """That output's gradient terms, which normpass.fold_casts passes before their widening cast: the
+    same bits as the backward of the widened terms (one is read as it is, several summed in fp32)."""
+    g = torch.Generator().manual_seed(cols + 2 * terms + int(center))
+    x, ds = (torch.randn(67, cols, generator=g).to(device) for _ in range(2))
+    w = torch.randn(cols, generator=g).to(device)
+    dys = [torch.randn(67, cols, generator=g).to(device, grad_dtype) for _ in range(terms)]
+    stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2] if saved else None
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    got = op(dys[0], x, w, ds, EPS, dys[1:], stats, **kw)
+    widened = [d.float() for d in dys]
+    want = op(widened[0], x, w, ds, EPS, widened[1:], stats, **kw)
+    for name, e, o in zip(("dx", "dweight", "dbias"), want, got, strict=True):
+        assert o.dtype == e.dtype and torch.equal(e, o), name
+
+
 class BackwardCalls(TorchDispatchMode):
     """Records which gradients each normpass backward op call was asked for."""
 

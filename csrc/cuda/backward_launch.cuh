@@ -1,6 +1,6 @@
 // The backward of one input dtype: launch plan, dweight/dbias partials and
 // the dispatch onto the kernel's compile-time switches. Included only by the
-// files that instantiate BackwardKernels<T, G, CENTER> (norm_backward_<dtype>[_f32grad]_{ln,rms}.cu).
+// files that instantiate BackwardKernels<T, G, CENTER> (norm_backward_<dtype>[_<dtype>grad]_{ln,rms}.cu).
 #pragma once
 
 #include "launch.h"

@@ -66,8 +66,9 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
   });
 }
 
-// The parameters are of x's dtype or fp32; the output is of x's dtype or fp32
-// (the entry point casts any other).
+// The parameters are of x's dtype or fp32; the output of x's dtype, fp32, or,
+// for fp32 x, 16 bits (an fp32 norm's output cast under autocast, folded into
+// the op: normpass/fold_casts.py). The entry point casts any other.
 template <typename T, bool CENTER>
 void ForwardKernels<T, CENTER>::run(const Tensor& x, const optional<Tensor>& residual,
                                     const optional<Tensor>& weight, const optional<Tensor>& bias,
@@ -75,11 +76,15 @@ void ForwardKernels<T, CENTER>::run(const Tensor& x, const optional<Tensor>& res
                                     optional<Tensor>& stats) {
   const auto param = weight ? weight : bias;
   const bool fp32_params = param && param->scalar_type() != x.scalar_type();
-  const bool fp32_out = out.scalar_type() != x.scalar_type();
   auto with_out = [&](auto w_tag) {
     using W = typename decltype(w_tag)::type;
-    if (fp32_out) forward_typed<T, W, float, CENTER>(x, residual, weight, bias, p, out, sum, stats);
-    else forward_typed<T, W, T, CENTER>(x, residual, weight, bias, p, out, sum, stats);
+    auto typed = [&](auto o_tag) {
+      using O = typename decltype(o_tag)::type;
+      forward_typed<T, W, O, CENTER>(x, residual, weight, bias, p, out, sum, stats);
+    };
+    if (out.scalar_type() == x.scalar_type()) typed(Tag<T>{});
+    else if constexpr (!std::is_same_v<T, float>) typed(Tag<float>{});
+    else dispatch_float(out.scalar_type(), "output", typed);
   };
   if (fp32_params) with_out(Tag<float>{});
   else with_out(Tag<T>{});

@@ -205,9 +205,9 @@ void set_max_dynamic_smem(void (*kernel)(KArgs...), size_t bytes) {
 
 // The kernels of one input dtype T and one norm (CENTER: LayerNorm, else
 // RMSNorm) behind the entry points' signatures (../norm.h), after their
-// checks; the backward's also of one gradient dtype G (T, or fp32 for 16-bit
-// T). Each is instantiated in a file of its own,
-// norm_{forward,backward}_<dtype>[_f32grad]_{ln,rms}.cu, so that the build
+// checks; the backward's also of one gradient dtype G (T, fp32 for 16-bit T,
+// or 16 bits for fp32 T). Each is instantiated in a file of its own,
+// norm_{forward,backward}_<dtype>[_<dtype>grad]_{ln,rms}.cu, so that the build
 // compiles them in parallel (all in one file took 4.6 minutes; a file per
 // dtype left the bf16 backward alone at 2 minutes).
 template <typename T, bool CENTER> struct ForwardKernels { static NormForward run; };

@@ -1,5 +1,5 @@
 // CUDA backward: normpass::norm_backward_cuda (contract in ../norm.h). The
-// kernels of each input dtype and norm are in norm_backward_<dtype>_{ln,rms}.cu.
+// kernels of each input dtype and norm are in norm_backward_<dtype>[_<dtype>grad]_{ln,rms}.cu.
 #include "../norm.h"
 #include "launch.h"
 
@@ -18,10 +18,16 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   // The kernel always reads a weight (no per-element test); ones stand in for none.
   const Tensor weight = raw_weight ? *fold_offset(raw_weight, p.weight_offset)
                                    : at::ones({x.size(1)}, x.options());
-  // The output's gradient terms: x's dtype, or fp32 for 16-bit x (read as they are).
+  // The output's gradient terms: x's dtype, fp32 for 16-bit x, or one 16-bit term for fp32 x (an
+  // fp32 norm's output cast under autocast: the cast's gradient, read before it widens).
   const auto g_dtype = grad_out.scalar_type();
-  TORCH_CHECK(g_dtype == x.scalar_type() || g_dtype == at::kFloat,
-              "normpass CUDA: grad_out must have x's dtype or fp32, got ", g_dtype);
+  const bool narrow = x.scalar_type() == at::kFloat && g_dtype != at::kFloat;
+  TORCH_CHECK(g_dtype == x.scalar_type() || g_dtype == at::kFloat ||
+                  (narrow && (g_dtype == at::kBFloat16 || g_dtype == at::kHalf)),
+              "normpass CUDA: grad_out must have x's dtype, fp32, or 16 bits for fp32 x, got ", g_dtype);
+  // Terms narrower than x are summed in x's dtype, which the front end does up front.
+  TORCH_CHECK(!narrow || extra_grad_outs.empty(),
+              "normpass CUDA: 16-bit gradient terms of fp32 x come one at a time");
   for (const Tensor& g : extra_grad_outs)
     TORCH_CHECK(g.scalar_type() == g_dtype, "normpass CUDA: the gradient terms must share a dtype");
   TORCH_CHECK(!grad_sum || grad_sum->scalar_type() == x.scalar_type(),
@@ -51,9 +57,9 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
         BackwardKernels<T, G, C>::run(dy, more, x, weight, grad_sum, p, grad_input, grad_weight,
                                       grad_bias, stats);
       };
-      if constexpr (std::is_same_v<T, float>) run(t_tag);
-      else if (g_dtype == at::kFloat) run(Tag<float>{});
-      else run(t_tag);
+      if (g_dtype == x.scalar_type()) run(t_tag);
+      else if constexpr (std::is_same_v<T, float>) dispatch_float(g_dtype, "gradient", run);
+      else run(Tag<float>{});
     });
   });
 }

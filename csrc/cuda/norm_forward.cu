@@ -25,8 +25,12 @@ void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
   TORCH_CHECK(x.size(1) <= kMaxCols, "normpass CUDA: rows of ", std::to_string(x.size(1)),
               " elements (at most ", std::to_string(kMaxCols), ")");
   const c10::cuda::CUDAGuard guard(x.device());
-  // Output dtypes other than x's or fp32 are computed in fp32 and cast once.
-  if (out.scalar_type() != x.scalar_type() && out.scalar_type() != at::kFloat) {
+  // The kernels write x's dtype, fp32, and 16 bits of fp32 x (ForwardKernels); any other output
+  // dtype is computed in fp32 and cast once.
+  const auto o = out.scalar_type();
+  const bool direct = o == x.scalar_type() || o == at::kFloat ||
+                      (x.scalar_type() == at::kFloat && (o == at::kBFloat16 || o == at::kHalf));
+  if (!direct) {
     Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
     norm_forward_cuda(x, residual, raw_weight, raw_bias, p, tmp, sum, stats);
     out.copy_(tmp);

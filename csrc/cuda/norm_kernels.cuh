@@ -212,9 +212,10 @@ constexpr int kMaxGradTerms = 3;
 // more CTAs than run at once), they meet in memory in one cooperative launch
 // (phase 0: meet_in_memory); else the kernel runs twice on the same grid: phase 1 stores each CTA's share of the row sums in row_parts, phase 2
 // adds the shares in rank order and writes dx, re-reading x and dy.
-// The output's gradient is of x's storage type T or, for 16-bit x, fp32 (G):
-// a norm whose output is wider than its input (an fp32 weight times
-// bf16 rows) gets its gradient read as it is, not rounded, nor widened with x.
+// The output's gradient is of x's storage type T, fp32 for 16-bit x, or 16
+// bits for fp32 x (G): a norm whose output is wider than its input (an fp32
+// weight times bf16 rows) gets its gradient read as it is, not rounded, nor
+// widened with x; one whose output autocast narrows, before it is widened.
 template <typename T, typename W, typename G>
 struct BwdArgs {
   const G* dy;
