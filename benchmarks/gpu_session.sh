@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (no network; torch preinstalled): build normpass against that
+# torch, then run the named steps in order, each skipped when less than its estimate is left of
+# BUDGET_S seconds (default 570: a device call is cut at 600). Logs go to $OUT (default gpu_out).
+#
+#   bash benchmarks/gpu_session.sh tests memcheck kernels e2e
+#
+#   tests     the `gpu` tests (TESTS_K: a pytest -k expression)          -> tests.log
+#   memcheck  compute-sanitizer memcheck of the kernel tests in MEMCHECK_K -> memcheck.log
+#   kernels   bench_kernels.py, copy ceiling in the same run (KERNEL_ARGS) -> kernels/
+#   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
+# Wheels in .whl/ (Liger, expecttest: nothing downloads there) are installed first.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+start=$(date +%s)
+left() { echo $((${BUDGET_S:-570} - ($(date +%s) - start))); }
+step() { # step NAME ESTIMATE_S: true if it fits the time left
+  if [ "$(left)" -lt "$2" ]; then echo "== $1 skipped: $(left) s left, needs ~$2"; return 1; fi
+  echo "== $1 ($(left) s left)"
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-deps .whl/*.whl; fi
+
+step build 200 || exit 1
+if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+  python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -30 "$OUT/build.log"
+  exit 1
+fi
+echo "built in $(($(date +%s) - start)) s"
+
+for name in "$@"; do
+  case $name in
+  tests)
+    step tests 120 && python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
+      tests/ >"$OUT/tests.log" 2>&1
+    tail -5 "$OUT/tests.log" ;;
+  memcheck)
+    step memcheck 150 && compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q \
+      -p no:cacheprovider tests/test_cuda_kernels.py -k "${MEMCHECK_K:-16_bit or split}" \
+      >"$OUT/memcheck.log" 2>&1
+    grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 ;;
+  kernels)
+    step kernels 240 && python3 benchmarks/bench_kernels.py --out "$OUT/kernels" \
+      ${KERNEL_ARGS:-} >"$OUT/kernels.log" 2>&1
+    tail -3 "$OUT/kernels.log" ;;
+  e2e)
+    step e2e 200 && python3 benchmarks/bench_e2e.py --models llama --variants inductor,normpass+inductor \
+      --out "$OUT/e2e" >"$OUT/e2e.log" 2>&1
+    step e2e_amp 150 && python3 benchmarks/bench_e2e.py --models llama --amp \
+      --variants inductor,normpass+inductor --out "$OUT/e2e_amp" >"$OUT/e2e_amp.log" 2>&1
+    tail -8 "$OUT"/e2e*.log ;;
+  *) echo "unknown step $name" && exit 2 ;;
+  esac
+done
+echo "done in $(($(date +%s) - start)) s"
