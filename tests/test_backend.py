@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 import tiny_models as models
 import torch
+from devices import needs_cuda
 from expecttest import assert_expected_inline
 from functorch.compile import make_boxed_func
 from torch._dynamo.backends.common import aot_autograd
@@ -411,8 +412,7 @@ def test_dynamic_fullgraph_training_through_inductor_compiles_once():
     assert compiles[0] >= 1 and compiles[1:] == [compiles[0]] * 2, compiles
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_reduce_overhead_training_on_cuda():
     """mode="reduce-overhead" (inductor's CUDA graphs) around normpass's CUDA ops: the replayed
     training step of a tiny Llama matches eager against float64."""

@@ -12,13 +12,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import CUDA_MARKS
 
 pytest.importorskip("normpass._C")  # registers torch.ops.normpass
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
+pytestmark = CUDA_MARKS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # 2048 (fp32) and 4096 (16-bit): rows of 128 threads, one per backward CTA of 128. 2048 (16-bit):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from devices import needs_cuda
 from torch import nn
 
 import normpass
@@ -183,8 +184,7 @@ def test_layer_norm_follows_cpu_autocast_policy_without_low_precision():
             assert fused(x).dtype == ln(x).dtype == dtype
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@needs_cuda
 def test_layer_norm_autocast_on_cuda():
     ln = nn.LayerNorm(64).cuda()
     fused, lp = FusedLayerNorm.from_layer_norm(ln), FusedLayerNorm.from_layer_norm(ln, low_precision=True)

@@ -18,6 +18,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from devices import DEVICES
 from torch.autograd import gradcheck, gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -252,16 +253,6 @@ def test_parity_flags(name, case, dtype):
 
 
 # The front end's rules (shared by the CPU and CUDA kernels), checked on both where a GPU is present.
-DEVICES = [
-    "cpu",
-    pytest.param(
-        "cuda",
-        marks=[
-            pytest.mark.gpu,
-            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-        ],
-    ),
-]
 
 
 @pytest.mark.parametrize("device", DEVICES)

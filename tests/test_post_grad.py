@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import tiny_models as models
 import torch
+from devices import DEVICES
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import normpass
@@ -37,15 +39,16 @@ def test_cache_key_follows_the_chained_pass():
     assert PostGradPasses(lambda graph: None).uuid() is None
 
 
-def amp_llama_step(monkeypatch, passes):
+def amp_llama_step(monkeypatch, passes, device="cpu"):
     """Loss, parameter grads and the post-grad graphs of a tiny Llama step under bf16 autocast (fp32
     weights) through the backend with inductor, running only `passes`."""
     monkeypatch.setattr(post_grad, "_PASSES", passes)
     torch._dynamo.reset()
-    model, batch = models.build("llama"), models.example_batch("llama")
+    model = models.build("llama").to(device)
+    batch = {k: v.to(device) for k, v in models.example_batch("llama").items()}
     seen = Keyed(repr(passes))  # a cache key of its own per set of passes
     backend = normpass.backend(inductor_options={"post_grad_custom_post_pass": seen, "fx_graph_cache": False})
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         loss = torch.compile(model, backend=backend)(**batch).loss
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
@@ -61,11 +64,13 @@ def io_dtypes(graphs):
     return forward, backward
 
 
-def test_amp_llama_norms_take_their_casts_with_the_same_bits(monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_amp_llama_norms_take_their_casts_with_the_same_bits(monkeypatch, device):
     """Under autocast a Llama's norms are fp32 (its residual stream is): their bf16 casts go into the
-    ops, and the loss and every gradient keep their bits."""
-    loss, grads, graphs, norms = amp_llama_step(monkeypatch, post_grad._PASSES)
-    ref_loss, ref_grads, ref_graphs, _ = amp_llama_step(monkeypatch, (grad_sums.fold_grad_sums,))
+    ops (on CUDA, kernels that write and read 16 bits), and the loss and every gradient keep their
+    bits."""
+    loss, grads, graphs, norms = amp_llama_step(monkeypatch, post_grad._PASSES, device)
+    ref_loss, ref_grads, ref_graphs, _ = amp_llama_step(monkeypatch, (grad_sums.fold_grad_sums,), device)
     assert io_dtypes(graphs) == ([torch.bfloat16] * norms, [torch.bfloat16] * norms)
     assert io_dtypes(ref_graphs) == ([None] * norms, [torch.float32] * norms)
     assert torch.equal(loss, ref_loss)
