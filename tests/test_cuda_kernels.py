@@ -7,6 +7,7 @@ same dtype, plus a small margin. Skipped without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -260,19 +261,42 @@ def test_16_bit_output_and_gradient_of_fp32_rows(center, n):
     run_case(m, n, torch.float32, center, out_dtype=torch.bfloat16)
     run_case(m, n, torch.float32, center, out_dtype=torch.float16, residual=True, grad_sum=True)
     run_case(m, n, torch.float32, center, out_dtype=torch.bfloat16, strided=True, weight=False)
-    # Exactly the casts folded: the fp32 output rounded once, the gradient widened losslessly.
-    x, w = torch.randn(m, n, device="cuda"), torch.randn(n, device="cuda")
+    # Exactly the casts folded: the fp32 output rounded once, the gradient widened losslessly; and
+    # by normpass's kernels alone (no cast or copy kernel around them).
+    x, w, ds = (
+        torch.randn(m, n, device="cuda"),
+        torch.randn(n, device="cuda"),
+        torch.randn(m, n, device="cuda"),
+    )
+    stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2]
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
 
     def norm(**kw):
         return ops.layer_norm(x, w, None, EPS, **kw) if center else ops.rms_norm(x, w, EPS, **kw)
 
-    assert torch.equal(norm(out_dtype=torch.bfloat16), norm().to(torch.bfloat16))
-    dy = torch.randn(m, n, device="cuda").to(torch.bfloat16)
-    op = ops.layer_norm_backward if center else ops.rms_norm_backward
-    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
-    widened, read = op(dy.float(), x, w, None, EPS, **kw), op(dy, x, w, None, EPS, **kw)
-    for name, e, o in zip(("dx", "dweight", "dbias"), widened, read, strict=True):
-        assert torch.equal(e, o), name
+    for dtype in (torch.bfloat16, torch.float16):
+        with only_normpass_kernels():
+            y = norm(out_dtype=dtype)
+        assert torch.equal(y, norm().to(dtype))
+        dy = torch.randn(m, n, device="cuda").to(dtype)
+        for saved, grad_sum in ((None, None), (stats, ds)):
+            with only_normpass_kernels():
+                read = op(dy, x, w, grad_sum, EPS, None, saved, **kw)
+            widened = op(dy.float(), x, w, grad_sum, EPS, None, saved, **kw)
+            for name, e, o in zip(("dx", "dweight", "dbias"), widened, read, strict=True):
+                assert torch.equal(e, o), f"{name} ({dtype}, saved={saved is not None})"
+
+
+@contextlib.contextmanager
+def only_normpass_kernels():
+    """Asserts that the CUDA kernels launched inside are normpass's (and fills: a split row's
+    counters start at zero), with no cast or copy among them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        yield
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert kernels and all("normpass" in k or "FillFunctor" in k for k in kernels), kernels
 
 
 @pytest.mark.parametrize("n", [1024, 5000, 65536])

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -62,11 +63,12 @@ T* mut_ptr(at::Tensor& t) { return reinterpret_cast<T*>(t.mutable_data_ptr()); }
 template <typename T>
 const T* ptr(const std::optional<at::Tensor>& t) { return t ? ptr<T>(*t) : nullptr; }
 
-// True when every row of `t` starts on a 16-byte boundary and holds whole
-// vectors of `vec` elements, so the kernels may use 16-byte accesses.
+// True when every row of `t` holds whole vectors of `vec` elements, each
+// aligned to its size (up to 16 bytes: two accesses for 32), so the kernels
+// may access them whole. A 16-bit gradient of fp32 rows has 8-byte vectors.
 inline bool vector_ok(const at::Tensor& t, int vec) {
   const auto addr = reinterpret_cast<uintptr_t>(t.const_data_ptr());
-  if (addr % 16 != 0) return false;
+  if (addr % std::min<int64_t>(16, vec * t.element_size()) != 0) return false;
   if (t.dim() == 2 && t.size(1) % vec != 0) return false;
   if (t.dim() == 2 && t.size(0) > 1 && t.stride(0) % vec != 0) return false;
   return t.dim() != 1 || t.size(0) % vec == 0;

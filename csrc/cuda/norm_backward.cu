@@ -25,7 +25,7 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   TORCH_CHECK(g_dtype == x.scalar_type() || g_dtype == at::kFloat ||
                   (narrow && (g_dtype == at::kBFloat16 || g_dtype == at::kHalf)),
               "normpass CUDA: grad_out must have x's dtype, fp32, or 16 bits for fp32 x, got ", g_dtype);
-  // Terms narrower than x are summed in x's dtype, which the front end does up front.
+  // Several terms narrower than x reach here widened (the front end), to be summed in x's dtype.
   TORCH_CHECK(!narrow || extra_grad_outs.empty(),
               "normpass CUDA: 16-bit gradient terms of fp32 x come one at a time");
   for (const Tensor& g : extra_grad_outs)
