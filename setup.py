@@ -14,7 +14,10 @@ def extension():
     # extension's kernels run on one thread. libgomp is the one torch already loaded (same soname).
     # No -std: BuildExtension adds the standard the installed torch was built with (C++17 for 2.11,
     # C++20 for 2.13); compiling its inline headers under another one risks ODR violations.
-    cxx = ["-O3", "-fopenmp"]
+    # -ffp-contract=off: each product rounded before it is added, as written. The backward's dx
+    # takes g_i - mean(g) with mean(g) summed from rounded g_i; a g_i fused into an FMA there left
+    # the rounding error of dy * w, times rstd (single-element LayerNorm rows: 2x torch's error).
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"]
     link = ["-fopenmp"]
     with_cuda = (
         torch.version.cuda is not None

@@ -47,7 +47,7 @@ using NormForward = void(
     std::optional<at::Tensor>& stats);
 
 // Takes the row statistics from `stats` (the forward's, as above) or, without
-// them, recomputes them from x (the CPU kernels always do), then writes
+// them, recomputes them from x, then writes
 // grad_input = d(out)/dx . grad_out (+ grad_sum when given, the gradient that
 // flows into `sum` directly), and, when defined, grad_weight / grad_bias
 // (length cols, in x's dtype or the accumulation dtype; written, not

@@ -4,8 +4,8 @@ The ops themselves are defined in C++ (csrc/ops.cpp) or, without the extension, 
 normpass._extension; the forward ops' autograd is C++ too (csrc/autograd.cpp), or registered here
 without the extension. Under autograd a forward op runs as `norm_with_stats`, which also returns each
 row's (mean, rstd); it saves those, its input (or the residual sum it returns) and the weight, and the
-CUDA backward reads the statistics instead of recomputing them (the CPU kernels and the pure-PyTorch
-fallback recompute them).
+backward kernels read the statistics instead of recomputing them (the pure-PyTorch fallback
+recomputes them).
 
 Example:
     >>> x, w = torch.randn(4, 8, requires_grad=True), torch.randn(8)

@@ -435,6 +435,35 @@ def test_dweight_is_deterministic():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_backward_reads_the_saved_statistics(name, device):
+    """The backward takes the forward's (mean, rstd) rather than recomputing them: the statistics it
+    is handed are the ones its gradients follow, and the forward's give the gradients of the
+    recomputation (the same bits on CPU, where both come from one row loop)."""
+    x, r, w, b = (
+        t.to(device) if t is not None else None for t in make_inputs(name, (67, 1000), torch.float32)
+    )
+    center = is_center(name)
+    _, total, stats = ops.norm_with_stats(x, r, w, b, EPS, center=center)
+    h = total if r is not None else x
+    dy = torch.randn(h.shape).to(device)
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=b is not None, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    saved = op(dy, h, w, None, EPS, None, stats, **kw)
+    recomputed = op(dy, h, w, None, EPS, **kw)
+    for s, c in zip(saved, recomputed, strict=True):
+        if device == "cpu":
+            assert torch.equal(s, c)
+        else:
+            torch.testing.assert_close(s, c)
+    other = stats * torch.tensor([1.0, 1.5], device=device)  # rstd 1.5x the forward's
+    dx_other, dw_other, _ = op(dy, h, w, None, EPS, None, other, **kw)
+    xhat = (h - other[:, :1]) * other[:, 1:]
+    torch.testing.assert_close(dw_other, (dy * xhat).sum(0), rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(dx_other, saved[0])
+
+
 class _num_threads:
     def __init__(self, n):
         self.n = n

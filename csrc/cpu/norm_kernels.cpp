@@ -1,6 +1,6 @@
-// CPU kernels: rows split across threads; each row is widened once into an
-// accumulation-type scratch row that stays in L1/L2, so x is read from memory
-// once per pass. The row loops (norm_rows.h) are compiled for AVX-512, AVX2
+// CPU kernels: rows split across threads, each row read from memory once and
+// re-read from L1/L2 by the passes after the first (the forward's from a
+// widened scratch row). The row loops (norm_rows.h) are compiled for AVX-512, AVX2
 // and baseline x86-64, and the best one this CPU supports runs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,6 +16,7 @@
 #include <cstring>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../norm.h"
@@ -50,6 +51,7 @@ struct BackwardArgs {
   const void* grad_sum;  // nullable
   int64_t grad_sum_stride;
   void* grad_input;      // contiguous rows
+  const void* stats;     // nullable; the forward's (rows, 2) mean, rstd
   int64_t cols;
   NormParams params;
 };
@@ -174,7 +176,8 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
 template <typename T, typename W>
 void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
-                    optional<Tensor>& grad_weight, optional<Tensor>& grad_bias) {
+                    optional<Tensor>& grad_weight, optional<Tensor>& grad_bias,
+                    const optional<Tensor>& stats) {
   using acc_t = at::opmath_type<T>;
   const int64_t rows = x.size(0), cols = x.size(1);
   BackwardArgs a{grad_out.const_data_ptr(),
@@ -185,6 +188,7 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
                  grad_sum ? grad_sum->const_data_ptr() : nullptr,
                  grad_sum ? grad_sum->stride(0) : 0,
                  grad_input.mutable_data_ptr(),
+                 stats ? stats->const_data_ptr() : nullptr,
                  cols,
                  p};
   const auto rows_fn = backward_rows_fn<T, W>();
@@ -195,7 +199,7 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
   std::vector<acc_t> db_part(want_db ? blocks * cols : 0, acc_t(0));
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<acc_t> scratch(3 * cols);
+    std::vector<acc_t> scratch(cols);
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       const int64_t begin = std::min(rows, blk * rows_per_block);
       const int64_t end = std::min(rows, begin + rows_per_block);
@@ -268,7 +272,7 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
 void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, const Tensor& x,
                        const optional<Tensor>& weight, const optional<Tensor>& grad_sum,
                        const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
-                       optional<Tensor>& grad_bias, const optional<Tensor>& /*stats: recomputed*/) {
+                       optional<Tensor>& grad_bias, const optional<Tensor>& stats) {
   // dweight/dbias in a 16-bit parameter dtype are summed in fp32 and cast once.
   const auto acc = acc_dtype(x);
   auto narrow = [&](const optional<Tensor>& g) { return g && g->scalar_type() != acc; };
@@ -278,7 +282,7 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
       return at::empty(g->sizes(), g->options().dtype(acc));
     };
     optional<Tensor> dw = wide(grad_weight), db = wide(grad_bias);
-    norm_backward_cpu(grad_out, extra_grad_outs, x, weight, grad_sum, p, grad_input, dw, db, std::nullopt);
+    norm_backward_cpu(grad_out, extra_grad_outs, x, weight, grad_sum, p, grad_input, dw, db, stats);
     if (grad_weight) grad_weight->copy_(*dw);
     if (grad_bias) grad_bias->copy_(*db);
     return;
@@ -288,7 +292,7 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
     using T = scalar_t;
     with_param_type<T>(weight, std::nullopt, [&](auto w_tag) {
       using W = decltype(w_tag);
-      backward_typed<T, W>(dy, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias);
+      backward_typed<T, W>(dy, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
     });
   });
 }

@@ -5,7 +5,7 @@
 // nothing and every function carries NP_TARGET: code inlined into it is
 // compiled for that target, and nothing here is shared between targets.
 //
-// Expects, from the includer: <cstdint>, <cstring>, <cmath>, <type_traits>,
+// Expects, from the includer: <cstdint>, <cstring>, <cmath>, <type_traits>, <utility>,
 // c10::BFloat16, c10::Half, at::opmath_type, ForwardArgs and BackwardArgs.
 
 // ---- element loads and stores, in the accumulation type -------------------
@@ -162,19 +162,18 @@ struct PairwiseSums {
 // LayerNorm's shift: the mean of the row's first (up to) 8 values. The
 // variance below loses (1 + (mean - shift)^2 / var) times its sums' rounding
 // error, and a single value can sit several deviations from the mean.
-template <typename acc_t>
-NP_TARGET acc_t row_shift(const acc_t* __restrict h, int64_t k) {
+template <typename S, typename acc_t = at::opmath_type<S>>
+NP_TARGET acc_t row_shift(const S* __restrict h, int64_t k) {
   const int64_t m = std::min<int64_t>(k, 8);
   acc_t s = 0;
-  for (int64_t i = 0; i < m; ++i) s += h[i];
+  for (int64_t i = 0; i < m; ++i) s += load(h, i);
   return s / static_cast<acc_t>(m);
 }
 
-// Over the first k values of a row: one pass of moments shifted by
-// row_shift, so the row is read once for its statistics.
-template <typename acc_t>
-NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool center,
-                                    acc_t eps) {
+// Over the first k values of a row (of T, or already widened): one pass of
+// moments shifted by row_shift, so the row is read once for its statistics.
+template <typename S, typename acc_t = at::opmath_type<S>>
+NP_TARGET RowStats<acc_t> row_stats(const S* __restrict h, int64_t k, bool center, acc_t eps) {
   const acc_t shift = center && k > 0 ? row_shift(h, k) : acc_t(0);
   PairwiseSums<acc_t, 2> sums;
   for (int64_t lo = 0; lo < k; lo += kSumBlock) {
@@ -182,7 +181,7 @@ NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool c
     acc_t s = 0, ss = 0;
 #pragma omp simd reduction(+ : s, ss)
     for (int64_t i = lo; i < hi; ++i) {
-      const acc_t d = h[i] - shift;
+      const acc_t d = load(h, i) - shift;
       s += d;
       ss += d * d;
     }
@@ -247,76 +246,98 @@ NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
 // ---- backward ---------------------------------------------------------------
 
 
+// One row's dx over columns [lo, hi), and its terms of the dweight / dbias
+// partials, from x, dy and the row's statistics. STAT: columns the statistics
+// cover (all of them unless pRMSNorm), whose dx has the xhat term. x and dy
+// are read again here rather than kept in scratch rows: for long rows (fp32
+// LayerNorm at 16384 columns) two scratch rows written and read back cost
+// more than the second read of x and dy from L2.
+template <bool STAT, bool DS, bool DW, bool DB, typename T, typename acc_t>
+NP_TARGET void backward_outputs(const T* __restrict x, const T* __restrict dy,
+                                const T* __restrict ds, const acc_t* __restrict wa,
+                                T* __restrict dx, acc_t* __restrict dw, acc_t* __restrict db,
+                                int64_t lo, int64_t hi, acc_t mean, acc_t rstd, acc_t mean_g,
+                                acc_t c) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    const acc_t d = load(dy, i);
+    const acc_t xh = (load(x, i) - mean) * rstd;
+    acc_t v = d * wa[i] - mean_g;
+    if constexpr (STAT) v -= xh * c;
+    v *= rstd;
+    if constexpr (DS) v += load(ds, i);
+    store(dx, i, v);
+    if constexpr (DW) dw[i] += d * xh;
+    if constexpr (DB) db[i] += d;
+  }
+}
+
+template <typename T, typename acc_t>
+using BackwardOutputsFn = void (*)(const T*, const T*, const T*, const acc_t*, T*, acc_t*, acc_t*,
+                                   int64_t, int64_t, acc_t, acc_t, acc_t, acc_t);
+
+// backward_outputs with its flags as the bits of `index` (STAT 8, DS 4, DW 2, DB 1).
+template <typename T, typename acc_t, int... I>
+NP_TARGET BackwardOutputsFn<T, acc_t> backward_outputs_fn(int index, std::integer_sequence<int, I...>) {
+  static constexpr BackwardOutputsFn<T, acc_t> kFns[] = {
+      &backward_outputs<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0, T, acc_t>...};
+  return kFns[index];
+}
+
 // Rows [begin, end); adds this range's dweight / dbias into `dw` / `db`
-// (nullable, cols values each). `scratch` holds 3 * cols accumulation values.
+// (nullable, cols values each). `scratch` holds cols accumulation values.
+// Per row: the statistics (the forward's, or one pass over x), one pass for
+// the row sums, one for dx and the partials.
 template <typename T, typename W>
 NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
                              at::opmath_type<T>* __restrict dw, at::opmath_type<T>* __restrict db,
                              at::opmath_type<T>* scratch) {
   using acc_t = at::opmath_type<T>;
   const int64_t n = a.cols, k = a.params.stat_cols;
-  const T* x = static_cast<const T*>(a.x);
+  const T* x_data = static_cast<const T*>(a.x);
   const T* dy_data = static_cast<const T*>(a.grad_out);
   const T* ds_data = static_cast<const T*>(a.grad_sum);
+  const acc_t* saved = static_cast<const acc_t*>(a.stats);
   const W* w = static_cast<const W*>(a.weight);
   T* dx_data = static_cast<T*>(a.grad_input);
-  acc_t* xhat = scratch; // not __restrict: xr below may be xhat itself
-  acc_t* __restrict g = scratch + n;
-  acc_t* __restrict wa = scratch + 2 * n;
+  acc_t* __restrict wa = scratch;
   widen_params<W, acc_t>(w, nullptr, static_cast<acc_t>(a.params.weight_offset), n, wa, nullptr);
   if (w == nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) wa[i] = 1;
   }
   const acc_t eps = static_cast<acc_t>(a.params.eps);
+  const int flags = 4 * (ds_data != nullptr) + 2 * (dw != nullptr) + (db != nullptr);
+  const auto all = std::make_integer_sequence<int, 16>{};
+  const auto stat_part = backward_outputs_fn<T, acc_t>(8 + flags, all);
+  const auto rest = backward_outputs_fn<T, acc_t>(flags, all);
 
   for (int64_t row = begin; row < end; ++row) {
-    // xr may be xhat itself: each element is read before it is overwritten.
-    const acc_t* xr = load_row<T, acc_t>(x + row * a.x_stride, nullptr, nullptr, xhat, n);
-    const auto st = row_stats(xr, k, a.params.center, eps);
-    const acc_t mean = st.mean, rstd = st.rstd;
+    const T* __restrict x = x_data + row * a.x_stride;
     const T* __restrict dy = dy_data + row * a.grad_out_stride;
+    const auto st = saved ? RowStats<acc_t>{saved[2 * row], saved[2 * row + 1]}
+                          : row_stats(x, k, a.params.center, eps);
+    const acc_t mean = st.mean, rstd = st.rstd;
     PairwiseSums<acc_t, 2> sums;
     for (int64_t lo = 0; lo < n; lo += kSumBlock) {
       const int64_t hi = std::min(n, lo + kSumBlock);
       acc_t bg = 0, bgx = 0;
 #pragma omp simd reduction(+ : bg, bgx)
       for (int64_t i = lo; i < hi; ++i) {
-        const acc_t xh = (xr[i] - mean) * rstd;
         const acc_t gi = load(dy, i) * wa[i];
-        xhat[i] = xh;
-        g[i] = gi;
         bg += gi;
-        bgx += gi * xh;
+        bgx += gi * ((load(x, i) - mean) * rstd);
       }
       sums.add({bg, bgx});
     }
     acc_t t[2];
     sums.total(t);
-    const acc_t sum_g = t[0], sum_gx = t[1];
-    if (dw) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) dw[i] += load(dy, i) * xhat[i];
-    }
-    if (db) {
-#pragma omp simd
-      for (int64_t i = 0; i < n; ++i) db[i] += load(dy, i);
-    }
     // rstd depends on the first k columns only (all of them unless pRMSNorm).
-    const acc_t mean_g = a.params.center ? sum_g / static_cast<acc_t>(n) : acc_t(0);
-    const acc_t c = sum_gx / static_cast<acc_t>(k);
+    const acc_t mean_g = a.params.center ? t[0] / static_cast<acc_t>(n) : acc_t(0);
+    const acc_t c = t[1] / static_cast<acc_t>(k);
     T* __restrict dx = dx_data + row * n;
     const T* __restrict ds = ds_data ? ds_data + row * a.grad_sum_stride : nullptr;
-    if (ds) {
-#pragma omp simd
-      for (int64_t i = 0; i < k; ++i) store(dx, i, rstd * (g[i] - mean_g - xhat[i] * c) + load(ds, i));
-#pragma omp simd
-      for (int64_t i = k; i < n; ++i) store(dx, i, rstd * (g[i] - mean_g) + load(ds, i));
-    } else {
-#pragma omp simd
-      for (int64_t i = 0; i < k; ++i) store(dx, i, rstd * (g[i] - mean_g - xhat[i] * c));
-#pragma omp simd
-      for (int64_t i = k; i < n; ++i) store(dx, i, rstd * (g[i] - mean_g));
-    }
+    stat_part(x, dy, ds, wa, dx, dw, db, 0, k, mean, rstd, mean_g, c);
+    if (k < n) rest(x, dy, ds, wa, dx, dw, db, k, n, mean, rstd, mean_g, c);
   }
 }
