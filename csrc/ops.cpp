@@ -218,10 +218,12 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   if (wide_dtype == at::kDouble && !input.is_cpu()) wide_dtype = at::kFloat; // CPU-only float64
   if (wide_dtype != input.scalar_type() && (!input.is_cuda() || wide_sum)) {
     const Tensor wide = input.to(wide_dtype);
-    const bool stats_fit = stats.has_value() && stats->scalar_type() == acc_dtype(wide);
+    // The statistics widen exactly (fp32 to fp64): the gradients follow the ones handed in.
+    const optional<Tensor> wide_stats =
+        stats.has_value() ? optional<Tensor>(stats->to(acc_dtype(wide))) : std::nullopt;
     auto [dx, dw, db] = norm_backward(op, grad_out, wide, weight, center, eps, has_bias, ndim,
-                                      weight_offset, p, grad_sum, extra_grad_outs,
-                                      stats_fit ? stats : std::nullopt, weight_grad);
+                                      weight_offset, p, grad_sum, extra_grad_outs, wide_stats,
+                                      weight_grad);
     return {dx.to(input.scalar_type()), dw.to(param_dtype), db.to(param_dtype)};
   }
 

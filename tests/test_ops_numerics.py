@@ -436,18 +436,18 @@ def test_dweight_is_deterministic():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("name", OPS)
-def test_backward_reads_the_saved_statistics(name, device):
-    """The backward takes the forward's (mean, rstd) rather than recomputing them: the statistics it
-    is handed are the ones its gradients follow, and the forward's give the gradients of the
-    recomputation (the same bits on CPU, where both come from one row loop)."""
-    x, r, w, b = (
-        t.to(device) if t is not None else None for t in make_inputs(name, (67, 1000), torch.float32)
-    )
+def test_backward_reads_the_saved_statistics(name, dtype, device):
+    """The backward takes the forward's (mean, rstd) rather than recomputing them: the forward's give
+    the gradients of the recomputation (the same bits on CPU, where both widen the row alike), and
+    the statistics it is handed are the ones its gradients follow (RMSNorm's mean is 0 whatever)."""
+    inputs = make_inputs(name, (67, 1000), dtype)
+    x, r, w, b = (t.to(device) if t is not None else None for t in inputs)
     center = is_center(name)
     _, total, stats = ops.norm_with_stats(x, r, w, b, EPS, center=center)
     h = total if r is not None else x
-    dy = torch.randn(h.shape).to(device)
+    dy = torch.randn(h.shape).to(device, dtype)
     op = ops.layer_norm_backward if center else ops.rms_norm_backward
     kw = dict(has_bias=b is not None, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
     saved = op(dy, h, w, None, EPS, None, stats, **kw)
@@ -457,11 +457,19 @@ def test_backward_reads_the_saved_statistics(name, device):
             assert torch.equal(s, c)
         else:
             torch.testing.assert_close(s, c)
-    other = stats * torch.tensor([1.0, 1.5], device=device)  # rstd 1.5x the forward's
-    dx_other, dw_other, _ = op(dy, h, w, None, EPS, None, other, **kw)
-    xhat = (h - other[:, :1]) * other[:, 1:]
-    torch.testing.assert_close(dw_other, (dy * xhat).sum(0), rtol=1e-4, atol=1e-3)
-    assert not torch.allclose(dx_other, saved[0])
+    if not center:
+        shifted = stats + torch.tensor([1.0, 0.0], device=device)
+        for s, o in zip(saved, op(dy, h, w, None, EPS, None, shifted, **kw), strict=True):
+            assert torch.equal(s, o)
+    if dtype == torch.float32:
+        other = stats * torch.tensor([1.0, 1.5], device=device)  # rstd 1.5x the forward's
+        dx_other, dw_other, _ = op(dy, h, w, None, EPS, None, other, **kw)
+        xhat = (h - other[:, :1]) * other[:, 1:]
+        torch.testing.assert_close(dw_other, (dy * xhat).sum(0), rtol=1e-4, atol=1e-3)
+        assert not torch.allclose(dx_other, saved[0])
+        if device == "cpu":  # a float64 gradient widens x and the statistics with it
+            wide = op(dy.double(), h, w, None, EPS, None, other, **kw)[1]
+            torch.testing.assert_close(wide, dw_other, rtol=1e-5, atol=1e-4)
 
 
 class _num_threads:

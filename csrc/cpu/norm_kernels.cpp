@@ -199,7 +199,7 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
   std::vector<acc_t> db_part(want_db ? blocks * cols : 0, acc_t(0));
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<acc_t> scratch(cols);
+    std::vector<acc_t> scratch(2 * cols);
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       const int64_t begin = std::min(rows, blk * rows_per_block);
       const int64_t end = std::min(rows, begin + rows_per_block);

@@ -162,18 +162,19 @@ struct PairwiseSums {
 // LayerNorm's shift: the mean of the row's first (up to) 8 values. The
 // variance below loses (1 + (mean - shift)^2 / var) times its sums' rounding
 // error, and a single value can sit several deviations from the mean.
-template <typename S, typename acc_t = at::opmath_type<S>>
-NP_TARGET acc_t row_shift(const S* __restrict h, int64_t k) {
+template <typename acc_t>
+NP_TARGET acc_t row_shift(const acc_t* __restrict h, int64_t k) {
   const int64_t m = std::min<int64_t>(k, 8);
   acc_t s = 0;
-  for (int64_t i = 0; i < m; ++i) s += load(h, i);
+  for (int64_t i = 0; i < m; ++i) s += h[i];
   return s / static_cast<acc_t>(m);
 }
 
-// Over the first k values of a row (of T, or already widened): one pass of
-// moments shifted by row_shift, so the row is read once for its statistics.
-template <typename S, typename acc_t = at::opmath_type<S>>
-NP_TARGET RowStats<acc_t> row_stats(const S* __restrict h, int64_t k, bool center, acc_t eps) {
+// Over the first k values of a row: one pass of moments shifted by
+// row_shift, so the row is read once for its statistics.
+template <typename acc_t>
+NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool center,
+                                    acc_t eps) {
   const acc_t shift = center && k > 0 ? row_shift(h, k) : acc_t(0);
   PairwiseSums<acc_t, 2> sums;
   for (int64_t lo = 0; lo < k; lo += kSumBlock) {
@@ -181,7 +182,7 @@ NP_TARGET RowStats<acc_t> row_stats(const S* __restrict h, int64_t k, bool cente
     acc_t s = 0, ss = 0;
 #pragma omp simd reduction(+ : s, ss)
     for (int64_t i = lo; i < hi; ++i) {
-      const acc_t d = load(h, i) - shift;
+      const acc_t d = h[i] - shift;
       s += d;
       ss += d * d;
     }
@@ -285,7 +286,7 @@ NP_TARGET BackwardOutputsFn<T, acc_t> backward_outputs_fn(int index, std::intege
 }
 
 // Rows [begin, end); adds this range's dweight / dbias into `dw` / `db`
-// (nullable, cols values each). `scratch` holds cols accumulation values.
+// (nullable, cols values each). `scratch` holds 2 * cols accumulation values.
 // Per row: the statistics (the forward's, or one pass over x), one pass for
 // the row sums, one for dx and the partials.
 template <typename T, typename W>
@@ -301,6 +302,7 @@ NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
   const W* w = static_cast<const W*>(a.weight);
   T* dx_data = static_cast<T*>(a.grad_input);
   acc_t* __restrict wa = scratch;
+  acc_t* __restrict h = scratch + n; // a 16-bit row widened for its statistics, as the forward's
   widen_params<W, acc_t>(w, nullptr, static_cast<acc_t>(a.params.weight_offset), n, wa, nullptr);
   if (w == nullptr) {
 #pragma omp simd
@@ -315,8 +317,11 @@ NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
   for (int64_t row = begin; row < end; ++row) {
     const T* __restrict x = x_data + row * a.x_stride;
     const T* __restrict dy = dy_data + row * a.grad_out_stride;
-    const auto st = saved ? RowStats<acc_t>{saved[2 * row], saved[2 * row + 1]}
-                          : row_stats(x, k, a.params.center, eps);
+    // Without saved statistics, those of the row widened as the forward widens it (the same
+    // bits). RMSNorm's mean is 0 whatever the stats hold, as on CUDA.
+    const auto st =
+        saved ? RowStats<acc_t>{a.params.center ? saved[2 * row] : acc_t(0), saved[2 * row + 1]}
+              : row_stats(load_row<T, acc_t>(x, nullptr, nullptr, h, n), k, a.params.center, eps);
     const acc_t mean = st.mean, rstd = st.rstd;
     PairwiseSums<acc_t, 2> sums;
     for (int64_t lo = 0; lo < n; lo += kSumBlock) {
