@@ -53,8 +53,8 @@ using NormForward = void(
 // (length cols, in x's dtype or the accumulation dtype; written, not
 // accumulated: the front end allocates them uninitialized). Reductions over
 // rows must be deterministic.
-// grad_out is of x's dtype; the CUDA kernels also take fp32 for 16-bit x, and
-// one 16-bit term (no extra_grad_outs) for fp32 x.
+// grad_out is of x's dtype, or one 16-bit term (no extra_grad_outs) of fp32 x;
+// the CUDA kernels also take fp32 for 16-bit x.
 // extra_grad_outs (grad_out's dtype, x's shape) are further terms of the
 // output's gradient: grad_out + extra[0] + ..., each sum rounded to grad_out's
 // dtype as eager adds are. An output read by several ops (q, k and v

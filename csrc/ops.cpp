@@ -245,13 +245,13 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
     Tensor grad_input2d = grad_input.view({-1, cols});
     // Gradients reach the kernels as (rows, cols) views: the sum's (grad_sum) in x's dtype, the
-    // output's in the wider of x's and theirs on CUDA (norm.h), where a single 16-bit term of fp32
-    // x (autocast's cast of the output, folded by normpass.fold_casts) is also read as it is;
+    // output's in the wider of x's and theirs on CUDA (norm.h), and a single 16-bit term of fp32 x
+    // (autocast's cast of the output, folded by normpass.fold_casts) as it is on every device;
     // several are summed in fp32, as the widened terms they replace were.
     const auto g_dtype = grad_out.scalar_type();
     const bool narrow = input.scalar_type() == at::kFloat && extra_grad_outs.empty() &&
                         (g_dtype == at::kBFloat16 || g_dtype == at::kHalf);
-    const auto dy_dtype = !input.is_cuda() ? input.scalar_type() : narrow ? g_dtype : wide_dtype;
+    const auto dy_dtype = narrow ? g_dtype : input.is_cuda() ? wide_dtype : input.scalar_type();
     auto rows_of = [&](const Tensor& g, at::ScalarType dtype) { return as_rows(g.to(dtype), cols); };
     optional<Tensor> grad_sum2d;
     if (grad_sum.has_value()) grad_sum2d = rows_of(*grad_sum, input.scalar_type());

@@ -127,16 +127,16 @@ ForwardRowsFn<T> forward_rows_fn() {
   return baseline::forward_rows<T, W, O>;
 }
 
-template <typename T, typename W>
+template <typename T, typename W, typename G>
 BackwardRowsFn<T> backward_rows_fn() {
 #ifdef NORMPASS_X86_VARIANTS
   switch (cpu_isa()) {
-    case Isa::kAvx512: return avx512::backward_rows<T, W>;
-    case Isa::kAvx2: return avx2::backward_rows<T, W>;
+    case Isa::kAvx512: return avx512::backward_rows<T, W, G>;
+    case Isa::kAvx2: return avx2::backward_rows<T, W, G>;
     case Isa::kBaseline: break;
   }
 #endif
-  return baseline::backward_rows<T, W>;
+  return baseline::backward_rows<T, W, G>;
 }
 
 // Rows per task: at least ~32K elements of work, to amortize scheduling.
@@ -173,7 +173,7 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
   });
 }
 
-template <typename T, typename W>
+template <typename T, typename W, typename G>
 void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tensor>& weight,
                     const optional<Tensor>& grad_sum, const NormParams& p, Tensor& grad_input,
                     optional<Tensor>& grad_weight, optional<Tensor>& grad_bias,
@@ -191,7 +191,7 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
                  stats ? stats->const_data_ptr() : nullptr,
                  cols,
                  p};
-  const auto rows_fn = backward_rows_fn<T, W>();
+  const auto rows_fn = backward_rows_fn<T, W, G>();
   const bool want_dw = grad_weight.has_value(), want_db = grad_bias.has_value();
   const int64_t blocks = std::min(rows, kWeightBlocks);
   const int64_t rows_per_block = (rows + blocks - 1) / blocks;
@@ -199,7 +199,7 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
   std::vector<acc_t> db_part(want_db ? blocks * cols : 0, acc_t(0));
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<acc_t> scratch(2 * cols);
+    std::vector<acc_t> scratch(3 * cols);
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       const int64_t begin = std::min(rows, blk * rows_per_block);
       const int64_t end = std::min(rows, begin + rows_per_block);
@@ -287,12 +287,26 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
     if (grad_bias) grad_bias->copy_(*db);
     return;
   }
+  // The gradient is of x's dtype, or one 16-bit term of fp32 x (norm.h), read as it is.
+  const auto g = grad_out.scalar_type();
+  const bool narrow_dy = g != x.scalar_type();
+  TORCH_CHECK(!narrow_dy || (x.scalar_type() == at::kFloat && extra_grad_outs.empty() &&
+                             (g == at::kBFloat16 || g == at::kHalf)),
+              "normpass CPU: grad_out must have x's dtype, or be one 16-bit term of fp32 x, got ", g);
   const Tensor dy = sum_grad_terms(grad_out, extra_grad_outs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normpass_bwd", [&] {
     using T = scalar_t;
     with_param_type<T>(weight, std::nullopt, [&](auto w_tag) {
       using W = decltype(w_tag);
-      backward_typed<T, W>(dy, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
+      auto run = [&](auto g_tag) {
+        using G = decltype(g_tag);
+        backward_typed<T, W, G>(dy, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
+      };
+      if constexpr (std::is_same_v<T, float>) {
+        if (g == at::kBFloat16) return run(c10::BFloat16{});
+        if (g == at::kHalf) return run(c10::Half{});
+      }
+      run(T{});
     });
   });
 }

@@ -285,24 +285,40 @@ NP_TARGET BackwardOutputsFn<T, acc_t> backward_outputs_fn(int index, std::intege
   return kFns[index];
 }
 
+// A row of the output's gradient as T: the row itself, or a 16-bit gradient of fp32 x widened
+// into `buf` (exactly), so that every loop after it is the fp32 one: the same bits as a gradient
+// widened up front, which a reduction over 16-bit loads, vectorized wider, would not give.
+template <typename T, typename G>
+NP_TARGET const T* grad_row(const G* __restrict dy, at::opmath_type<T>* __restrict buf, int64_t n) {
+  if constexpr (std::is_same_v<G, T>) {
+    return dy;
+  } else {
+    static_assert(std::is_same_v<T, at::opmath_type<G>>, "a narrower gradient of x widens to x's dtype");
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) buf[i] = load(dy, i);
+    return buf;
+  }
+}
+
 // Rows [begin, end); adds this range's dweight / dbias into `dw` / `db`
-// (nullable, cols values each). `scratch` holds 2 * cols accumulation values.
+// (nullable, cols values each). `scratch` holds 3 * cols accumulation values.
 // Per row: the statistics (the forward's, or one pass over x), one pass for
 // the row sums, one for dx and the partials.
-template <typename T, typename W>
+template <typename T, typename W, typename G>
 NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
                              at::opmath_type<T>* __restrict dw, at::opmath_type<T>* __restrict db,
                              at::opmath_type<T>* scratch) {
   using acc_t = at::opmath_type<T>;
   const int64_t n = a.cols, k = a.params.stat_cols;
   const T* x_data = static_cast<const T*>(a.x);
-  const T* dy_data = static_cast<const T*>(a.grad_out);
+  const G* dy_data = static_cast<const G*>(a.grad_out);
   const T* ds_data = static_cast<const T*>(a.grad_sum);
   const acc_t* saved = static_cast<const acc_t*>(a.stats);
   const W* w = static_cast<const W*>(a.weight);
   T* dx_data = static_cast<T*>(a.grad_input);
   acc_t* __restrict wa = scratch;
   acc_t* __restrict h = scratch + n; // a 16-bit row widened for its statistics, as the forward's
+  acc_t* __restrict dy_wide = scratch + 2 * n; // a 16-bit gradient of fp32 x, widened
   widen_params<W, acc_t>(w, nullptr, static_cast<acc_t>(a.params.weight_offset), n, wa, nullptr);
   if (w == nullptr) {
 #pragma omp simd
@@ -316,7 +332,7 @@ NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
 
   for (int64_t row = begin; row < end; ++row) {
     const T* __restrict x = x_data + row * a.x_stride;
-    const T* __restrict dy = dy_data + row * a.grad_out_stride;
+    const T* __restrict dy = grad_row<T>(dy_data + row * a.grad_out_stride, dy_wide, n);
     // Without saved statistics, those of the row widened as the forward widens it (the same
     // bits). RMSNorm's mean is 0 whatever the stats hold, as on CUDA.
     const auto st =
