@@ -1,4 +1,5 @@
-"""The backward of a norm whose output is wider than its input: bf16 rows, fp32 gradient.
+"""Norms whose output dtype is not their input's: bf16 rows with an fp32 gradient, and fp32 rows
+whose output autocast casts to bf16.
 
 A Llama-form RMSNorm of bf16 rows with an fp32 weight (Qwen3's q/k norms under autocast) has an fp32
 output, so the gradient that reaches normpass's backward is fp32. The kernels read it as it is
@@ -7,6 +8,11 @@ output, so the gradient that reaches normpass's backward is fp32. The kernels re
 the backward reading the statistics its forward saved (as under autograd). TB/s counts the bytes
 the call must move (x, dy and dx), against the copy ceiling of the same run. Also timed: the bf16
 call with the weight frozen (LoRA, BitFit: `weight_grad=False`, no dweight partials).
+
+fp32 rows under autocast (a Llama's residual stream): `normpass.fold_casts` folds the cast of the
+output into the forward (`out_dtype=bfloat16`: 4 bytes in, 2 out) and passes the backward the
+16-bit gradient before its widening cast (4 + 2 in, 4 out); each is timed against the cast kernel
+plus the fp32 call it replaces.
 
     python benchmarks/bench_grad_dtype.py
 """
@@ -47,6 +53,24 @@ def calls(n: int, center: bool):
     yield "fp32 dy, x widened", 8, widened
 
 
+def cast_calls(n: int, center: bool):
+    """(name, bytes per element, fn) for fp32 rows whose output is cast to bf16."""
+    ops = torch.ops.normpass
+    x, w = torch.randn(ELEMS // n, n, device="cuda"), torch.randn(n, device="cuda")
+    dy16 = torch.randn_like(x).to(torch.bfloat16)
+    op = ops.layer_norm_backward if center else ops.rms_norm_backward
+    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2]
+
+    def forward(**kw):
+        return ops.layer_norm(x, w, None, EPS, **kw) if center else ops.rms_norm(x, w, EPS, **kw)
+
+    yield "fp32 x, bf16 out", 6, lambda: forward(out_dtype=torch.bfloat16)
+    yield "fp32 x, fp32 out cast", 6, lambda: forward().to(torch.bfloat16)
+    yield "fp32 x, bf16 dy", 10, lambda: op(dy16, x, w, None, EPS, None, stats, **kw)
+    yield "fp32 x, bf16 dy widened", 10, lambda: op(dy16.float(), x, w, None, EPS, None, stats, **kw)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 65536])
@@ -58,7 +82,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|")
     for center in (False, True):
         for n in args.ns:
-            for name, per_elem, fn in calls(n, center):
+            for name, per_elem, fn in [*calls(n, center), *cast_calls(n, center)]:
                 fn()  # first call: build the plan, allocate
                 ms = bench_ms(fn, 100)
                 tbs = per_elem * ELEMS / ms / 1e9

@@ -8,6 +8,7 @@
 #   tests     the `gpu` tests (TESTS_K: a pytest -k expression)          -> tests.log
 #   memcheck  compute-sanitizer memcheck of the kernel tests in MEMCHECK_K -> memcheck.log
 #   kernels   bench_kernels.py, copy ceiling in the same run (KERNEL_ARGS) -> kernels/
+#   dtypes    bench_grad_dtype.py: outputs and gradients of another dtype than x's -> dtypes.log
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
 # Wheels in .whl/ (Liger, expecttest: nothing downloads there) are installed first.
 set -uo pipefail
@@ -48,6 +49,9 @@ for name in "$@"; do
     step kernels 240 && python3 benchmarks/bench_kernels.py --out "$OUT/kernels" \
       ${KERNEL_ARGS:-} >"$OUT/kernels.log" 2>&1
     tail -3 "$OUT/kernels.log" ;;
+  dtypes)
+    step dtypes 120 && python3 benchmarks/bench_grad_dtype.py >"$OUT/dtypes.log" 2>&1
+    tail -3 "$OUT/dtypes.log" ;;
   e2e)
     step e2e 200 && python3 benchmarks/bench_e2e.py --models llama --variants inductor,normpass+inductor \
       --out "$OUT/e2e" >"$OUT/e2e.log" 2>&1
