@@ -292,7 +292,8 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
   const bool narrow_dy = g != x.scalar_type();
   TORCH_CHECK(!narrow_dy || (x.scalar_type() == at::kFloat && extra_grad_outs.empty() &&
                              (g == at::kBFloat16 || g == at::kHalf)),
-              "normpass CPU: grad_out must have x's dtype, or be one 16-bit term of fp32 x, got ", g);
+              "normpass CPU: grad_out must have x's dtype or be one 16-bit term of fp32 x, got ",
+              g);
   const Tensor dy = sum_grad_terms(grad_out, extra_grad_outs);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normpass_bwd", [&] {
     using T = scalar_t;
@@ -300,7 +301,8 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
       using W = decltype(w_tag);
       auto run = [&](auto g_tag) {
         using G = decltype(g_tag);
-        backward_typed<T, W, G>(dy, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
+        backward_typed<T, W, G>(dy, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias,
+                                stats);
       };
       if constexpr (std::is_same_v<T, float>) {
         if (g == at::kBFloat16) return run(c10::BFloat16{});

@@ -279,7 +279,8 @@ using BackwardOutputsFn = void (*)(const T*, const T*, const T*, const acc_t*, T
 
 // backward_outputs with its flags as the bits of `index` (STAT 8, DS 4, DW 2, DB 1).
 template <typename T, typename acc_t, int... I>
-NP_TARGET BackwardOutputsFn<T, acc_t> backward_outputs_fn(int index, std::integer_sequence<int, I...>) {
+NP_TARGET BackwardOutputsFn<T, acc_t> backward_outputs_fn(int index,
+                                                          std::integer_sequence<int, I...>) {
   static constexpr BackwardOutputsFn<T, acc_t> kFns[] = {
       &backward_outputs<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0, T, acc_t>...};
   return kFns[index];
@@ -293,7 +294,7 @@ NP_TARGET const T* grad_row(const G* __restrict dy, at::opmath_type<T>* __restri
   if constexpr (std::is_same_v<G, T>) {
     return dy;
   } else {
-    static_assert(std::is_same_v<T, at::opmath_type<G>>, "a narrower gradient of x widens to x's dtype");
+    static_assert(std::is_same_v<T, at::opmath_type<G>>, "a narrower gradient widens to x's dtype");
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) buf[i] = load(dy, i);
     return buf;
