@@ -1,7 +1,7 @@
 // CPU kernels: rows split across threads, each row read from memory once and
-// re-read from L1/L2 by the passes after the first (the forward's from a
-// widened scratch row). The row loops (norm_rows.h) are compiled for AVX-512, AVX2
-// and baseline x86-64, and the best one this CPU supports runs.
+// re-read from L1/L2 by the passes after the first. The row loops
+// (norm_rows.h) are compiled for AVX-512, AVX2 and baseline x86-64, and the
+// best one this CPU supports runs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -168,7 +168,7 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
                 p};
   const auto rows_fn = forward_rows_fn<T, W, O>();
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(3 * cols);
+    std::vector<acc_t> scratch(2 * cols);
     rows_fn(a, begin, end, scratch.data());
   });
 }
@@ -199,7 +199,7 @@ void backward_typed(const Tensor& grad_out, const Tensor& x, const optional<Tens
   std::vector<acc_t> db_part(want_db ? blocks * cols : 0, acc_t(0));
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<acc_t> scratch(3 * cols);
+    std::vector<acc_t> scratch(2 * cols);
     for (int64_t blk = block_begin; blk < block_end; ++blk) {
       const int64_t begin = std::min(rows, blk * rows_per_block);
       const int64_t end = std::min(rows, begin + rows_per_block);

@@ -102,24 +102,18 @@ NP_TARGET void widen_params(const W* w, const W* b, acc_t offset, int64_t n, acc
   }
 }
 
-// Widens one row of x, or of x + residual rounded to T (stored to `sum`, and
-// normalized as rounded, like eager `norm(x + residual)`), into `h`. Returns
-// the row as the statistics read it: `h`, or x itself when no widening is
-// needed (fp32/fp64 without residual), which saves a pass.
-template <typename T, typename acc_t>
-NP_TARGET const acc_t* load_row(const T* __restrict x, const T* __restrict r, T* __restrict sum,
-                                acc_t* __restrict h, int64_t n) {
-  if (r == nullptr) {
-    if constexpr (std::is_same_v<T, acc_t>) return x;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) h[i] = load(x, i);
-    return h;
-  }
+// The row a norm normalizes: x itself, or x + residual rounded to T and
+// stored to `sum` (normalized as rounded, like eager `norm(x + residual)`).
+// Its statistics and the output read that row of T (16-bit values widen with
+// one shift as they are loaded), so the forward and a backward recomputing
+// the statistics from the same row give the same bits.
+template <typename T>
+NP_TARGET const T* norm_row(const T* __restrict x, const T* __restrict r, T* __restrict sum,
+                            int64_t n) {
+  if (r == nullptr) return x;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) store(sum, i, load(x, i) + load(r, i));
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) h[i] = load(sum, i);
-  return h;
+  return sum;
 }
 
 template <typename acc_t>
@@ -162,19 +156,18 @@ struct PairwiseSums {
 // LayerNorm's shift: the mean of the row's first (up to) 8 values. The
 // variance below loses (1 + (mean - shift)^2 / var) times its sums' rounding
 // error, and a single value can sit several deviations from the mean.
-template <typename acc_t>
-NP_TARGET acc_t row_shift(const acc_t* __restrict h, int64_t k) {
+template <typename T, typename acc_t = at::opmath_type<T>>
+NP_TARGET acc_t row_shift(const T* __restrict h, int64_t k) {
   const int64_t m = std::min<int64_t>(k, 8);
   acc_t s = 0;
-  for (int64_t i = 0; i < m; ++i) s += h[i];
+  for (int64_t i = 0; i < m; ++i) s += load(h, i);
   return s / static_cast<acc_t>(m);
 }
 
 // Over the first k values of a row: one pass of moments shifted by
 // row_shift, so the row is read once for its statistics.
-template <typename acc_t>
-NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool center,
-                                    acc_t eps) {
+template <typename T, typename acc_t = at::opmath_type<T>>
+NP_TARGET RowStats<acc_t> row_stats(const T* __restrict h, int64_t k, bool center, acc_t eps) {
   const acc_t shift = center && k > 0 ? row_shift(h, k) : acc_t(0);
   PairwiseSums<acc_t, 2> sums;
   for (int64_t lo = 0; lo < k; lo += kSumBlock) {
@@ -182,7 +175,7 @@ NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool c
     acc_t s = 0, ss = 0;
 #pragma omp simd reduction(+ : s, ss)
     for (int64_t i = lo; i < hi; ++i) {
-      const acc_t d = h[i] - shift;
+      const acc_t d = load(h, i) - shift;
       s += d;
       ss += d * d;
     }
@@ -198,7 +191,7 @@ NP_TARGET RowStats<acc_t> row_stats(const acc_t* __restrict h, int64_t k, bool c
 // ---- forward ----------------------------------------------------------------
 
 
-// Rows [begin, end). `scratch` holds 3 * cols accumulation values.
+// Rows [begin, end). `scratch` holds 2 * cols accumulation values.
 template <typename T, typename W, typename O>
 NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
                             at::opmath_type<T>* scratch) {
@@ -211,15 +204,14 @@ NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
   const W* b = static_cast<const W*>(a.bias);
   O* out = static_cast<O*>(a.out);
   acc_t* stats = static_cast<acc_t*>(a.stats);
-  acc_t* __restrict wa = scratch + n;
-  acc_t* __restrict ba = scratch + 2 * n;
+  acc_t* __restrict wa = scratch;
+  acc_t* __restrict ba = scratch + n;
   widen_params(w, b, static_cast<acc_t>(a.params.weight_offset), n, wa, ba);
   const acc_t eps = static_cast<acc_t>(a.params.eps);
 
   for (int64_t row = begin; row < end; ++row) {
-    const acc_t* __restrict xr = load_row(x + row * a.x_stride,
-                                          r ? r + row * a.residual_stride : nullptr,
-                                          sum ? sum + row * n : nullptr, scratch, n);
+    const T* __restrict xr = norm_row(x + row * a.x_stride, r ? r + row * a.residual_stride : nullptr,
+                                      sum ? sum + row * n : nullptr, n);
     const auto st = row_stats(xr, k, a.params.center, eps);
     const acc_t mean = st.mean, rstd = st.rstd;
     if (stats) {
@@ -230,16 +222,16 @@ NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
     // One loop per parameter combination: no branches left in the hot loop.
     if (w && b) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) store(y, i, (xr[i] - mean) * rstd * wa[i] + ba[i]);
+      for (int64_t i = 0; i < n; ++i) store(y, i, (load(xr, i) - mean) * rstd * wa[i] + ba[i]);
     } else if (w) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) store(y, i, (xr[i] - mean) * rstd * wa[i]);
+      for (int64_t i = 0; i < n; ++i) store(y, i, (load(xr, i) - mean) * rstd * wa[i]);
     } else if (b) {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) store(y, i, (xr[i] - mean) * rstd + ba[i]);
+      for (int64_t i = 0; i < n; ++i) store(y, i, (load(xr, i) - mean) * rstd + ba[i]);
     } else {
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) store(y, i, (xr[i] - mean) * rstd);
+      for (int64_t i = 0; i < n; ++i) store(y, i, (load(xr, i) - mean) * rstd);
     }
   }
 }
@@ -302,7 +294,7 @@ NP_TARGET const T* grad_row(const G* __restrict dy, at::opmath_type<T>* __restri
 }
 
 // Rows [begin, end); adds this range's dweight / dbias into `dw` / `db`
-// (nullable, cols values each). `scratch` holds 3 * cols accumulation values.
+// (nullable, cols values each). `scratch` holds 2 * cols accumulation values.
 // Per row: the statistics (the forward's, or one pass over x), one pass for
 // the row sums, one for dx and the partials.
 template <typename T, typename W, typename G>
@@ -318,8 +310,7 @@ NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
   const W* w = static_cast<const W*>(a.weight);
   T* dx_data = static_cast<T*>(a.grad_input);
   acc_t* __restrict wa = scratch;
-  acc_t* __restrict h = scratch + n; // a 16-bit row widened for its statistics, as the forward's
-  acc_t* __restrict dy_wide = scratch + 2 * n; // a 16-bit gradient of fp32 x, widened
+  acc_t* __restrict dy_wide = scratch + n; // a 16-bit gradient of fp32 x, widened
   widen_params<W, acc_t>(w, nullptr, static_cast<acc_t>(a.params.weight_offset), n, wa, nullptr);
   if (w == nullptr) {
 #pragma omp simd
@@ -334,11 +325,11 @@ NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
   for (int64_t row = begin; row < end; ++row) {
     const T* __restrict x = x_data + row * a.x_stride;
     const T* __restrict dy = grad_row<T>(dy_data + row * a.grad_out_stride, dy_wide, n);
-    // Without saved statistics, those of the row widened as the forward widens it (the same
-    // bits). RMSNorm's mean is 0 whatever the stats hold, as on CUDA.
+    // Without saved statistics, those of the row as the forward takes them (the same bits).
+    // RMSNorm's mean is 0 whatever the stats hold, as on CUDA.
     const auto st =
         saved ? RowStats<acc_t>{a.params.center ? saved[2 * row] : acc_t(0), saved[2 * row + 1]}
-              : row_stats(load_row<T, acc_t>(x, nullptr, nullptr, h, n), k, a.params.center, eps);
+              : row_stats(x, k, a.params.center, eps);
     const acc_t mean = st.mean, rstd = st.rstd;
     PairwiseSums<acc_t, 2> sums;
     for (int64_t lo = 0; lo < n; lo += kSumBlock) {
