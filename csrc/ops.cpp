@@ -219,6 +219,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
   if (wide_dtype != input.scalar_type() && (!input.is_cuda() || wide_sum)) {
     const Tensor wide = input.to(wide_dtype);
     // The statistics widen exactly (fp32 to fp64): the gradients follow the ones handed in.
+    // Without them (a direct call; autograd always passes them) they are recomputed from the
+    // widened row, which may differ in the last bits from the 16-bit row's the forward took.
     const optional<Tensor> wide_stats =
         stats.has_value() ? optional<Tensor>(stats->to(acc_dtype(wide))) : std::nullopt;
     auto [dx, dw, db] = norm_backward(op, grad_out, wide, weight, center, eps, has_bias, ndim,

@@ -440,7 +440,7 @@ def test_dweight_is_deterministic():
 @pytest.mark.parametrize("name", OPS)
 def test_backward_reads_the_saved_statistics(name, dtype, device):
     """The backward takes the forward's (mean, rstd) rather than recomputing them: the forward's give
-    the gradients of the recomputation (the same bits on CPU, where both widen the row alike), and
+    the gradients of the recomputation (the same bits on CPU, where both read the same row), and
     the statistics it is handed are the ones its gradients follow (RMSNorm's mean is 0 whatever)."""
     inputs = make_inputs(name, (67, 1000), dtype)
     x, r, w, b = (t.to(device) if t is not None else None for t in inputs)
