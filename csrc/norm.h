@@ -18,6 +18,13 @@ inline at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// A 16-bit output or gradient of fp32 rows: autocast's cast of an fp32 norm's output, which
+// normpass/fold_casts.py folds into the op. The kernels write such an output and read such a
+// gradient (when it is the only term) as they are.
+inline bool is_16_bit_of_fp32(at::ScalarType x, at::ScalarType t) {
+  return x == at::kFloat && (t == at::kBFloat16 || t == at::kHalf);
+}
+
 struct NormParams {
   bool center = false;        // subtract the mean (LayerNorm) or not (RMSNorm)
   double eps = 0.0;           // added to the variance / mean square, inside the root

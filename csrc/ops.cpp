@@ -251,8 +251,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     // (autocast's cast of the output, folded by normpass.fold_casts) as it is on every device;
     // several are summed in fp32, as the widened terms they replace were.
     const auto g_dtype = grad_out.scalar_type();
-    const bool narrow = input.scalar_type() == at::kFloat && extra_grad_outs.empty() &&
-                        (g_dtype == at::kBFloat16 || g_dtype == at::kHalf);
+    const bool narrow = extra_grad_outs.empty() && is_16_bit_of_fp32(input.scalar_type(), g_dtype);
     const auto dy_dtype = narrow ? g_dtype : input.is_cuda() ? wide_dtype : input.scalar_type();
     auto rows_of = [&](const Tensor& g, at::ScalarType dtype) { return as_rows(g.to(dtype), cols); };
     optional<Tensor> grad_sum2d;

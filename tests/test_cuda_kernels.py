@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from backward_op import backward_op
 from devices import CUDA_MARKS
 
 pytest.importorskip("normpass._C")  # registers torch.ops.normpass
@@ -243,10 +244,9 @@ def test_fp32_gradients_of_16_bit_rows(center, n):
     # within its one rounding to bf16.
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     dy, w = torch.randn(m, n, device="cuda"), torch.randn(n, device="cuda")
-    op = ops.layer_norm_backward if center else ops.rms_norm_backward
-    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
-    dx, dw, _ = op(dy, x, w, None, EPS, **kw)
-    dx_wide, dw_wide, _ = op(dy, x.float(), w, None, EPS, **kw)
+    op = backward_op(center)
+    dx, dw, _ = op(dy, x, w, None, EPS)
+    dx_wide, dw_wide, _ = op(dy, x.float(), w, None, EPS)
     torch.testing.assert_close(dw, dw_wide, rtol=1e-4, atol=1e-4 * dw_wide.abs().max().item())
     bound = torch.finfo(torch.bfloat16).eps * dx_wide.abs() + 1e-5 * dx_wide.abs().max()
     assert ((dx.float() - dx_wide).abs() <= bound).all()
@@ -269,8 +269,7 @@ def test_16_bit_output_and_gradient_of_fp32_rows(center, n):
         torch.randn(m, n, device="cuda"),
     )
     stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2]
-    op = ops.layer_norm_backward if center else ops.rms_norm_backward
-    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    op = backward_op(center)
 
     def norm(**kw):
         return ops.layer_norm(x, w, None, EPS, **kw) if center else ops.rms_norm(x, w, EPS, **kw)
@@ -282,8 +281,8 @@ def test_16_bit_output_and_gradient_of_fp32_rows(center, n):
         dy = torch.randn(m, n, device="cuda").to(dtype)
         for saved, grad_sum in ((None, None), (stats, ds)):
             with only_normpass_kernels():
-                read = op(dy, x, w, grad_sum, EPS, None, saved, **kw)
-            widened = op(dy.float(), x, w, grad_sum, EPS, None, saved, **kw)
+                read = op(dy, x, w, grad_sum, EPS, None, saved)
+            widened = op(dy.float(), x, w, grad_sum, EPS, None, saved)
             for name, e, o in zip(("dx", "dweight", "dbias"), widened, read, strict=True):
                 assert torch.equal(e, o), f"{name} ({dtype}, saved={saved is not None})"
 
@@ -446,11 +445,10 @@ def test_extra_grad_outs(center, n, terms, saved, grad_dtype):
     summed = dy
     for term in extra:
         summed = summed + term
-    op = ops.layer_norm_backward if center else ops.rms_norm_backward
-    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
+    op = backward_op(center)
     stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2] if saved else None
-    expected = op(summed, x, w, None, EPS, None, stats, **kw)
-    got = op(dy, x, w, None, EPS, extra, stats, **kw)
+    expected = op(summed, x, w, None, EPS, None, stats)
+    got = op(dy, x, w, None, EPS, extra, stats)
     for name, e, o in zip(("dx", "dweight", "dbias"), expected, got, strict=True):
         assert torch.equal(e, o), name
 

@@ -18,6 +18,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from backward_op import backward_op
 from devices import DEVICES
 from torch.autograd import gradcheck, gradgradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -350,11 +351,10 @@ def test_16_bit_gradients_of_fp32_rows_are_widened_exactly(center, grad_dtype, c
     w = torch.randn(cols, generator=g).to(device)
     dys = [torch.randn(67, cols, generator=g).to(device, grad_dtype) for _ in range(terms)]
     stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2] if saved else None
-    op = ops.layer_norm_backward if center else ops.rms_norm_backward
-    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
-    got = op(dys[0], x, w, ds, EPS, dys[1:], stats, **kw)
+    op = backward_op(center)
+    got = op(dys[0], x, w, ds, EPS, dys[1:], stats)
     widened = [d.float() for d in dys]
-    want = op(widened[0], x, w, ds, EPS, widened[1:], stats, **kw)
+    want = op(widened[0], x, w, ds, EPS, widened[1:], stats)
     for name, e, o in zip(("dx", "dweight", "dbias"), want, got, strict=True):
         assert o.dtype == e.dtype and torch.equal(e, o), name
 
@@ -448,10 +448,9 @@ def test_backward_reads_the_saved_statistics(name, dtype, device):
     _, total, stats = ops.norm_with_stats(x, r, w, b, EPS, center=center)
     h = total if r is not None else x
     dy = torch.randn(h.shape).to(device, dtype)
-    op = ops.layer_norm_backward if center else ops.rms_norm_backward
-    kw = dict(has_bias=b is not None, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
-    saved = op(dy, h, w, None, EPS, None, stats, **kw)
-    recomputed = op(dy, h, w, None, EPS, **kw)
+    op = backward_op(center, has_bias=b is not None)
+    saved = op(dy, h, w, None, EPS, None, stats)
+    recomputed = op(dy, h, w, None, EPS)
     for s, c in zip(saved, recomputed, strict=True):
         if device == "cpu":
             assert torch.equal(s, c)
@@ -459,16 +458,16 @@ def test_backward_reads_the_saved_statistics(name, dtype, device):
             torch.testing.assert_close(s, c)
     if not center:
         shifted = stats + torch.tensor([1.0, 0.0], device=device)
-        for s, o in zip(saved, op(dy, h, w, None, EPS, None, shifted, **kw), strict=True):
+        for s, o in zip(saved, op(dy, h, w, None, EPS, None, shifted), strict=True):
             assert torch.equal(s, o)
     if dtype == torch.float32:
         other = stats * torch.tensor([1.0, 1.5], device=device)  # rstd 1.5x the forward's
-        dx_other, dw_other, _ = op(dy, h, w, None, EPS, None, other, **kw)
+        dx_other, dw_other, _ = op(dy, h, w, None, EPS, None, other)
         xhat = (h - other[:, :1]) * other[:, 1:]
         torch.testing.assert_close(dw_other, (dy * xhat).sum(0), rtol=1e-4, atol=1e-3)
         assert not torch.allclose(dx_other, saved[0])
         if device == "cpu":  # a float64 gradient widens x and the statistics with it
-            wide = op(dy.double(), h, w, None, EPS, None, other, **kw)[1]
+            wide = op(dy.double(), h, w, None, EPS, None, other)[1]
             torch.testing.assert_close(wide, dw_other, rtol=1e-5, atol=1e-4)
 
 
@@ -725,10 +724,9 @@ def test_extra_grad_outs_equal_summed_grad_out(terms, center, dtype):
     summed = dy
     for term in extra:
         summed = summed + term
-    op = ops.layer_norm_backward if center else ops.rms_norm_backward
-    kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.25, **({} if center else {"p": 1.0}))
-    expected = op(summed, x, w, ds, 1e-5, **kw)
-    got = op(dy, x, w, ds, 1e-5, extra, **kw)
+    op = backward_op(center, weight_offset=0.25)
+    expected = op(summed, x, w, ds, 1e-5)
+    got = op(dy, x, w, ds, 1e-5, extra)
     for name, e, o in zip(("dx", "dweight", "dbias"), expected, got, strict=True):
         assert torch.equal(e, o), name
 

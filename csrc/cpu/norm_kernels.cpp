@@ -246,8 +246,7 @@ void norm_forward_cpu(const Tensor& x, const optional<Tensor>& residual,
   // under autocast whose output feeds a bf16 matmul); any other is computed in fp32 and cast once.
   const auto acc = acc_dtype(x);
   const auto o = out.scalar_type();
-  const bool narrow_out = x.scalar_type() == at::kFloat && (o == at::kBFloat16 || o == at::kHalf);
-  if (o != x.scalar_type() && o != acc && !narrow_out) {
+  if (o != x.scalar_type() && o != acc && !is_16_bit_of_fp32(x.scalar_type(), o)) {
     Tensor tmp = at::empty(out.sizes(), out.options().dtype(acc));
     norm_forward_cpu(x, residual, weight, bias, p, tmp, sum, stats);
     out.copy_(tmp);
@@ -289,9 +288,8 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
   }
   // The gradient is of x's dtype, or one 16-bit term of fp32 x (norm.h), read as it is.
   const auto g = grad_out.scalar_type();
-  const bool narrow_dy = g != x.scalar_type();
-  TORCH_CHECK(!narrow_dy || (x.scalar_type() == at::kFloat && extra_grad_outs.empty() &&
-                             (g == at::kBFloat16 || g == at::kHalf)),
+  TORCH_CHECK(g == x.scalar_type() ||
+                  (extra_grad_outs.empty() && is_16_bit_of_fp32(x.scalar_type(), g)),
               "normpass CPU: grad_out must have x's dtype or be one 16-bit term of fp32 x, got ",
               g);
   const Tensor dy = sum_grad_terms(grad_out, extra_grad_outs);

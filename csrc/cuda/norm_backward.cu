@@ -21,13 +21,11 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   // The output's gradient terms: x's dtype, fp32 for 16-bit x, or one 16-bit term for fp32 x (an
   // fp32 norm's output cast under autocast: the cast's gradient, read before it widens).
   const auto g_dtype = grad_out.scalar_type();
-  const bool narrow = x.scalar_type() == at::kFloat && g_dtype != at::kFloat;
-  TORCH_CHECK(g_dtype == x.scalar_type() || g_dtype == at::kFloat ||
-                  (narrow && (g_dtype == at::kBFloat16 || g_dtype == at::kHalf)),
-              "normpass CUDA: grad_out must have x's dtype, fp32, or 16 bits for fp32 x, got ", g_dtype);
   // Several terms narrower than x reach here widened (the front end), to be summed in x's dtype.
-  TORCH_CHECK(!narrow || extra_grad_outs.empty(),
-              "normpass CUDA: 16-bit gradient terms of fp32 x come one at a time");
+  TORCH_CHECK(g_dtype == x.scalar_type() || g_dtype == at::kFloat ||
+                  (extra_grad_outs.empty() && is_16_bit_of_fp32(x.scalar_type(), g_dtype)),
+              "normpass CUDA: grad_out must have x's dtype, fp32, or be one 16-bit term of fp32 x, "
+              "got ", g_dtype);
   for (const Tensor& g : extra_grad_outs)
     TORCH_CHECK(g.scalar_type() == g_dtype, "normpass CUDA: the gradient terms must share a dtype");
   TORCH_CHECK(!grad_sum || grad_sum->scalar_type() == x.scalar_type(),

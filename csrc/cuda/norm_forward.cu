@@ -28,9 +28,7 @@ void norm_forward_cuda(const Tensor& x, const optional<Tensor>& residual,
   // The kernels write x's dtype, fp32, and 16 bits of fp32 x (ForwardKernels); any other output
   // dtype is computed in fp32 and cast once.
   const auto o = out.scalar_type();
-  const bool direct = o == x.scalar_type() || o == at::kFloat ||
-                      (x.scalar_type() == at::kFloat && (o == at::kBFloat16 || o == at::kHalf));
-  if (!direct) {
+  if (o != x.scalar_type() && o != at::kFloat && !is_16_bit_of_fp32(x.scalar_type(), o)) {
     Tensor tmp = at::empty(out.sizes(), out.options().dtype(at::kFloat));
     norm_forward_cuda(x, residual, raw_weight, raw_bias, p, tmp, sum, stats);
     out.copy_(tmp);
