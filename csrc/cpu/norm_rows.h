@@ -6,7 +6,7 @@
 // compiled for that target, and nothing here is shared between targets.
 //
 // Expects, from the includer: <cstdint>, <cstring>, <cmath>, <type_traits>, <utility>,
-// c10::BFloat16, c10::Half, at::opmath_type, ForwardArgs and BackwardArgs.
+// c10::BFloat16, c10::Half, at::opmath_type, ForwardArgs, BackwardArgs and kBackwardRows.
 
 // ---- element loads and stores, in the accumulation type -------------------
 
@@ -239,42 +239,67 @@ NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
 // ---- backward ---------------------------------------------------------------
 
 
-// One row's dx over columns [lo, hi), and its terms of the dweight / dbias
-// partials, from x, dy and the row's statistics. STAT: columns the statistics
-// cover (all of them unless pRMSNorm), whose dx has the xhat term. x and dy
-// are read again here rather than kept in scratch rows: for long rows (fp32
-// LayerNorm at 16384 columns) two scratch rows written and read back cost
-// more than the second read of x and dy from L2.
-template <bool STAT, bool DS, bool DW, bool DB, typename T, typename acc_t>
-NP_TARGET void backward_outputs(const T* __restrict x, const T* __restrict dy,
-                                const T* __restrict ds, const acc_t* __restrict wa,
-                                T* __restrict dx, acc_t* __restrict dw, acc_t* __restrict db,
-                                int64_t lo, int64_t hi, acc_t mean, acc_t rstd, acc_t mean_g,
-                                acc_t c) {
+// One backward row: its inputs, its dx, and the scalars of its dx formula.
+template <typename T, typename acc_t>
+struct BackwardRow {
+  const T* x;
+  const T* dy;
+  const T* ds; // gradient of the residual sum, or null
+  T* dx;
+  acc_t mean, rstd, mean_g, c;
+};
+
+// The dx of R rows over columns [lo, hi), and their terms of the dweight /
+// dbias partials, from x, dy and each row's statistics. STAT: columns the
+// statistics cover (all of them unless pRMSNorm), whose dx has the xhat term.
+// x and dy are read again here rather than kept in scratch rows: for long rows
+// (fp32 LayerNorm at 16384 columns) two scratch rows written and read back cost
+// more than the second read of x and dy from L2. The rows' terms are added to
+// the partials in row order: the bits of one row at a time.
+template <int R, bool STAT, bool DS, bool DW, bool DB, typename T, typename acc_t>
+NP_TARGET void backward_outputs(const BackwardRow<T, acc_t>* rows, const acc_t* __restrict wa,
+                                acc_t* __restrict dw, acc_t* __restrict db, int64_t lo,
+                                int64_t hi) {
+  const T* __restrict x[R];
+  const T* __restrict dy[R];
+  const T* __restrict ds[R];
+  T* __restrict dx[R];
+  acc_t mean[R], rstd[R], mean_g[R], c[R];
+  for (int r = 0; r < R; ++r) {
+    x[r] = rows[r].x, dy[r] = rows[r].dy, ds[r] = rows[r].ds, dx[r] = rows[r].dx;
+    mean[r] = rows[r].mean, rstd[r] = rows[r].rstd, mean_g[r] = rows[r].mean_g, c[r] = rows[r].c;
+  }
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
-    const acc_t d = load(dy, i);
-    const acc_t xh = (load(x, i) - mean) * rstd;
-    acc_t v = d * wa[i] - mean_g;
-    if constexpr (STAT) v -= xh * c;
-    v *= rstd;
-    if constexpr (DS) v += load(ds, i);
-    store(dx, i, v);
-    if constexpr (DW) dw[i] += d * xh;
-    if constexpr (DB) db[i] += d;
+    acc_t dw_i = DW ? dw[i] : acc_t(0), db_i = DB ? db[i] : acc_t(0);
+    for (int r = 0; r < R; ++r) {
+      const acc_t d = load(dy[r], i);
+      const acc_t xh = (load(x[r], i) - mean[r]) * rstd[r];
+      acc_t v = d * wa[i] - mean_g[r];
+      if constexpr (STAT) v -= xh * c[r];
+      v *= rstd[r];
+      if constexpr (DS) v += load(ds[r], i);
+      store(dx[r], i, v);
+      if constexpr (DW) dw_i += d * xh;
+      if constexpr (DB) db_i += d;
+    }
+    if constexpr (DW) dw[i] = dw_i;
+    if constexpr (DB) db[i] = db_i;
   }
 }
 
 template <typename T, typename acc_t>
-using BackwardOutputsFn = void (*)(const T*, const T*, const T*, const acc_t*, T*, acc_t*, acc_t*,
-                                   int64_t, int64_t, acc_t, acc_t, acc_t, acc_t);
+using BackwardOutputsFn = void (*)(const BackwardRow<T, acc_t>*, const acc_t*, acc_t*, acc_t*,
+                                   int64_t, int64_t);
 
-// backward_outputs with its flags as the bits of `index` (STAT 8, DS 4, DW 2, DB 1).
+// backward_outputs with its switches as the bits of `index` (R - 1 in bits 4 and up, STAT 8,
+// DS 4, DW 2, DB 1).
 template <typename T, typename acc_t, int... I>
 NP_TARGET BackwardOutputsFn<T, acc_t> backward_outputs_fn(int index,
                                                           std::integer_sequence<int, I...>) {
   static constexpr BackwardOutputsFn<T, acc_t> kFns[] = {
-      &backward_outputs<(I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0, T, acc_t>...};
+      &backward_outputs<(I >> 4) + 1, (I & 8) != 0, (I & 4) != 0, (I & 2) != 0, (I & 1) != 0,
+                        T, acc_t>...};
   return kFns[index];
 }
 
@@ -293,64 +318,75 @@ NP_TARGET const T* grad_row(const G* __restrict dy, at::opmath_type<T>* __restri
   }
 }
 
+// Row `row`'s statistics (the forward's, or one pass over x) and, in one more
+// pass, its sums for dx. A 16-bit gradient of fp32 x is widened into `dy_buf`.
+// (A function, not a lambda: a lambda would not carry NP_TARGET, and the
+// loads would not be inlined into it.)
+template <typename T, typename G>
+NP_TARGET BackwardRow<T, at::opmath_type<T>> backward_row(const BackwardArgs& a,
+                                                         const at::opmath_type<T>* __restrict wa,
+                                                         int64_t row,
+                                                         at::opmath_type<T>* __restrict dy_buf) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t n = a.cols, k = a.params.stat_cols;
+  const acc_t* saved = static_cast<const acc_t*>(a.stats);
+  const T* __restrict x = static_cast<const T*>(a.x) + row * a.x_stride;
+  const T* __restrict dy =
+      grad_row<T>(static_cast<const G*>(a.grad_out) + row * a.grad_out_stride, dy_buf, n);
+  // Without saved statistics, those of the row as the forward takes them (the same bits).
+  // RMSNorm's mean is 0 whatever the stats hold, as on CUDA.
+  const auto st =
+      saved ? RowStats<acc_t>{a.params.center ? saved[2 * row] : acc_t(0), saved[2 * row + 1]}
+            : row_stats(x, k, a.params.center, static_cast<acc_t>(a.params.eps));
+  const acc_t mean = st.mean, rstd = st.rstd;
+  PairwiseSums<acc_t, 2> sums;
+  for (int64_t lo = 0; lo < n; lo += kSumBlock) {
+    const int64_t hi = std::min(n, lo + kSumBlock);
+    acc_t bg = 0, bgx = 0;
+#pragma omp simd reduction(+ : bg, bgx)
+    for (int64_t i = lo; i < hi; ++i) {
+      const acc_t gi = load(dy, i) * wa[i];
+      bg += gi;
+      bgx += gi * ((load(x, i) - mean) * rstd);
+    }
+    sums.add({bg, bgx});
+  }
+  acc_t t[2];
+  sums.total(t);
+  // rstd depends on the first k columns only (all of them unless pRMSNorm).
+  const acc_t mean_g = a.params.center ? t[0] / static_cast<acc_t>(n) : acc_t(0);
+  const acc_t c = t[1] / static_cast<acc_t>(k);
+  const T* ds = static_cast<const T*>(a.grad_sum);
+  return {x, dy, ds ? ds + row * a.grad_sum_stride : nullptr,
+          static_cast<T*>(a.grad_input) + row * n, mean, rstd, mean_g, c};
+}
+
 // Rows [begin, end); adds this range's dweight / dbias into `dw` / `db`
-// (nullable, cols values each). `scratch` holds 2 * cols accumulation values.
-// Per row: the statistics (the forward's, or one pass over x), one pass for
-// the row sums, one for dx and the partials.
+// (nullable, cols values each). `scratch` holds (1 + kBackwardRows) * cols
+// accumulation values.
+// Per row: the statistics and the sums (backward_row); then one pass for dx
+// and the partials, over kBackwardRows rows at a time.
 template <typename T, typename W, typename G>
 NP_TARGET void backward_rows(const BackwardArgs& a, int64_t begin, int64_t end,
                              at::opmath_type<T>* __restrict dw, at::opmath_type<T>* __restrict db,
                              at::opmath_type<T>* scratch) {
   using acc_t = at::opmath_type<T>;
   const int64_t n = a.cols, k = a.params.stat_cols;
-  const T* x_data = static_cast<const T*>(a.x);
-  const G* dy_data = static_cast<const G*>(a.grad_out);
-  const T* ds_data = static_cast<const T*>(a.grad_sum);
-  const acc_t* saved = static_cast<const acc_t*>(a.stats);
   const W* w = static_cast<const W*>(a.weight);
-  T* dx_data = static_cast<T*>(a.grad_input);
   acc_t* __restrict wa = scratch;
-  acc_t* __restrict dy_wide = scratch + n; // a 16-bit gradient of fp32 x, widened
   widen_params<W, acc_t>(w, nullptr, static_cast<acc_t>(a.params.weight_offset), n, wa, nullptr);
   if (w == nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) wa[i] = 1;
   }
-  const acc_t eps = static_cast<acc_t>(a.params.eps);
-  const int flags = 4 * (ds_data != nullptr) + 2 * (dw != nullptr) + (db != nullptr);
-  const auto all = std::make_integer_sequence<int, 16>{};
-  const auto stat_part = backward_outputs_fn<T, acc_t>(8 + flags, all);
-  const auto rest = backward_outputs_fn<T, acc_t>(flags, all);
-
-  for (int64_t row = begin; row < end; ++row) {
-    const T* __restrict x = x_data + row * a.x_stride;
-    const T* __restrict dy = grad_row<T>(dy_data + row * a.grad_out_stride, dy_wide, n);
-    // Without saved statistics, those of the row as the forward takes them (the same bits).
-    // RMSNorm's mean is 0 whatever the stats hold, as on CUDA.
-    const auto st =
-        saved ? RowStats<acc_t>{a.params.center ? saved[2 * row] : acc_t(0), saved[2 * row + 1]}
-              : row_stats(x, k, a.params.center, eps);
-    const acc_t mean = st.mean, rstd = st.rstd;
-    PairwiseSums<acc_t, 2> sums;
-    for (int64_t lo = 0; lo < n; lo += kSumBlock) {
-      const int64_t hi = std::min(n, lo + kSumBlock);
-      acc_t bg = 0, bgx = 0;
-#pragma omp simd reduction(+ : bg, bgx)
-      for (int64_t i = lo; i < hi; ++i) {
-        const acc_t gi = load(dy, i) * wa[i];
-        bg += gi;
-        bgx += gi * ((load(x, i) - mean) * rstd);
-      }
-      sums.add({bg, bgx});
-    }
-    acc_t t[2];
-    sums.total(t);
-    // rstd depends on the first k columns only (all of them unless pRMSNorm).
-    const acc_t mean_g = a.params.center ? t[0] / static_cast<acc_t>(n) : acc_t(0);
-    const acc_t c = t[1] / static_cast<acc_t>(k);
-    T* __restrict dx = dx_data + row * n;
-    const T* __restrict ds = ds_data ? ds_data + row * a.grad_sum_stride : nullptr;
-    stat_part(x, dy, ds, wa, dx, dw, db, 0, k, mean, rstd, mean_g, c);
-    if (k < n) rest(x, dy, ds, wa, dx, dw, db, k, n, mean, rstd, mean_g, c);
+  const int flags = 4 * (a.grad_sum != nullptr) + 2 * (dw != nullptr) + (db != nullptr);
+  const auto all = std::make_integer_sequence<int, 16 * kBackwardRows>{};
+  for (int64_t row = begin; row < end; row += kBackwardRows) {
+    const int count = static_cast<int>(std::min<int64_t>(kBackwardRows, end - row));
+    BackwardRow<T, acc_t> rows[kBackwardRows];
+    for (int r = 0; r < count; ++r) rows[r] = backward_row<T, G>(a, wa, row + r, scratch + (1 + r) * n);
+    const int group = 16 * (count - 1);
+    backward_outputs_fn<T, acc_t>(group + 8 + flags, all)(rows, wa, dw, db, 0, k);
+    if (k < n) backward_outputs_fn<T, acc_t>(group + flags, all)(rows, wa, dw, db, k, n);
   }
 }
