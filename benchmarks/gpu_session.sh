@@ -10,6 +10,8 @@
 #   kernels   bench_kernels.py, copy ceiling in the same run (KERNEL_ARGS) -> kernels/
 #   dtypes    bench_grad_dtype.py: outputs and gradients of another dtype than x's -> dtypes.log
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
+#   ab        ab_kernels.py with AB_ARGS (variants of this build by their environment, e.g.
+#             "base=. on=.:NORMPASS_EXP_FILL=1"; see benchmarks/experiments/) -> ab.log
 # Wheels in .whl/ (Liger, expecttest: nothing downloads there) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +60,10 @@ for name in "$@"; do
     step e2e_amp 150 && python3 benchmarks/bench_e2e.py --models llama --amp \
       --variants inductor,normpass+inductor --out "$OUT/e2e_amp" >"$OUT/e2e_amp.log" 2>&1
     tail -8 "$OUT"/e2e*.log ;;
+  ab)
+    step ab 200 && python3 benchmarks/ab_kernels.py ${AB_ARGS:?AB_ARGS names the variants} \
+      >"$OUT/ab.log" 2>&1
+    tail -40 "$OUT/ab.log" ;;
   *) echo "unknown step $name" && exit 2 ;;
   esac
 done
