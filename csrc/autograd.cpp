@@ -128,6 +128,7 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
     auto& saved = ctx->saved_data;
     saved["center"] = a.center;
     saved["residual"] = residual.has_value();
+    saved["residual_dtype"] = residual.has_value() ? c10::IValue(residual->scalar_type()) : c10::IValue();
     saved["eps"] = a.eps;
     saved["normalized_ndim"] = a.normalized_ndim;
     saved["weight_offset"] = a.weight_offset;
@@ -170,8 +171,10 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
                      grad_sum ? optional(grads[1]) : std::nullopt,
                      stats.defined() ? optional(stats) : std::nullopt, bias_grad, weight_grad);
     // One gradient per forward argument: (args, input, residual, weight, bias); d(sum)/d(input)
-    // and d(sum)/d(residual) are both the identity.
-    return {Tensor(), dx, residual ? dx : Tensor(),
+    // and d(sum)/d(residual) are both the identity (a 16-bit residual's is rounded to its dtype,
+    // as eager's promotion rounds it).
+    const c10::IValue& residual_dtype = saved.at("residual_dtype");
+    return {Tensor(), dx, residual ? dx.to(residual_dtype.toScalarType()) : Tensor(),
             weight_grad ? dw.to(weight.scalar_type()) : Tensor(),
             bias_grad ? db.to(bias_dtype.toScalarType()) : Tensor()};
   }

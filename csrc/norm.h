@@ -18,9 +18,11 @@ inline at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// A 16-bit output or gradient of fp32 rows: autocast's cast of an fp32 norm's output, which
-// normpass/fold_casts.py folds into the op. The kernels write such an output and read such a
-// gradient (when it is the only term) as they are.
+// A 16-bit residual, output or gradient of fp32 rows. Under autocast the residual stream is fp32
+// and each projection bf16: a norm's residual add is fp32 + bf16 (the kernels widen the residual
+// as they load it, as eager's promotion does), and normpass/fold_casts.py folds the casts of its
+// output and of its gradient into the op (the kernels write such an output and read such a
+// gradient, when it is the only term, as they are).
 inline bool is_16_bit_of_fp32(at::ScalarType x, at::ScalarType t) {
   return x == at::kFloat && (t == at::kBFloat16 || t == at::kHalf);
 }

@@ -95,9 +95,11 @@ int64_t check_args(const char* op, const Tensor& input, const optional<Tensor>& 
               ": float64 input is supported on CPU only, got it on ", input.device());
   if (residual.has_value()) {
     check_like_input(op, "residual", *residual, input);
-    TORCH_CHECK(residual->scalar_type() == input.scalar_type(), op, ": residual has dtype ",
-                dtype_name(residual->scalar_type()), " but input has dtype ",
-                dtype_name(input.scalar_type()));
+    TORCH_CHECK(residual->scalar_type() == input.scalar_type() ||
+                    is_16_bit_of_fp32(input.scalar_type(), residual->scalar_type()),
+                op, ": residual has dtype ", dtype_name(residual->scalar_type()),
+                " but input has dtype ", dtype_name(input.scalar_type()),
+                " (a residual must have input's dtype, or be bfloat16 / float16 beside float32 input)");
   }
   check_param(op, "weight", weight, input, ndim);
   check_param(op, "bias", bias, input, ndim);

@@ -213,6 +213,7 @@ def _setup(center: bool, residual: bool):
         ctx.p = keyword_only_inputs.get("p", 1.0)
         ctx.has_bias = bias is not None
         ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.residual_dtype = inputs[1].dtype if residual else None
         # The residual ops normalize the sum they return: save that instead of recomputing it.
         ctx.save_for_backward(output[1] if residual else input, weight)
 
@@ -235,14 +236,20 @@ def _register_forward_autograd() -> None:
         lambda ctx, g: _reorder(True, _norm_grads(ctx, g, None)),
         setup_context=_setup(center=True, residual=False),
     )
+
+    # d(sum)/d(input) and d(sum)/d(residual) are the identity; a 16-bit residual's is rounded to it.
+    def with_residual(ctx, grads):
+        dx, *rest = grads
+        return (dx, dx.to(ctx.residual_dtype), *rest)
+
     torch.library.register_autograd(
         "normpass::add_rms_norm",
-        lambda ctx, g, gs: (lambda dx, *rest: (dx, dx, *rest))(*_reorder(False, _norm_grads(ctx, g, gs))),
+        lambda ctx, g, gs: with_residual(ctx, _reorder(False, _norm_grads(ctx, g, gs))),
         setup_context=_setup(center=False, residual=True),
     )
     torch.library.register_autograd(
         "normpass::add_layer_norm",
-        lambda ctx, g, gs: (lambda dx, *rest: (dx, dx, *rest))(*_reorder(True, _norm_grads(ctx, g, gs))),
+        lambda ctx, g, gs: with_residual(ctx, _reorder(True, _norm_grads(ctx, g, gs))),
         setup_context=_setup(center=True, residual=True),
     )
 

@@ -27,6 +27,13 @@ def is_float_dtype(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point and dtype.itemsize > 1
 
 
+def is_16_bit_of_fp32(x: torch.dtype, t: torch.dtype) -> bool:
+    """A 16-bit tensor beside fp32 x that the ops take as it is (csrc/norm.h): a residual (fp32 x + a
+    bf16 projection under autocast), an output (out_dtype) or a gradient, widened or rounded exactly
+    where eager casts would."""
+    return x == torch.float32 and t in (torch.bfloat16, torch.float16)
+
+
 def check_like_input(op: str, name: str, t: Tensor, input: Tensor) -> None:
     """`t` (residual, grad_out, grad_sum) must match input's device and shape, and be floating point."""
     torch._check(
@@ -70,8 +77,11 @@ def check_args(
     if residual is not None:
         check_like_input(op, "residual", residual, input)
         torch._check(
-            residual.dtype == input.dtype,
-            lambda: f"{op}: residual has dtype {residual.dtype} but input has dtype {input.dtype}",
+            residual.dtype == input.dtype or is_16_bit_of_fp32(input.dtype, residual.dtype),
+            lambda: (
+                f"{op}: residual has dtype {residual.dtype} but input has dtype {input.dtype} (a "
+                "residual must have input's dtype, or be bfloat16 / float16 beside float32 input)"
+            ),
         )
     expected = tuple(input.shape[input.dim() - normalized_ndim :])
     for name, t in (("weight", weight), ("bias", bias)):

@@ -307,6 +307,32 @@ class AliasedResidualBlock(nn.Module):
         return h.to(torch.float32) + y.tanh()
 
 
+class AutocastResidualBlock(nn.Module):
+    """autocast's residual stream: h = x + r of the fp32 stream and a 16-bit projection, promoted to
+    fp32, normalized and used again. The op takes x as input and widens r, as the promotion does."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = R1Llama()
+
+    def forward(self, x, r):
+        h = x.float() + r.bfloat16()
+        return h + self.norm(h).tanh()
+
+
+class Mixed16BitResidualBlock(nn.Module):
+    """bf16 + fp16 promotes to fp32 too, but neither operand is the fp32 row the op reads: the norm
+    is rewritten, its add is not."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = R1Llama()
+
+    def forward(self, x, r):
+        h = x.bfloat16() + r.half()
+        return h + self.norm(h).tanh()
+
+
 class SandwichBlock(nn.Module):
     """Gemma2/3's sandwich norms: a post-norm's output added straight to the residual stream,
     h = x + post(f(pre(x))). The pre-norm's `x.float()` of an fp32 stream is an alias, and
@@ -429,6 +455,8 @@ FORMS: dict[str, tuple] = {
     "residual block": (ResidualBlock, 1, 2),
     "sandwich block": (SandwichBlock, 0, 2),
     "aliased residual block": (AliasedResidualBlock, 1, 1),
+    "autocast residual block": (AutocastResidualBlock, 1, 1),
+    "mixed 16-bit residual block": (Mixed16BitResidualBlock, 1, 1),
     "expanded residual block": (ExpandedResidualBlock, 1, 1),
     "two norms of one stream": (TwoNormsOfOneStream, 1, 2),
     "scaled by its input": (ScaledByItsInput, 1, 1),

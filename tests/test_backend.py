@@ -306,6 +306,9 @@ def test_autocast_training_matches_eager(dtype):
     norms = models.count_norm_modules(model)
     assert recorder.count("forward", TRAINING_FORWARD_OPS) == norms
     assert recorder.count("backward", BACKWARD_OPS) == norms
+    # The residual stream is fp32 and each projection 16-bit: every norm after the first takes its
+    # residual add, as without autocast.
+    assert recorder.count("forward", {"norm_with_stats:add_rms_norm"}) == norms - 1
     assert np_loss.dtype == eager_loss.dtype
     assert {k: g.dtype for k, g in np_grads.items()} == {k: g.dtype for k, g in eager_grads.items()}
     assert_no_further_than_eager(

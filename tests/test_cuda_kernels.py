@@ -289,6 +289,27 @@ def test_16_bit_output_and_gradient_of_fp32_rows(center, n):
                 assert torch.equal(e, o), f"{name} ({dtype}, saved={saved is not None})"
 
 
+@pytest.mark.parametrize("n", [1001, 4096, 12288, 65536, 262144])
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+def test_16_bit_residual_of_fp32_rows(center, n):
+    """autocast's residual add, fp32 stream + a 16-bit projection: the kernels widen the residual as
+    they load it (resident, cluster and tiled rows; 1001 and a strided residual: scalar loads), with
+    the bits of the widened residual and of eager's promoted sum, and no cast kernel."""
+    m = min(rows_for(n), 67)
+    x, w, b = (torch.randn(m, n, device="cuda"), torch.randn(n, device="cuda"), torch.randn(n, device="cuda"))
+    b = b if center else None
+    for dtype in (torch.bfloat16, torch.float16):
+        dense, strided = (torch.randn(m, k, device="cuda").to(dtype) for k in (n, n + 3))
+        for r in (dense, strided[:, :n]):
+            for out_dtype in (None, dtype):  # the output's cast folded too, as under autocast
+                with only_normpass_kernels():
+                    got = ops.norm_with_stats(x, r, w, b, EPS, center=center, out_dtype=out_dtype)
+                wide = ops.norm_with_stats(x, r.float(), w, b, EPS, center=center, out_dtype=out_dtype)
+                for name, e, o in zip(("out", "sum", "stats"), wide, got, strict=True):
+                    assert torch.equal(e, o), f"{name} ({dtype}, {out_dtype}, stride {r.stride(0)})"
+                assert torch.equal(got[1], x + r)
+
+
 @contextlib.contextmanager
 def only_normpass_kernels():
     """Asserts that the CUDA kernels launched inside are normpass's (and fills or memsets: a split

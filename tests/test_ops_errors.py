@@ -110,6 +110,20 @@ CASES = {
         r"normpass\.add_layer_norm: residual has dtype torch\.float64 but input has dtype "
         r"torch\.float32",
     ),
+    # A 16-bit residual is taken beside fp32 input only (autocast's fp32 stream), not the reverse.
+    "residual_wider": (
+        "add_rms_norm",
+        lambda x, r, w, b: ((x.bfloat16(), r, w, 1e-5), {}),
+        r"normpass\.add_rms_norm: residual has dtype torch\.float32 but input has dtype "
+        r"torch\.bfloat16 \(a residual must have input's dtype, or be bfloat16 / float16 beside "
+        r"float32 input\)",
+    ),
+    "residual_other_16_bit": (
+        "add_layer_norm",
+        lambda x, r, w, b: ((x.half(), r.bfloat16(), w.half(), b.half(), 1e-5), {}),
+        r"normpass\.add_layer_norm: residual has dtype torch\.bfloat16 but input has dtype "
+        r"torch\.float16",
+    ),
     "residual_int": (
         "add_rms_norm",
         lambda x, r, w, b: ((x, r.int(), w, 1e-5), {}),

@@ -342,6 +342,30 @@ def test_16_bit_output_of_fp32_rows_is_the_rounded_fp32_output(name, out_dtype, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cols", (1000, 1001), ids=("vectors", "scalars"))
+@pytest.mark.parametrize("r_dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("name", ("add_rms_norm", "add_layer_norm"))
+def test_16_bit_residual_of_fp32_rows_is_widened_exactly(name, r_dtype, cols, device):
+    """autocast's residual add, the fp32 stream plus a 16-bit projection: the op's sum is eager's
+    promoted `x + r`, its output and x's gradient are those of the widened residual, and the
+    residual's gradient is that one rounded to its dtype, as the promotion's backward rounds it."""
+    inputs = make_inputs(name, (70, cols), torch.float32)
+    x, r, w, b = (t.to(device) if t is not None else None for t in inputs)
+    r = r.to(r_dtype)
+    leaves = [t.requires_grad_() for t in (x, r, w, b) if t is not None]
+    wide_r = r.detach().float().requires_grad_()
+    y, s = call(name, x, r, w, b)
+    y_wide, s_wide = call(name, x, wide_r, w, b)
+    assert s.dtype == y.dtype == torch.float32
+    assert torch.equal(s, x + r) and torch.equal(s, s_wide) and torch.equal(y, y_wide)
+    dy, ds = torch.randn_like(y), torch.randn_like(s)
+    grads = torch.autograd.grad((y, s), leaves, (dy, ds))
+    grads_wide = torch.autograd.grad((y_wide, s_wide), [wide_r if t is r else t for t in leaves], (dy, ds))
+    for leaf, g, e in zip(leaves, grads, grads_wide, strict=True):
+        assert g.dtype == leaf.dtype and torch.equal(g, e.to(leaf.dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("saved", (False, True), ids=("recomputed", "saved"))
 @pytest.mark.parametrize("terms", (1, 2))
 @pytest.mark.parametrize("cols", (1000, 1001), ids=("vectors", "scalars"))
@@ -633,6 +657,8 @@ def test_reference_fallback_parity():
             if not t.is_center(name):
                 kw["p"] = 0.5
             t.check_parity(name, x, r, w, b, **kw)
+            if t.has_residual(name):
+                t.test_16_bit_residual_of_fp32_rows_is_widened_exactly(name, torch.bfloat16, 37, "cpu")
         # A frozen weight (BitFit): the fallback's autograd asks only for the gradients wanted.
         x, r, w, b = t.make_inputs("add_layer_norm", (5, 33), torch.float32)
         with t.BackwardCalls() as calls:

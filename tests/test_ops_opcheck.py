@@ -42,6 +42,15 @@ def test_opcheck_forward(name, shape, ndim, dtype, requires_grad):
     torch.library.opcheck(getattr(ops, name).default, args, kwargs)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("name", ["add_rms_norm", "add_layer_norm"])
+def test_opcheck_16_bit_residual_of_fp32_rows(name, requires_grad):
+    """autocast's residual add: fp32 input, bf16 residual (its gradient comes back in bf16)."""
+    args, kwargs = forward_args(name, (4, 8), 1, torch.float32, requires_grad)
+    args = (args[0], args[1].detach().bfloat16().requires_grad_(requires_grad), *args[2:])
+    torch.library.opcheck(getattr(ops, name).default, args, kwargs)
+
+
 def test_opcheck_forward_float64_no_params():
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(ops.rms_norm.default, (x, None, 1e-6))

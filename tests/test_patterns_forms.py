@@ -113,6 +113,8 @@ F.rms_norm: call:F.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.rms_norm; call:nn.LayerNorm -> normpass.layer_norm
 sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
 aliased residual block: R1 llama upcast -> normpass.rms_norm
+autocast residual block: R1 llama upcast -> normpass.rms_norm
+mixed 16-bit residual block: R1 llama upcast -> normpass.rms_norm
 expanded residual block: R1 llama upcast -> normpass.rms_norm
 two norms of one stream: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
 scaled by its input: R5 no weight -> normpass.rms_norm
@@ -157,6 +159,8 @@ F.rms_norm: call:torch.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.add_rms_norm; call:F.layer_norm -> normpass.add_layer_norm
 sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
 aliased residual block: R1 llama upcast -> normpass.add_rms_norm
+autocast residual block: R1 llama upcast -> normpass.add_rms_norm
+mixed 16-bit residual block: R1 llama upcast -> normpass.rms_norm
 expanded residual block: R1 llama upcast -> normpass.add_rms_norm
 two norms of one stream: R1 llama upcast -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
 scaled by its input: R5 no weight -> normpass.add_rms_norm
@@ -201,6 +205,8 @@ F.rms_norm: R4 no casts -> normpass.rms_norm
 residual block: R4 no casts -> normpass.add_rms_norm; call:aten.native_layer_norm -> normpass.add_layer_norm
 sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
 aliased residual block: R4 no casts -> normpass.add_rms_norm
+autocast residual block: R4 no casts -> normpass.add_rms_norm
+mixed 16-bit residual block: R4 no casts -> normpass.rms_norm
 expanded residual block: R4 no casts -> normpass.add_rms_norm
 two norms of one stream: R4 no casts -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
 scaled by its input: R5 no weight -> normpass.add_rms_norm
@@ -245,6 +251,8 @@ F.rms_norm: call:aten.rms_norm -> normpass.rms_norm
 residual block: R1 llama upcast -> normpass.add_rms_norm; call:aten.layer_norm -> normpass.add_layer_norm
 sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_norm
 aliased residual block: R1 llama upcast -> normpass.add_rms_norm
+autocast residual block: R1 llama upcast -> normpass.add_rms_norm
+mixed 16-bit residual block: R1 llama upcast -> normpass.rms_norm
 expanded residual block: R1 llama upcast -> normpass.add_rms_norm
 two norms of one stream: R1 llama upcast -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
 scaled by its input: R5 no weight -> normpass.add_rms_norm
@@ -361,6 +369,24 @@ getitem = getitem(add_rms_norm_default, 0)
 getitem_1 = getitem(add_rms_norm_default, 1)
 tanh = aten.tanh(getitem)
 add_2 = aten.add(getitem_1, tanh)
+return [add_2]
+# autocast residual block
+to = aten.to(x, float32)
+to_1 = aten.to(r, bfloat16)
+add_rms_norm_default = normpass.add_rms_norm(to, to_1, p_norm_weight, 1e-06)
+getitem = getitem(add_rms_norm_default, 0)
+getitem_1 = getitem(add_rms_norm_default, 1)
+tanh = aten.tanh(getitem)
+add_2 = aten.add(getitem_1, tanh)
+return [add_2]
+# mixed 16-bit residual block
+to = aten.to(x, bfloat16)
+to_1 = aten.to(r, float16)
+add = aten.add(to, to_1)
+to_2 = aten.to(add, float32)
+rms_norm_default = normpass.rms_norm(add, p_norm_weight, 1e-06)
+tanh = aten.tanh(rms_norm_default)
+add_2 = aten.add(to_2, tanh)
 return [add_2]
 # expanded residual block
 add_rms_norm_default = normpass.add_rms_norm(x, r, p_norm_weight, 1e-06)

@@ -121,16 +121,16 @@ template <typename T>
 using BackwardRowsFn = void (*)(const BackwardArgs&, int64_t, int64_t, at::opmath_type<T>*,
                                 at::opmath_type<T>*, at::opmath_type<T>*);
 
-template <typename T, typename W, typename O>
+template <typename T, typename W, typename O, typename R>
 ForwardRowsFn<T> forward_rows_fn() {
 #ifdef NORMPASS_X86_VARIANTS
   switch (cpu_isa()) {
-    case Isa::kAvx512: return avx512::forward_rows<T, W, O>;
-    case Isa::kAvx2: return avx2::forward_rows<T, W, O>;
+    case Isa::kAvx512: return avx512::forward_rows<T, W, O, R>;
+    case Isa::kAvx2: return avx2::forward_rows<T, W, O, R>;
     case Isa::kBaseline: break;
   }
 #endif
-  return baseline::forward_rows<T, W, O>;
+  return baseline::forward_rows<T, W, O, R>;
 }
 
 template <typename T, typename W, typename G>
@@ -172,7 +172,13 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
                 stats ? stats->mutable_data_ptr() : nullptr,
                 cols,
                 p};
-  const auto rows_fn = forward_rows_fn<T, W, O>();
+  // The residual is of x's dtype, or 16 bits beside fp32 x, read as it is (norm.h).
+  ForwardRowsFn<T> rows_fn = forward_rows_fn<T, W, O, T>();
+  if constexpr (std::is_same_v<T, float>) {
+    const auto r = residual ? residual->scalar_type() : x.scalar_type();
+    if (r == at::kBFloat16) rows_fn = forward_rows_fn<T, W, O, c10::BFloat16>();
+    if (r == at::kHalf) rows_fn = forward_rows_fn<T, W, O, c10::Half>();
+  }
   at::parallel_for(0, rows, row_grain(cols), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(2 * cols);
     rows_fn(a, begin, end, scratch.data());

@@ -103,12 +103,13 @@ NP_TARGET void widen_params(const W* w, const W* b, acc_t offset, int64_t n, acc
 }
 
 // The row a norm normalizes: x itself, or x + residual rounded to T and
-// stored to `sum` (normalized as rounded, like eager `norm(x + residual)`).
+// stored to `sum` (normalized as rounded, like eager `norm(x + residual)`; a
+// 16-bit residual of fp32 x widens exactly, as eager's promotion does).
 // Its statistics and the output read that row of T (16-bit values widen with
 // one shift as they are loaded), so the forward and a backward recomputing
 // the statistics from the same row give the same bits.
-template <typename T>
-NP_TARGET const T* norm_row(const T* __restrict x, const T* __restrict r, T* __restrict sum,
+template <typename T, typename R>
+NP_TARGET const T* norm_row(const T* __restrict x, const R* __restrict r, T* __restrict sum,
                             int64_t n) {
   if (r == nullptr) return x;
 #pragma omp simd
@@ -192,13 +193,13 @@ NP_TARGET RowStats<acc_t> row_stats(const T* __restrict h, int64_t k, bool cente
 
 
 // Rows [begin, end). `scratch` holds 2 * cols accumulation values.
-template <typename T, typename W, typename O>
+template <typename T, typename W, typename O, typename R>
 NP_TARGET void forward_rows(const ForwardArgs& a, int64_t begin, int64_t end,
                             at::opmath_type<T>* scratch) {
   using acc_t = at::opmath_type<T>;
   const int64_t n = a.cols, k = a.params.stat_cols;
   const T* x = static_cast<const T*>(a.x);
-  const T* r = static_cast<const T*>(a.residual);
+  const R* r = static_cast<const R*>(a.residual);
   T* sum = static_cast<T*>(a.sum);
   const W* w = static_cast<const W*>(a.weight);
   const W* b = static_cast<const W*>(a.bias);

@@ -11,12 +11,12 @@ namespace cuda {
 using at::Tensor;
 using std::optional;
 
-template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
+template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL>
 void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const NormParams& p, Tensor& out, optional<Tensor>& sum,
                     optional<Tensor>& stats) {
-  auto kernel = norm_fwd_kernel<T, W, O, VEC, CENTER, RESIDUAL>;
+  auto kernel = norm_fwd_kernel<T, W, O, R, VEC, CENTER, RESIDUAL>;
   const int min_threads = fwd_min_threads(device_attribute(cudaDevAttrMaxBlocksPerMultiprocessor));
   // A LayerNorm row of one full-size CTA runs in a half-size CTA over two
   // tiles, the first re-read from L2 (eighteenth stop: bf16 LayerNorm 16384
@@ -28,9 +28,9 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
                                    max_cluster(kernel, max_threads), min_threads, max_threads,
                                    halve ? 2 : kFwdClusterTiles, /*round_to_warps=*/true);
-  FwdArgs<T, W, O> a{};
+  FwdArgs<T, W, O, R> a{};
   a.x = ptr<T>(x);
-  a.residual = ptr<T>(residual);
+  a.residual = ptr<R>(residual);
   a.weight = ptr<W>(weight);
   a.bias = ptr<W>(bias);
   a.out = mut_ptr<O>(out);
@@ -60,10 +60,21 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
   constexpr int kVec = 16 / sizeof(T);
   const bool vec = vector_ok(x, kVec) && vector_ok(residual, kVec) && vector_ok(out, kVec) &&
                    vector_ok(sum, kVec) && vector_ok(weight, kVec) && vector_ok(bias, kVec);
-  dispatch_flags<kVec>(vec, residual.has_value(), [&](auto v, auto res) {
-    forward_launch<T, W, O, decltype(v)::value, CENTER, decltype(res)::value>(
-        x, residual, weight, bias, p, out, sum, stats);
-  });
+  // The residual is of x's dtype, or 16 bits beside fp32 x (autocast's fp32 stream plus a bf16
+  // projection), loaded as it is and widened exactly. Only the residual kernels take another R.
+  auto typed = [&](auto r_tag) {
+    using R = typename decltype(r_tag)::type;
+    dispatch_flags<kVec>(vec, residual.has_value(), [&](auto v, auto res) {
+      if constexpr (std::is_same_v<R, T> || decltype(res)::value)
+        forward_launch<T, W, O, R, decltype(v)::value, CENTER, decltype(res)::value>(
+            x, residual, weight, bias, p, out, sum, stats);
+    });
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if (residual && residual->scalar_type() != x.scalar_type())
+      return dispatch_float(residual->scalar_type(), "residual", typed);
+  }
+  typed(Tag<T>{});
 }
 
 // The parameters are of x's dtype or fp32; the output of x's dtype, fp32, or,

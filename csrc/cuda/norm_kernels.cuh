@@ -64,10 +64,11 @@ struct Frag {
 
 // ---------------------------------------------------------------------------
 // Forward: y = (h - mean) * rstd * (w + offset) + b, h = x or round(x + r).
-template <typename T, typename W, typename O>
+// R: the residual's storage type, T's, or 16 bits beside fp32 x (widened as loaded).
+template <typename T, typename W, typename O, typename R = T>
 struct FwdArgs {
   const T* x;
-  const T* residual; // RESIDUAL only
+  const R* residual; // RESIDUAL only
   const W* weight;   // may be null
   const W* bias;     // may be null
   O* out;            // contiguous (rows, cols)
@@ -78,8 +79,8 @@ struct FwdArgs {
   RowLayout layout;
 };
 
-template <typename T, typename W, typename O, int VEC, bool CENTER, bool RESIDUAL>
-__global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) norm_fwd_kernel(const FwdArgs<T, W, O> a) {
+template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL>
+__global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) norm_fwd_kernel(const FwdArgs<T, W, O, R> a) {
   constexpr int ITEMS = fwd_items<VEC>();
   const RowLayout& L = a.layout;
   const RowThread th(L);
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) norm_fwd_kernel
       const bool valid = row < L.rows;
       const int64_t r0 = valid ? row : 0;
       const T* x = a.x + r0 * a.x_stride;
-      const T* r = RESIDUAL ? a.residual + r0 * a.r_stride : nullptr;
+      const R* r = RESIDUAL ? a.residual + r0 * a.r_stride : nullptr;
       T* sum = RESIDUAL ? a.sum + r0 * L.cols : nullptr;
       O* out = a.out + r0 * L.cols;
       Frag<T, VEC, ITEMS> h;
@@ -111,7 +112,8 @@ __global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) norm_fwd_kernel
           if (RESIDUAL && !first_pass) {
             load<false>(h.v[k], sum + j * VEC); // written by this kernel: no read-only path
           } else if (RESIDUAL) {
-            Pack<T, VEC> xv, rv;
+            Pack<T, VEC> xv;
+            Pack<R, VEC> rv;
             load(xv, x + j * VEC);
             load(rv, r + j * VEC);
 #pragma unroll
@@ -127,7 +129,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) norm_fwd_kernel
       // The first tile's loads go out before the shift's, so that both wait on
       // memory at once (ncu, v25: LayerNorm waited for the shift, then for the row).
       load_tile(0, true);
-      const float shift = CENTER && valid ? row_shift<T, VEC, RESIDUAL>(x, r, L.cols) : 0.f;
+      const float shift = CENTER && valid ? row_shift<T, R, VEC, RESIDUAL>(x, r, L.cols) : 0.f;
 
       // One reduction: sum (h - shift)^2 and, for LayerNorm, sum (h - shift),
       // each tile's sums added to the row's (fewer roundings in a chain).

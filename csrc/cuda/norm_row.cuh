@@ -393,15 +393,16 @@ __device__ __forceinline__ Moments shifted_moments(float shift, float s1, float 
 // for 16-bit rows. The variance above loses (1 + (mean - shift)^2 / var)
 // times the sums' rounding error: with x[0] alone, up to 3 standard
 // deviations off, fp32 rows of 2^20 missed the parity bound.
-template <typename T, int VEC, bool RESIDUAL>
-__device__ __forceinline__ float row_shift(const T* x, const T* r, int cols) {
+template <typename T, typename R, int VEC, bool RESIDUAL>
+__device__ __forceinline__ float row_shift(const T* x, const R* r, int cols) {
   constexpr int kMaxLoads = VEC >= 8 ? 1 : 8 / VEC;
   const int loads = cols / VEC < kMaxLoads ? cols / VEC : kMaxLoads; // VEC > 1: VEC | cols
   float s = 0.f;
 #pragma unroll
   for (int i = 0; i < kMaxLoads; ++i) {
     if (i >= loads) break;
-    Pack<T, VEC> xv, rv;
+    Pack<T, VEC> xv;
+    Pack<R, VEC> rv;
     load(xv, x + i * VEC);
     if constexpr (RESIDUAL) load(rv, r + i * VEC);
 #pragma unroll

@@ -2,13 +2,16 @@
 
 Any site whose input is such an add becomes add_rms_norm / add_layer_norm(x, r, ...) -> (y, sum), and
 every other use of h takes `sum`. It needs the graph's metadata: x, r and h must provably have the
-same shape and dtype (no broadcasting, no promotion), and no other use of h may come before the norm.
+same shape (no broadcasting) and dtype, but for autocast's fp32 + 16-bit -> fp32 (the op widens the
+16-bit operand as the promotion does), and no other use of h may come before the norm.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
+from normpass import reference
 from normpass.passes import meta
 from normpass.passes.canonical import Term, View
 from normpass.passes.match import Site, real_users
@@ -57,9 +60,16 @@ def match_residual(site: Site, view: View, order: dict[fx.Node, float]) -> tuple
     if not all(isinstance(v, Term) and v.node is not None for v in (a, b)):
         return None
     x, r = a.node, b.node
-    dtypes = {meta.dtype(x), meta.dtype(r), meta.dtype(h)}
-    if None in dtypes or len(dtypes) != 1:
+    dtypes = (meta.dtype(x), meta.dtype(r), meta.dtype(h))
+    if None in dtypes:
         return None
+    if len(set(dtypes)) != 1:
+        # Autocast's residual add: the fp32 stream plus a 16-bit projection, promoted to fp32. The op
+        # takes the fp32 operand as its input and widens the other exactly, as the promotion does.
+        if meta.dtype(r) == torch.float32:
+            x, r = r, x
+        if not (meta.dtype(h) == meta.dtype(x) and reference.is_16_bit_of_fp32(meta.dtype(x), meta.dtype(r))):
+            return None
     if not (meta.same_shape(meta.shape(x), meta.shape(h)) and meta.same_shape(meta.shape(r), meta.shape(h))):
         return None
     # h's surviving uses will read the op's `sum`, so they must come after the op (an `h.dtype` read
