@@ -438,7 +438,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         if constexpr (CENTER) mean_g = acc[1] * inv_n;
       } else {
         if (!from_parts) load_tile(0); // before the shift's load, as in the forward
-        const float shift = CENTER && valid ? row_shift<T, VEC, false>(x, nullptr, L.cols) : 0.f;
+        const float shift = CENTER && valid ? row_shift<T, T, VEC, false>(x, nullptr, L.cols) : 0.f;
 
         // acc: sum (x-s)^2 [stat], sum g*(x-s), and for LayerNorm sum g, sum (x-s) [stat].
         // g is rounded once (no fused multiply-add), the same in both passes.
