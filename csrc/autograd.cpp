@@ -172,9 +172,10 @@ struct NormFunction : torch::autograd::Function<NormFunction> {
                      stats.defined() ? optional(stats) : std::nullopt, bias_grad, weight_grad);
     // One gradient per forward argument: (args, input, residual, weight, bias); d(sum)/d(input)
     // and d(sum)/d(residual) are both the identity (a 16-bit residual's is rounded to its dtype,
-    // as eager's promotion rounds it).
+    // as eager's promotion rounds it; only where it is wanted, since that rounding is a pass).
+    const bool residual_grad = residual && ctx->needs_input_grad(1);
     const c10::IValue& residual_dtype = saved.at("residual_dtype");
-    return {Tensor(), dx, residual ? dx.to(residual_dtype.toScalarType()) : Tensor(),
+    return {Tensor(), dx, residual_grad ? dx.to(residual_dtype.toScalarType()) : Tensor(),
             weight_grad ? dw.to(weight.scalar_type()) : Tensor(),
             bias_grad ? db.to(bias_dtype.toScalarType()) : Tensor()};
   }

@@ -99,7 +99,8 @@ int64_t check_args(const char* op, const Tensor& input, const optional<Tensor>& 
                     is_16_bit_of_fp32(input.scalar_type(), residual->scalar_type()),
                 op, ": residual has dtype ", dtype_name(residual->scalar_type()),
                 " but input has dtype ", dtype_name(input.scalar_type()),
-                " (a residual must have input's dtype, or be bfloat16 / float16 beside float32 input)");
+                " (a residual must have input's dtype, or be bfloat16 / float16 beside float32 input; the "
+                "add is commutative: pass the wider tensor as input)");
   }
   check_param(op, "weight", weight, input, ndim);
   check_param(op, "bias", bias, input, ndim);

@@ -237,10 +237,11 @@ def _register_forward_autograd() -> None:
         setup_context=_setup(center=True, residual=False),
     )
 
-    # d(sum)/d(input) and d(sum)/d(residual) are the identity; a 16-bit residual's is rounded to it.
+    # d(sum)/d(input) and d(sum)/d(residual) are the identity; a 16-bit residual's is rounded to it
+    # (only where it is wanted, since that rounding is a pass).
     def with_residual(ctx, grads):
         dx, *rest = grads
-        return (dx, dx.to(ctx.residual_dtype), *rest)
+        return (dx, dx.to(ctx.residual_dtype) if ctx.needs_input_grad[1] else None, *rest)
 
     torch.library.register_autograd(
         "normpass::add_rms_norm",

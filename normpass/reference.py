@@ -80,7 +80,8 @@ def check_args(
             residual.dtype == input.dtype or is_16_bit_of_fp32(input.dtype, residual.dtype),
             lambda: (
                 f"{op}: residual has dtype {residual.dtype} but input has dtype {input.dtype} (a "
-                "residual must have input's dtype, or be bfloat16 / float16 beside float32 input)"
+                "residual must have input's dtype, or be bfloat16 / float16 beside float32 input; the "
+                "add is commutative: pass the wider tensor as input)"
             ),
         )
     expected = tuple(input.shape[input.dim() - normalized_ndim :])

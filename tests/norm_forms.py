@@ -320,6 +320,23 @@ class AutocastResidualBlock(nn.Module):
         return h + self.norm(h).tanh()
 
 
+class AutocastResidualBlockProjectionFirst(AutocastResidualBlock):
+    """The same add written projection first: the op still takes the fp32 operand as its input."""
+
+    def forward(self, x, r):
+        h = r.half() + x.float()
+        return h + self.norm(h).tanh()
+
+
+class Float64ResidualBlock(AutocastResidualBlock):
+    """fp32 + fp64 promotes to fp64, wider than the fp32 stream: the norm is rewritten, its add is
+    not (the op widens only a 16-bit residual)."""
+
+    def forward(self, x, r):
+        h = x.float() + r.double()
+        return h + self.norm(h).tanh()
+
+
 class Mixed16BitResidualBlock(nn.Module):
     """bf16 + fp16 promotes to fp32 too, but neither operand is the fp32 row the op reads: the norm
     is rewritten, its add is not."""
@@ -457,6 +474,8 @@ FORMS: dict[str, tuple] = {
     "aliased residual block": (AliasedResidualBlock, 1, 1),
     "autocast residual block": (AutocastResidualBlock, 1, 1),
     "mixed 16-bit residual block": (Mixed16BitResidualBlock, 1, 1),
+    "autocast residual block, projection first": (AutocastResidualBlockProjectionFirst, 1, 1),
+    "float64 residual block": (Float64ResidualBlock, 1, 1),
     "expanded residual block": (ExpandedResidualBlock, 1, 1),
     "two norms of one stream": (TwoNormsOfOneStream, 1, 2),
     "scaled by its input": (ScaledByItsInput, 1, 1),

@@ -299,8 +299,10 @@ def test_16_bit_residual_of_fp32_rows(center, n):
     x, w, b = (torch.randn(m, n, device="cuda"), torch.randn(n, device="cuda"), torch.randn(n, device="cuda"))
     b = b if center else None
     for dtype in (torch.bfloat16, torch.float16):
-        dense, strided = (torch.randn(m, k, device="cuda").to(dtype) for k in (n, n + 3))
-        for r in (dense, strided[:, :n]):
+        dense, odd, wide = (torch.randn(m, k, device="cuda").to(dtype) for k in (n, n + 3, n + 8))
+        # odd: rows of n + 3 (scalar loads); wide[:, 4:]: 8-byte vectors at 8, not 16, bytes'
+        # alignment, rows of n + 8 (vector loads of another row stride than n)
+        for r in (dense, odd[:, :n], wide[:, 4 : n + 4]):
             for out_dtype in (None, dtype):  # the output's cast folded too, as under autocast
                 with only_normpass_kernels():
                     got = ops.norm_with_stats(x, r, w, b, EPS, center=center, out_dtype=out_dtype)

@@ -116,7 +116,7 @@ CASES = {
         lambda x, r, w, b: ((x.bfloat16(), r, w, 1e-5), {}),
         r"normpass\.add_rms_norm: residual has dtype torch\.float32 but input has dtype "
         r"torch\.bfloat16 \(a residual must have input's dtype, or be bfloat16 / float16 beside "
-        r"float32 input\)",
+        r"float32 input; the add is commutative: pass the wider tensor as input\)",
     ),
     "residual_other_16_bit": (
         "add_layer_norm",

@@ -363,6 +363,10 @@ def test_16_bit_residual_of_fp32_rows_is_widened_exactly(name, r_dtype, cols, de
     grads_wide = torch.autograd.grad((y_wide, s_wide), [wide_r if t is r else t for t in leaves], (dy, ds))
     for leaf, g, e in zip(leaves, grads, grads_wide, strict=True):
         assert g.dtype == leaf.dtype and torch.equal(g, e.to(leaf.dtype))
+    # A residual that wants no gradient gets none (and no rounding pass).
+    y, s = call(name, x, r.detach(), w, b)
+    (dx,) = torch.autograd.grad((y, s), (x,), (dy, ds))
+    assert torch.equal(dx, grads[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)

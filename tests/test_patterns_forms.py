@@ -115,6 +115,8 @@ sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_
 aliased residual block: R1 llama upcast -> normpass.rms_norm
 autocast residual block: R1 llama upcast -> normpass.rms_norm
 mixed 16-bit residual block: R1 llama upcast -> normpass.rms_norm
+autocast residual block, projection first: R1 llama upcast -> normpass.rms_norm
+float64 residual block: R1 llama upcast -> normpass.rms_norm
 expanded residual block: R1 llama upcast -> normpass.rms_norm
 two norms of one stream: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
 scaled by its input: R5 no weight -> normpass.rms_norm
@@ -161,6 +163,8 @@ sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_
 aliased residual block: R1 llama upcast -> normpass.add_rms_norm
 autocast residual block: R1 llama upcast -> normpass.add_rms_norm
 mixed 16-bit residual block: R1 llama upcast -> normpass.rms_norm
+autocast residual block, projection first: R1 llama upcast -> normpass.add_rms_norm
+float64 residual block: R1 llama upcast -> normpass.rms_norm
 expanded residual block: R1 llama upcast -> normpass.add_rms_norm
 two norms of one stream: R1 llama upcast -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
 scaled by its input: R5 no weight -> normpass.add_rms_norm
@@ -207,6 +211,8 @@ sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_
 aliased residual block: R4 no casts -> normpass.add_rms_norm
 autocast residual block: R4 no casts -> normpass.add_rms_norm
 mixed 16-bit residual block: R4 no casts -> normpass.rms_norm
+autocast residual block, projection first: R4 no casts -> normpass.add_rms_norm
+float64 residual block: R1 llama upcast -> normpass.rms_norm
 expanded residual block: R4 no casts -> normpass.add_rms_norm
 two norms of one stream: R4 no casts -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
 scaled by its input: R5 no weight -> normpass.add_rms_norm
@@ -253,6 +259,8 @@ sandwich block: R3 gemma 1+w -> normpass.rms_norm; R3 gemma 1+w -> normpass.rms_
 aliased residual block: R1 llama upcast -> normpass.add_rms_norm
 autocast residual block: R1 llama upcast -> normpass.add_rms_norm
 mixed 16-bit residual block: R1 llama upcast -> normpass.rms_norm
+autocast residual block, projection first: R1 llama upcast -> normpass.add_rms_norm
+float64 residual block: R1 llama upcast -> normpass.rms_norm
 expanded residual block: R1 llama upcast -> normpass.add_rms_norm
 two norms of one stream: R1 llama upcast -> normpass.add_rms_norm; R4 no casts -> normpass.rms_norm
 scaled by its input: R5 no weight -> normpass.add_rms_norm
@@ -387,6 +395,24 @@ to_2 = aten.to(add, float32)
 rms_norm_default = normpass.rms_norm(add, p_norm_weight, 1e-06)
 tanh = aten.tanh(rms_norm_default)
 add_2 = aten.add(to_2, tanh)
+return [add_2]
+# autocast residual block, projection first
+to = aten.to(r, float16)
+to_1 = aten.to(x, float32)
+add_rms_norm_default = normpass.add_rms_norm(to_1, to, p_norm_weight, 1e-06)
+getitem = getitem(add_rms_norm_default, 0)
+getitem_1 = getitem(add_rms_norm_default, 1)
+tanh = aten.tanh(getitem)
+add_2 = aten.add(getitem_1, tanh)
+return [add_2]
+# float64 residual block
+to = aten.to(x, float32)
+to_1 = aten.to(r, float64)
+add = aten.add(to, to_1)
+to_2 = aten.to(add, float32)
+rms_norm_default = normpass.rms_norm(to_2, p_norm_weight, 1e-06, out_dtype=float64)
+tanh = aten.tanh(rms_norm_default)
+add_2 = aten.add(add, tanh)
 return [add_2]
 # expanded residual block
 add_rms_norm_default = normpass.add_rms_norm(x, r, p_norm_weight, 1e-06)
