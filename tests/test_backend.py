@@ -415,6 +415,45 @@ def test_dynamic_fullgraph_training_through_inductor_compiles_once():
     assert compiles[0] >= 1 and compiles[1:] == [compiles[0]] * 2, compiles
 
 
+def test_activation_checkpointed_blocks_are_rewritten():
+    """torch.utils.checkpoint regions reach the backend as higher-order-op subgraphs: their norms
+    are rewritten there (and recomputed by the fused op in the backward), with eager's gradients.
+    (transformers' own gradient checkpointing graph-breaks in Dynamo before normpass sees it: a
+    logging call and a context-variable write inside the checkpointed function.)"""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = torch.nn.RMSNorm(32, eps=1e-6), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return x + self.proj(self.norm(x))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(2))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            return x
+
+    torch.manual_seed(0)
+    model, x = Model(), torch.randn(3, 5, 32, requires_grad=True)
+    recorder = Recorder()
+    be = normpass.backend(compiler=recorder)
+    got = torch.compile(model, backend=be, fullgraph=True)(x)
+    expected = model(x)
+    grads = torch.autograd.grad(got.square().sum(), (x, *model.parameters()))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, *model.parameters()))
+    assert len(be.reports) == 1 and len(be.reports[0].rewritten) == 2, str(be.reports[0])
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(g, e)
+    assert recorder.count("backward", BACKWARD_OPS) == 2
+
+
 @needs_cuda
 def test_reduce_overhead_training_on_cuda():
     """mode="reduce-overhead" (inductor's CUDA graphs) around normpass's CUDA ops: the replayed
