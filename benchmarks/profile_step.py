@@ -1,6 +1,7 @@
 """Where a training step's GPU time goes: torch.profiler tables for eager and normpass variants.
 
 python benchmarks/profile_step.py --model gpt2 --variants eager,normpass+eager
+python benchmarks/profile_step.py --model llama --amp --variants inductor,normpass+inductor
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from bench_e2e import ATTENTION, build, variants
 from torch.profiler import ProfilerActivity, profile
 
 
-def train_step(fn, model, ids) -> None:
-    fn(input_ids=ids, labels=ids).loss.backward()
+def train_step(fn, model, ids, amp: bool = False) -> None:
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        loss = fn(input_ids=ids, labels=ids).loss
+    loss.backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -27,9 +30,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--attention", default="sdpa", choices=ATTENTION)
     ap.add_argument("--grep", default="", help="comma-separated words: list the kernels named with one")
+    ap.add_argument("--amp", action="store_true", help="fp32 weights, the step under bf16 autocast")
     args = ap.parse_args(argv)
 
-    model = build(args.model, tiny=False, device="cuda", dtype=torch.bfloat16, attention=args.attention)
+    dtype = torch.float32 if args.amp else torch.bfloat16
+    model = build(args.model, tiny=False, device="cuda", dtype=dtype, attention=args.attention)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     for name in args.variants.split(","):
         backend = variants()[name]
@@ -37,12 +42,12 @@ def main(argv=None) -> int:
         fn = model if backend is None else torch.compile(model, backend=backend)
 
         for _ in range(3):
-            train_step(fn, model, ids)
+            train_step(fn, model, ids, args.amp)
         torch.cuda.synchronize()
         # record_shapes: a strided or misaligned operand sends normpass's kernels down their scalar
         # path, which the kernel table alone does not show.
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
-            train_step(fn, model, ids)
+            train_step(fn, model, ids, args.amp)
             torch.cuda.synchronize()
         print(f"\n===== {args.model} / {name} =====")
         if backend is not None and getattr(backend, "reports", None):
