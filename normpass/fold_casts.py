@@ -24,9 +24,9 @@ from torch.fx import Graph, Node
 
 import normpass.ops  # noqa: F401  (registers the ops)
 from normpass.grad_sums import BACKWARD_OPS, EXTRA, fake_value, with_terms
+from normpass.reference import is_16_bit_of_fp32
 
 _CAST = torch.ops.prims.convert_element_type.default
-_NARROW = (torch.bfloat16, torch.float16)
 # The forward ops, each with the position of its output among the op's results (None: the only one).
 _FORWARD_OPS = {
     torch.ops.normpass.rms_norm.default: None,
@@ -60,7 +60,7 @@ def _fold_output_cast(op: Node, index: int | None) -> bool:
     casts = list(out.users)
     targets = {_cast_to(c) for c in casts}
     new_val = fake_value(casts[0])
-    if len(targets) != 1 or (dtype := targets.pop()) not in _NARROW or new_val is None:
+    if len(targets) != 1 or not is_16_bit_of_fp32(out_val.dtype, dtype := targets.pop()) or new_val is None:
         return False
     op.kwargs = {**op.kwargs, "out_dtype": dtype}
     out.meta["val"] = new_val
@@ -88,7 +88,7 @@ def _fold_grad_casts(op: Node) -> bool:
         return False
     sources = [t.args[0] for t in terms]
     dtypes = {getattr(fake_value(s), "dtype", None) for s in sources}
-    if len(dtypes) != 1 or dtypes.pop() not in _NARROW:
+    if len(dtypes) != 1 or not is_16_bit_of_fp32(x.dtype, dtypes.pop()):
         return False
     op.args = with_terms(op.args, sources)
     if "eager_input_vals" in op.meta:

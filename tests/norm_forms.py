@@ -337,13 +337,9 @@ class Float64ResidualBlock(AutocastResidualBlock):
         return h + self.norm(h).tanh()
 
 
-class Mixed16BitResidualBlock(nn.Module):
+class Mixed16BitResidualBlock(AutocastResidualBlock):
     """bf16 + fp16 promotes to fp32 too, but neither operand is the fp32 row the op reads: the norm
     is rewritten, its add is not."""
-
-    def __init__(self):
-        super().__init__()
-        self.norm = R1Llama()
 
     def forward(self, x, r):
         h = x.bfloat16() + r.half()
