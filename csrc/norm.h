@@ -21,8 +21,8 @@ inline at::ScalarType acc_dtype(const at::Tensor& x) {
 // A 16-bit residual, output or gradient of fp32 rows. Under autocast the residual stream is fp32
 // and each projection bf16: a norm's residual add is fp32 + bf16 (the kernels widen the residual
 // as they load it, as eager's promotion does), and normpass/fold_casts.py folds the casts of its
-// output and of its gradient into the op (the kernels write such an output and read such a
-// gradient, when it is the only term, as they are).
+// output and of its gradients into the op (the kernels write such an output and read such
+// gradients as they are, summing several in fp32).
 inline bool is_16_bit_of_fp32(at::ScalarType x, at::ScalarType t) {
   return x == at::kFloat && (t == at::kBFloat16 || t == at::kHalf);
 }
@@ -62,13 +62,15 @@ using NormForward = void(
 // (length cols, in x's dtype or the accumulation dtype; written, not
 // accumulated: the front end allocates them uninitialized). Reductions over
 // rows must be deterministic.
-// grad_out is of x's dtype, or one 16-bit term (no extra_grad_outs) of fp32 x;
-// the CUDA kernels also take fp32 for 16-bit x.
+// grad_out is of x's dtype, or 16-bit for fp32 x; the CUDA kernels also take
+// fp32 for 16-bit x.
 // extra_grad_outs (grad_out's dtype, x's shape) are further terms of the
-// output's gradient: grad_out + extra[0] + ..., each sum rounded to grad_out's
-// dtype as eager adds are. An output read by several ops (q, k and v
-// projections) gets one term per reader, so the backward sums them as it
-// loads them instead of after a separate add kernel.
+// output's gradient: grad_out + extra[0] + ..., each sum rounded to the wider
+// of grad_out's and x's dtypes, as the eager adds are (16-bit terms of fp32 x
+// are autocast casts' gradients, widened before they are summed). An output
+// read by several ops (q, k and v projections) gets one term per reader, so
+// the backward sums them as it loads them instead of after a separate add
+// kernel.
 using NormBackward = void(
     const at::Tensor& grad_out,
     at::TensorList extra_grad_outs,
@@ -81,10 +83,13 @@ using NormBackward = void(
     std::optional<at::Tensor>& grad_bias,
     const std::optional<at::Tensor>& stats);
 
-// grad_out + extra_grad_outs[0] + ..., added up front in order (one rounding
-// per add, as eager): for kernels, or terms, that do not sum while loading.
-inline at::Tensor sum_grad_terms(const at::Tensor& grad_out, at::TensorList extra_grad_outs) {
-  at::Tensor dy = grad_out;
+// grad_out + extra_grad_outs[0] + ..., added up front in order in the wider of
+// grad_out's dtype and x's (one rounding per add, as eager): for kernels, or
+// terms, that do not sum while loading. A single term is returned as it is.
+inline at::Tensor sum_grad_terms(const at::Tensor& grad_out, at::TensorList extra_grad_outs,
+                                 at::ScalarType x_dtype) {
+  if (extra_grad_outs.empty()) return grad_out;
+  at::Tensor dy = grad_out.to(c10::promoteTypes(grad_out.scalar_type(), x_dtype));
   for (const at::Tensor& g : extra_grad_outs) dy = dy.add(g);
   return dy;
 }

@@ -4,6 +4,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstdint>
@@ -250,11 +251,14 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     NormParams params{center, eps, weight_offset, stat_cols_for(p, cols)};
     Tensor grad_input2d = grad_input.view({-1, cols});
     // Gradients reach the kernels as (rows, cols) views: the sum's (grad_sum) in x's dtype, the
-    // output's in the wider of x's and theirs on CUDA (norm.h), and a single 16-bit term of fp32 x
-    // (autocast's cast of the output, folded by normpass.fold_casts) as it is on every device;
-    // several are summed in fp32, as the widened terms they replace were.
+    // output's in the wider of x's and theirs on CUDA (norm.h), and 16-bit terms of fp32 x
+    // (autocast's casts of the output, folded by normpass.fold_casts) as they are on every device,
+    // which sum several in fp32, as the widened terms they replace were.
     const auto g_dtype = grad_out.scalar_type();
-    const bool narrow = extra_grad_outs.empty() && is_16_bit_of_fp32(input.scalar_type(), g_dtype);
+    const bool narrow =
+        is_16_bit_of_fp32(input.scalar_type(), g_dtype) &&
+        std::all_of(extra_grad_outs.begin(), extra_grad_outs.end(),
+                    [&](const Tensor& g) { return g.scalar_type() == g_dtype; });
     const auto dy_dtype = narrow ? g_dtype : input.is_cuda() ? wide_dtype : input.scalar_type();
     auto rows_of = [&](const Tensor& g, at::ScalarType dtype) { return as_rows(g.to(dtype), cols); };
     optional<Tensor> grad_sum2d;

@@ -462,21 +462,29 @@ def test_cuda_graph_capture(n, m):
 @pytest.mark.parametrize("n", [1024, 4099, 16384, 262144])
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
 @pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
-@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_extra_grad_outs(center, n, terms, saved, grad_dtype):
-    """The backward sums the output's gradient terms as it loads them: same bits as summing first."""
+@pytest.mark.parametrize(
+    "x_dtype, grad_dtype",
+    # bf16 terms of fp32 rows: autocast's casts of an fp32 norm's output, summed in fp32
+    [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+    ids=str,
+)
+def test_extra_grad_outs(center, n, terms, saved, x_dtype, grad_dtype):
+    """The backward sums the output's gradient terms as it loads them, in the wider of their dtype
+    and x's: the same bits as summing first, with no other kernel where the kernel sums them."""
     m = rows_for(n)
-    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(m, n, device="cuda", dtype=x_dtype)
     dy = torch.randn(m, n, device="cuda", dtype=grad_dtype)
-    w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, device="cuda", dtype=x_dtype)
     extra = [torch.randn(m, n, device="cuda", dtype=grad_dtype) for _ in range(terms)]
-    summed = dy
+    summed = dy.to(torch.promote_types(x_dtype, grad_dtype))
     for term in extra:
         summed = summed + term
     op = backward_op(center)
     stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2] if saved else None
     expected = op(summed, x, w, None, EPS, None, stats)
-    got = op(dy, x, w, None, EPS, extra, stats)
+    in_kernel = terms < 3 and grad_dtype != torch.float32
+    with only_normpass_kernels() if in_kernel else contextlib.nullcontext():
+        got = op(dy, x, w, None, EPS, extra, stats)
     for name, e, o in zip(("dx", "dweight", "dbias"), expected, got, strict=True):
         assert torch.equal(e, o), name
 

@@ -371,13 +371,14 @@ def test_16_bit_residual_of_fp32_rows_is_widened_exactly(name, r_dtype, cols, de
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("saved", (False, True), ids=("recomputed", "saved"))
-@pytest.mark.parametrize("terms", (1, 2))
+@pytest.mark.parametrize("terms", (1, 2, 3, 4))  # 4: more than the CUDA kernels sum as they load
 @pytest.mark.parametrize("cols", (1000, 1001), ids=("vectors", "scalars"))
 @pytest.mark.parametrize("grad_dtype", (torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("center", (False, True), ids=("rms", "ln"))
 def test_16_bit_gradients_of_fp32_rows_are_widened_exactly(center, grad_dtype, cols, terms, saved, device):
     """That output's gradient terms, which normpass.fold_casts passes before their widening cast: the
-    same bits as the backward of the widened terms (one is read as it is, several summed in fp32)."""
+    same bits as the backward of the widened terms (one is read as it is, several summed in fp32,
+    not rounded to 16 bits after each add)."""
     g = torch.Generator().manual_seed(cols + 2 * terms + int(center))
     x, ds = (torch.randn(67, cols, generator=g).to(device) for _ in range(2))
     w = torch.randn(cols, generator=g).to(device)
@@ -389,6 +390,12 @@ def test_16_bit_gradients_of_fp32_rows_are_widened_exactly(center, grad_dtype, c
     want = op(widened[0], x, w, ds, EPS, widened[1:], stats)
     for name, e, o in zip(("dx", "dweight", "dbias"), want, got, strict=True):
         assert o.dtype == e.dtype and torch.equal(e, o), name
+    # A term of another dtype among them: each is widened to fp32 before the sum.
+    if terms > 1:
+        mixed = [dys[0], widened[1], *dys[2:]]
+        got = op(mixed[0], x, w, ds, EPS, mixed[1:], stats)
+        for name, e, o in zip(("dx", "dweight", "dbias"), want, got, strict=True):
+            assert torch.equal(e, o), f"{name} (mixed)"
 
 
 class BackwardCalls(TorchDispatchMode):

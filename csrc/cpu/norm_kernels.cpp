@@ -308,13 +308,14 @@ void norm_backward_cpu(const Tensor& grad_out, at::TensorList extra_grad_outs, c
     if (grad_bias) grad_bias->copy_(*db);
     return;
   }
-  // The gradient is of x's dtype, or one 16-bit term of fp32 x (norm.h), read as it is.
-  const auto g = grad_out.scalar_type();
-  TORCH_CHECK(g == x.scalar_type() ||
-                  (extra_grad_outs.empty() && is_16_bit_of_fp32(x.scalar_type(), g)),
-              "normpass CPU: grad_out must have x's dtype or be one 16-bit term of fp32 x, got ",
-              g);
-  const Tensor dy = sum_grad_terms(grad_out, extra_grad_outs);
+  // The gradient is of x's dtype, or 16-bit for fp32 x (norm.h): one term is read as it is,
+  // several are summed in fp32 first.
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() ||
+                  is_16_bit_of_fp32(x.scalar_type(), grad_out.scalar_type()),
+              "normpass CPU: grad_out must have x's dtype or be 16-bit for fp32 x, got ",
+              grad_out.scalar_type());
+  const Tensor dy = sum_grad_terms(grad_out, extra_grad_outs, x.scalar_type());
+  const auto g = dy.scalar_type();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "normpass_bwd", [&] {
     using T = scalar_t;
     with_param_type<T>(weight, std::nullopt, [&](auto w_tag) {

@@ -170,11 +170,12 @@ void backward_typed(const Tensor& grad_out, at::TensorList more, const Tensor& x
             grad_out, more, x, weight, grad_sum, p, grad_input, grad_weight, grad_bias, stats);
       });
     };
-    // Terms summed in the kernel only in x's dtype (norm_backward.cu sums the others up front).
-    if constexpr (std::is_same_v<G, T>) {
+    // Terms summed in the kernel in x's dtype, or 16-bit ones of fp32 x (widened as loaded); fp32
+    // terms of 16-bit x are summed up front (norm_backward.cu).
+    if constexpr (std::is_same_v<G, T> || std::is_same_v<T, float>) {
       dispatch_bool(!more.empty(), with_terms);
     } else {
-      TORCH_INTERNAL_ASSERT(more.empty(), "normpass CUDA: gradient terms of another dtype than x's");
+      TORCH_INTERNAL_ASSERT(more.empty(), "normpass CUDA: fp32 gradient terms of 16-bit x");
       with_terms(std::false_type{});
     }
   });

@@ -18,14 +18,13 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   // The kernel always reads a weight (no per-element test); ones stand in for none.
   const Tensor weight = raw_weight ? *fold_offset(raw_weight, p.weight_offset)
                                    : at::ones({x.size(1)}, x.options());
-  // The output's gradient terms: x's dtype, fp32 for 16-bit x, or one 16-bit term for fp32 x (an
-  // fp32 norm's output cast under autocast: the cast's gradient, read before it widens).
+  // The output's gradient terms: x's dtype, fp32 for 16-bit x, or 16-bit for fp32 x (an fp32
+  // norm's output cast under autocast: the casts' gradients, read before they widen).
   const auto g_dtype = grad_out.scalar_type();
-  // Several terms narrower than x reach here widened (the front end), to be summed in x's dtype.
   TORCH_CHECK(g_dtype == x.scalar_type() || g_dtype == at::kFloat ||
-                  (extra_grad_outs.empty() && is_16_bit_of_fp32(x.scalar_type(), g_dtype)),
-              "normpass CUDA: grad_out must have x's dtype, fp32, or be one 16-bit term of fp32 x, "
-              "got ", g_dtype);
+                  is_16_bit_of_fp32(x.scalar_type(), g_dtype),
+              "normpass CUDA: grad_out must have x's dtype, fp32, or be 16-bit for fp32 x, got ",
+              g_dtype);
   for (const Tensor& g : extra_grad_outs)
     TORCH_CHECK(g.scalar_type() == g_dtype, "normpass CUDA: the gradient terms must share a dtype");
   TORCH_CHECK(!grad_sum || grad_sum->scalar_type() == x.scalar_type(),
@@ -43,9 +42,11 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
   const c10::cuda::CUDAGuard guard(x.device());
   // The kernel sums up to kMaxGradTerms - 1 extra terms as it loads; more are added up front, and
   // so are fp32 terms of 16-bit x (in the kernel they spilled 2.5 KB of registers).
-  const bool in_kernel = extra_grad_outs.size() < kMaxGradTerms && g_dtype == x.scalar_type();
-  const Tensor dy = in_kernel ? grad_out : sum_grad_terms(grad_out, extra_grad_outs);
+  const bool in_kernel = extra_grad_outs.size() < kMaxGradTerms &&
+                         (g_dtype == x.scalar_type() || is_16_bit_of_fp32(x.scalar_type(), g_dtype));
+  const Tensor dy = in_kernel ? grad_out : sum_grad_terms(grad_out, extra_grad_outs, x.scalar_type());
   const at::TensorList more = in_kernel ? extra_grad_outs : at::TensorList();
+  const auto dy_dtype = dy.scalar_type();
   dispatch_float(x.scalar_type(), "input", [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
     dispatch_bool(p.center, [&](auto center) {
@@ -55,8 +56,8 @@ void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, 
         BackwardKernels<T, G, C>::run(dy, more, x, weight, grad_sum, p, grad_input, grad_weight,
                                       grad_bias, stats);
       };
-      if (g_dtype == x.scalar_type()) run(t_tag);
-      else if constexpr (std::is_same_v<T, float>) dispatch_float(g_dtype, "gradient", run);
+      if (dy_dtype == x.scalar_type()) run(t_tag);
+      else if constexpr (std::is_same_v<T, float>) dispatch_float(dy_dtype, "gradient", run);
       else run(Tag<float>{});
     });
   });

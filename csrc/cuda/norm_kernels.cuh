@@ -315,6 +315,9 @@ template <typename T, typename W, typename G, int VEC, bool CENTER, bool BIAS_GR
 __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdArgs<T, W, G> a) {
   constexpr int ITEMS = bwd_items<VEC>();
   using Part = SmemPartial<ITEMS, VEC>;
+  // The type dy's terms are summed in: G, or fp32 for several 16-bit terms of fp32 x (autocast's
+  // widened casts of the output, summed in fp32: the terms are widened as they are loaded).
+  using GS = std::conditional_t<MORE && !std::is_same_v<G, T>, float, G>;
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmem sh;
@@ -350,7 +353,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
       const T* ds = a.grad_sum ? row_base(a.grad_sum + r0 * a.ds_stride) : nullptr;
       T* dx = row_base(a.dx + r0 * L.cols);
       Frag<T, VEC, ITEMS> xf, sf; // x and grad_sum of one tile
-      Frag<G, VEC, ITEMS> gf;     // dy
+      Frag<GS, VEC, ITEMS> gf;    // dy (with the further terms added)
 
       // grad_sum is first needed after the reduction. Its loads go out before
       // it (resident rows) or before the tile's first dx store (which the
@@ -363,10 +366,10 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         if (!valid) return;
         for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
           load(xf.v[k], x + j * VEC);
-          load(gf.v[k], dy + j * VEC);
+          load_as(gf.v[k], dy + j * VEC);
         });
         if constexpr (MORE) {
-          // Further terms of dy, each sum rounded to G as the eager adds it replaces. Their
+          // Further terms of dy, each sum rounded to GS as the eager adds it replaces. Their
           // loads go out after the row's and before any add, so all are in flight at once
           // (a kernel of its own: the registers for them cost the usual call 1-3%).
           Frag<G, VEC, ITEMS> terms[kMaxGradTerms - 1];
@@ -384,7 +387,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
               for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
 #pragma unroll
                 for (int e = 0; e < VEC; ++e)
-                  gf.v[k].v[e] = from_float<G>(gf(k, e) + terms[i](k, e));
+                  gf.v[k].v[e] = from_float<GS>(gf(k, e) + terms[i](k, e));
               });
             }
           }

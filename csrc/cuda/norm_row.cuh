@@ -64,6 +64,19 @@ __device__ __forceinline__ void load(Pack<T, N>& p, const T* src) {
   for (int i = 0; i < P::kWords; ++i) d[i] = NC ? __ldg(s + i) : s[i];
 }
 
+// A load into a pack of another type S: each element converted (the plain load when S is T).
+template <typename S, typename T, int N>
+__device__ __forceinline__ void load_as(Pack<S, N>& p, const T* src) {
+  if constexpr (std::is_same_v<S, T>) {
+    load(p, src);
+  } else {
+    Pack<T, N> raw;
+    load(raw, src);
+#pragma unroll
+    for (int e = 0; e < N; ++e) p.v[e] = from_float<S>(to_float(raw.v[e]));
+  }
+}
+
 template <typename T, int N>
 __device__ __forceinline__ void store(T* dst, const Pack<T, N>& p) {
   using P = Pack<T, N>;
