@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -318,7 +319,11 @@ def test_16_bit_residual_of_fp32_rows(center, n):
 @contextlib.contextmanager
 def only_normpass_kernels():
     """Asserts that the CUDA kernels launched inside are normpass's (and fills or memsets: a split
-    row's counters start at zero), with no cast or copy among them."""
+    row's counters start at zero), with no cast or copy among them. Not under compute-sanitizer
+    (NORMPASS_NO_PROFILER=1), where the profiler sees no kernels."""
+    if os.environ.get("NORMPASS_NO_PROFILER") == "1":
+        yield
+        return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         yield
         torch.cuda.synchronize()
