@@ -11,7 +11,7 @@
 #   dtypes    bench_grad_dtype.py: outputs and gradients of another dtype than x's -> dtypes.log
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
 #   ab        ab_kernels.py with AB_ARGS (variants of this build by their environment, e.g.
-#             "base=. on=.:NORMPASS_EXP_FILL=1"; see benchmarks/experiments/) -> ab.log
+#             "base=. on=.:NORMPASS_EXP_X=1"; see benchmarks/experiments/) -> ab.log
 # Wheels in .whl/ (Liger, expecttest: nothing downloads there) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -34,8 +34,20 @@ void backward_launch(const Tensor& grad_out, at::TensorList more, const Tensor& 
                             1024; // the driver's reserve
   set_max_dynamic_smem(kernel, smem_limit);
   auto layout = [&](int cmax, int min_cta, int max_cta) {
-    return choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax, min_cta,
-                         max_cta);
+    LaunchShape s = choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax,
+                                  min_cta, max_cta);
+    // A cluster row whose CTAs leave item slots empty (fp32 12288: 768 threads' worth of vectors
+    // in 2 x 512) takes CTAs half as wide if fewer threads then hold it (3 x 256), so an SM has
+    // as many vectors in flight as at 8192 or 16384 (H100, forward+backward: fp32 RMSNorm 12288
+    // 2.22 -> 2.75 TB/s, LayerNorm 2.11 -> 2.42; bf16 RMSNorm 24576 2.03 -> 2.47; benchmarks/NOTES.md).
+    const RowLayout& L = s.layout;
+    if (L.cluster > 1 && L.tiles == 1 && L.tpr / 2 >= kBwdThreads) {
+      LaunchShape half = choose_layout(x.size(0), cols, p.stat_cols, VEC, bwd_items<VEC>(), cmax,
+                                       min_cta, L.tpr / 2);
+      const RowLayout& H = half.layout;
+      if (H.tiles == 1 && int64_t(H.tpr) * H.cluster < int64_t(L.tpr) * L.cluster) return half;
+    }
+    return s;
   };
   // A cluster plan is taken only if its partials cost no occupancy; a split
   // row (CTAs that are no cluster, a tile each) whenever its partials fit.
