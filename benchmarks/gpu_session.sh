@@ -11,7 +11,7 @@
 #   dtypes    bench_grad_dtype.py: outputs and gradients of another dtype than x's -> dtypes.log
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
 #   ab        ab_kernels.py with AB_ARGS (variants of this build by their environment, e.g.
-#             "base=. on=.:NORMPASS_EXP_X=1"; see benchmarks/experiments/) -> ab.log
+#             "base=. on=.:NAME=1" for a runtime switch; see benchmarks/experiments/) -> ab.log
 # Wheels in .whl/ (Liger, expecttest: nothing downloads there) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,7 +44,7 @@ for name in "$@"; do
     tail -5 "$OUT/tests.log" ;;
   memcheck)
     step memcheck 150 && NORMPASS_NO_PROFILER=1 compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q \
-      -p no:cacheprovider tests/test_cuda_kernels.py -k "${MEMCHECK_K:-16_bit}" \
+      -p no:cacheprovider tests/test_cuda_kernels.py -k "${MEMCHECK_K:-16_bit or extra_grad_outs}" \
       >"$OUT/memcheck.log" 2>&1
     grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 ;;
   kernels)

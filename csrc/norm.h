@@ -67,7 +67,8 @@ using NormForward = void(
 // extra_grad_outs (grad_out's dtype, x's shape) are further terms of the
 // output's gradient: grad_out + extra[0] + ..., each sum rounded to the wider
 // of grad_out's and x's dtypes, as the eager adds are (16-bit terms of fp32 x
-// are autocast casts' gradients, widened before they are summed). An output
+// are autocast casts' gradients, widened before they are summed; a grad_sum
+// wider than x widens everything first, ops.cpp). An output
 // read by several ops (q, k and v projections) gets one term per reader, so
 // the backward sums them as it loads them instead of after a separate add
 // kernel.

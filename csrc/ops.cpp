@@ -253,7 +253,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_backward(
     // Gradients reach the kernels as (rows, cols) views: the sum's (grad_sum) in x's dtype, the
     // output's in the wider of x's and theirs on CUDA (norm.h), and 16-bit terms of fp32 x
     // (autocast's casts of the output, folded by normpass.fold_casts) as they are on every device,
-    // which sum several in fp32, as the widened terms they replace were.
+    // which sum several in fp32, as the widened terms they replace were; terms of mixed dtypes
+    // are widened here.
     const auto g_dtype = grad_out.scalar_type();
     const bool narrow =
         is_16_bit_of_fp32(input.scalar_type(), g_dtype) &&

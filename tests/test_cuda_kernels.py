@@ -28,8 +28,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # 2560: a 16-bit forward row rounded up to whole warps (320 vectors on 96 threads).
 # LayerNorm forward rows of 257-512 threads run in a 256-thread CTA over two tiles: fp32 5120 and
 # 8192, 16-bit 12288 (the second tile half full) and 3001 (scalar accesses, 376 threads).
-# Backward rows in a cluster whose CTAs keep item slots empty: fp32 12288 (768 threads' worth in
-# 2 x 512) and 16-bit 20480 (640 in 2 x 512).
+# Backward rows of 513-768 threads' worth, which 2 x 512 would leave with empty item slots, on
+# 3 x 256: fp32 12288 (768) and 16-bit 20480 (640).
 NS = [1, 3, 255, 1024, 2048, 2560, 3001, 3072, 4096, 4099, 5120, 8192, 12288, 20480, 65536, 262144, 1 << 20]
 # Absolute slack on top of 1.25 x torch's relative error.
 FLOOR = {torch.float32: 1e-6, torch.float16: 2e-4, torch.bfloat16: 1.5e-3}
@@ -463,14 +463,19 @@ def test_cuda_graph_capture(n, m):
 
 
 @pytest.mark.parametrize("terms", [1, 2, 3])  # 3: more than the kernel sums, added up front
-# 4099: the scalar (unaligned) path; 262144: rows walked in two tiles
-@pytest.mark.parametrize("n", [1024, 4099, 16384, 262144])
+# 4099: the scalar (unaligned) path; 12288: fp32 rows on 3 x 256; 262144: rows walked in two tiles
+@pytest.mark.parametrize("n", [1024, 4099, 12288, 16384, 262144])
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
 @pytest.mark.parametrize("saved", [False, True], ids=["recomputed", "saved"])
 @pytest.mark.parametrize(
     "x_dtype, grad_dtype",
     # bf16 terms of fp32 rows: autocast's casts of an fp32 norm's output, summed in fp32
-    [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.float16),
+    ],
     ids=str,
 )
 def test_extra_grad_outs(center, n, terms, saved, x_dtype, grad_dtype):

@@ -46,7 +46,8 @@ constexpr int kBwdThreads = 256; // CTA size of the backward, except:
 // 2-5%);
 // rows of 257-1024 threads take CTAs of 512 (same 128 registers, one CTA per
 // SM): one CTA instead of a cluster of two, a cluster of 2 instead of 4
-// (fewer CTAs at the row's barrier). Longer rows run in clusters of 256-thread
+// (fewer CTAs at the row's barrier), unless a cluster of 256-thread CTAs holds
+// the row with fewer threads (513-768: 3 x 256; backward_launch.cuh). Longer rows run in clusters of 256-thread
 // CTAs, two per SM: at 2048 threads clusters of 8 by 256 beat 4 by 512 at
 // bf16 65536 (RMSNorm +3%, LayerNorm +1.3%) and fp32 RMSNorm 32768 (+4%), not
 // fp32 LayerNorm 32768 (-3%); 512-thread CTAs for rows of up to 8192 threads
