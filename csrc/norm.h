@@ -84,20 +84,6 @@ using NormBackward = void(
     std::optional<at::Tensor>& grad_bias,
     const std::optional<at::Tensor>& stats);
 
-// grad_out + extra_grad_outs[0] + ..., added up front in order in the wider of
-// grad_out's dtype and x's (one rounding per add, as eager): for kernels, or
-// terms, that do not sum while loading. A single term is returned as it is.
-inline at::Tensor sum_grad_terms(const at::Tensor& grad_out, at::TensorList extra_grad_outs,
-                                 at::ScalarType x_dtype) {
-  if (extra_grad_outs.empty()) return grad_out;
-  // Into one new tensor (CPU, 3 bf16 terms of fp32 rows of 4096: 3.4 -> 2.5 ms).
-  const auto wide = c10::promoteTypes(grad_out.scalar_type(), x_dtype);
-  at::Tensor dy = grad_out.scalar_type() == wide ? grad_out.add(extra_grad_outs[0])
-                                                 : grad_out.to(wide).add_(extra_grad_outs[0]);
-  for (const at::Tensor& g : extra_grad_outs.slice(1)) dy.add_(g);
-  return dy;
-}
-
 // The kernels, declared through the two signatures above.
 NormForward norm_forward_cpu;
 NormBackward norm_backward_cpu;

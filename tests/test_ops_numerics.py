@@ -387,7 +387,10 @@ def test_16_bit_gradients_of_fp32_rows_are_widened_exactly(center, grad_dtype, c
     op = backward_op(center)
     got = op(dys[0], x, w, ds, EPS, dys[1:], stats)
     widened = [d.float() for d in dys]
-    want = op(widened[0], x, w, ds, EPS, widened[1:], stats)
+    summed = widened[0]
+    for term in widened[1:]:
+        summed = summed + term  # eager's adds of the widened terms, in order
+    want = op(summed, x, w, ds, EPS, None, stats)
     for name, e, o in zip(("dx", "dweight", "dbias"), want, got, strict=True):
         assert o.dtype == e.dtype and torch.equal(e, o), name
     # A term of another dtype among them: each is widened to fp32 before the sum.
@@ -753,15 +756,17 @@ def test_parity_other_cpu_variants(isa):
 # ---- extra_grad_outs: the backward ops sum the output's gradient terms as eager adds would -----------------
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
 @pytest.mark.parametrize("terms", [1, 2, 3])
 def test_extra_grad_outs_equal_summed_grad_out(terms, center, dtype):
-    """Same bits as the backward of the eagerly summed gradient (one rounding per add, in order)."""
+    """Same bits as the backward of the eagerly summed gradient (one rounding per add, in order);
+    the last term's rows strided."""
     g = torch.Generator().manual_seed(terms)
     x, dy, ds = (torch.randn(5, 24, generator=g).to(dtype) for _ in range(3))
     w = torch.randn(24, generator=g).to(dtype)
-    extra = [torch.randn(5, 24, generator=g).to(dtype) for _ in range(terms)]
+    extra = [torch.randn(5, 24, generator=g).to(dtype) for _ in range(terms - 1)]
+    extra.append(torch.randn(5, 30, generator=g).to(dtype)[:, 3:27])
     summed = dy
     for term in extra:
         summed = summed + term

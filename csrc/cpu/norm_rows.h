@@ -304,23 +304,34 @@ NP_TARGET BackwardOutputsFn<T, acc_t> backward_outputs_fn(int index,
   return kFns[index];
 }
 
-// A row of the output's gradient as T: the row itself, or a 16-bit gradient of fp32 x widened
-// into `buf` (exactly), so that every loop after it is the fp32 one: the same bits as a gradient
+// Row `row` of the output's gradient as T: the row itself, or its terms summed into `buf` as T
+// (norm.h: in order, each sum rounded to T, the wider of G and T), so that every loop after it is
+// the one of T. A single 16-bit term of fp32 x is widened exactly: the same bits as a gradient
 // widened up front, which a reduction over 16-bit loads, vectorized wider, would not give.
 template <typename T, typename G>
-NP_TARGET const T* grad_row(const G* __restrict dy, at::opmath_type<T>* __restrict buf, int64_t n) {
+NP_TARGET const T* grad_row(const BackwardArgs& a, int64_t row, at::opmath_type<T>* __restrict buf) {
+  static_assert(std::is_same_v<G, T> || std::is_same_v<T, at::opmath_type<G>>,
+                "the gradient is of x's dtype or narrower than fp32 x");
+  const int64_t n = a.cols;
+  const G* __restrict dy = static_cast<const G*>(a.grad_out) + row * a.grad_out_stride;
   if constexpr (std::is_same_v<G, T>) {
-    return dy;
-  } else {
-    static_assert(std::is_same_v<T, at::opmath_type<G>>, "a narrower gradient widens to x's dtype");
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) buf[i] = load(dy, i);
-    return buf;
+    if (a.n_more == 0) return dy;
   }
+  // A 16-bit T's sums are kept as T in the first half of the (accumulation-type) buffer.
+  T* __restrict sum = reinterpret_cast<T*>(buf);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store(sum, i, load(dy, i));
+  for (int t = 0; t < a.n_more; ++t) {
+    const G* __restrict term = static_cast<const G*>(a.more[t]) + row * a.more_stride[t];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) store(sum, i, load(sum, i) + load(term, i));
+  }
+  return sum;
 }
 
 // Row `row`'s statistics (the forward's, or one pass over x) and, in one more
-// pass, its sums for dx. A 16-bit gradient of fp32 x is widened into `dy_buf`.
+// pass, its sums for dx. The gradient's terms, or a 16-bit gradient of fp32 x,
+// are summed or widened into `dy_buf` (grad_row).
 // (A function, not a lambda: a lambda would not carry NP_TARGET, and the
 // loads would not be inlined into it.)
 template <typename T, typename G>
@@ -332,8 +343,7 @@ NP_TARGET BackwardRow<T, at::opmath_type<T>> backward_row(const BackwardArgs& a,
   const int64_t n = a.cols, k = a.params.stat_cols;
   const acc_t* saved = static_cast<const acc_t*>(a.stats);
   const T* __restrict x = static_cast<const T*>(a.x) + row * a.x_stride;
-  const T* __restrict dy =
-      grad_row<T>(static_cast<const G*>(a.grad_out) + row * a.grad_out_stride, dy_buf, n);
+  const T* __restrict dy = grad_row<T, G>(a, row, dy_buf);
   // Without saved statistics, those of the row as the forward takes them (the same bits).
   // RMSNorm's mean is 0 whatever the stats hold, as on CUDA.
   const auto st =

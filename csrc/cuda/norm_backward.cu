@@ -9,6 +9,22 @@ using at::Tensor;
 using std::optional;
 using namespace normpass::cuda;
 
+namespace {
+
+// grad_out + extra_grad_outs[0] + ..., added up front in order in the wider of grad_out's dtype
+// and x's (one rounding per add, as eager; norm.h), into one new tensor: for the terms the kernel
+// does not sum as it loads them.
+Tensor sum_grad_terms(const Tensor& grad_out, at::TensorList extra_grad_outs, at::ScalarType x_dtype) {
+  if (extra_grad_outs.empty()) return grad_out;
+  const auto wide = c10::promoteTypes(grad_out.scalar_type(), x_dtype);
+  Tensor dy = grad_out.scalar_type() == wide ? grad_out.add(extra_grad_outs[0])
+                                             : grad_out.to(wide).add_(extra_grad_outs[0]);
+  for (const Tensor& g : extra_grad_outs.slice(1)) dy.add_(g);
+  return dy;
+}
+
+} // namespace
+
 void norm_backward_cuda(const Tensor& grad_out, at::TensorList extra_grad_outs, const Tensor& x,
                         const optional<Tensor>& raw_weight, const optional<Tensor>& grad_sum,
                         const NormParams& p, Tensor& grad_input, optional<Tensor>& grad_weight,
