@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -322,6 +323,7 @@ def only_normpass_kernels():
     row's counters start at zero), with no cast or copy among them. Not under compute-sanitizer
     (NORMPASS_NO_PROFILER=1), where the profiler sees no kernels."""
     if os.environ.get("NORMPASS_NO_PROFILER") == "1":
+        warnings.warn("NORMPASS_NO_PROFILER=1: the launched kernels are not checked", stacklevel=3)
         yield
         return
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -480,9 +482,11 @@ def test_cuda_graph_capture(n, m):
 )
 def test_extra_grad_outs(center, n, terms, saved, x_dtype, grad_dtype):
     """The backward sums the output's gradient terms as it loads them, in the wider of their dtype
-    and x's: the same bits as summing first, with no other kernel where the kernel sums them."""
+    and x's: the same bits as summing first, with no other kernel where the kernel sums them. With
+    saved statistics also a grad_sum (a residual norm's backward, as in a Llama step)."""
     m = rows_for(n)
     x = torch.randn(m, n, device="cuda", dtype=x_dtype)
+    ds = torch.randn(m, n, device="cuda", dtype=x_dtype) if saved else None
     dy = torch.randn(m, n, device="cuda", dtype=grad_dtype)
     w = torch.randn(n, device="cuda", dtype=x_dtype)
     extra = [torch.randn(m, n, device="cuda", dtype=grad_dtype) for _ in range(terms)]
@@ -491,10 +495,10 @@ def test_extra_grad_outs(center, n, terms, saved, x_dtype, grad_dtype):
         summed = summed + term
     op = backward_op(center)
     stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2] if saved else None
-    expected = op(summed, x, w, None, EPS, None, stats)
+    expected = op(summed, x, w, ds, EPS, None, stats)
     in_kernel = terms < 3 and grad_dtype != torch.float32
     with only_normpass_kernels() if in_kernel else contextlib.nullcontext():
-        got = op(dy, x, w, None, EPS, extra, stats)
+        got = op(dy, x, w, ds, EPS, extra, stats)
     for name, e, o in zip(("dx", "dweight", "dbias"), expected, got, strict=True):
         assert torch.equal(e, o), name
 
