@@ -12,7 +12,9 @@ call with the weight frozen (LoRA, BitFit: `weight_grad=False`, no dweight parti
 fp32 rows under autocast (a Llama's residual stream): `normpass.fold_casts` folds the cast of the
 output into the forward (`out_dtype=bfloat16`: 4 bytes in, 2 out) and passes the backward the
 16-bit gradient before its widening cast (4 + 2 in, 4 out); each is timed against the cast kernel
-plus the fp32 call it replaces.
+plus the fp32 call it replaces. A norm output read by three projections (q, k, v) has three such
+terms, which the kernel sums as it loads them (4 + 3 x 2 in, 4 out), timed against the three
+widened first.
 
     python benchmarks/bench_grad_dtype.py
 """
@@ -57,7 +59,7 @@ def cast_calls(n: int, center: bool):
     """(name, bytes per element, fn) for fp32 rows whose output is cast to bf16."""
     ops = torch.ops.normpass
     x, w = torch.randn(ELEMS // n, n, device="cuda"), torch.randn(n, device="cuda")
-    dy16 = torch.randn_like(x).to(torch.bfloat16)
+    dy16, *more16 = (torch.randn_like(x).to(torch.bfloat16) for _ in range(3))
     op = ops.layer_norm_backward if center else ops.rms_norm_backward
     kw = dict(has_bias=center, normalized_ndim=1, weight_offset=0.0, **({} if center else {"p": 1.0}))
     stats = ops.norm_with_stats(x, None, w, None, EPS, center=center)[2]
@@ -69,6 +71,12 @@ def cast_calls(n: int, center: bool):
     yield "fp32 x, fp32 out cast", 6, lambda: forward().to(torch.bfloat16)
     yield "fp32 x, bf16 dy", 10, lambda: op(dy16, x, w, None, EPS, None, stats, **kw)
     yield "fp32 x, bf16 dy widened", 10, lambda: op(dy16.float(), x, w, None, EPS, None, stats, **kw)
+
+    def three_widened():  # the front end's path before the kernels summed 16-bit terms
+        return op(dy16.float(), x, w, None, EPS, [t.float() for t in more16], stats, **kw)
+
+    yield "fp32 x, 3 bf16 dy terms", 14, lambda: op(dy16, x, w, None, EPS, more16, stats, **kw)
+    yield "fp32 x, 3 bf16 dy terms widened", 14, three_widened
 
 
 def main(argv=None) -> int:
