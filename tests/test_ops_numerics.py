@@ -393,12 +393,13 @@ def test_16_bit_gradients_of_fp32_rows_are_widened_exactly(center, grad_dtype, c
     want = op(summed, x, w, ds, EPS, None, stats)
     for name, e, o in zip(("dx", "dweight", "dbias"), want, got, strict=True):
         assert o.dtype == e.dtype and torch.equal(e, o), name
-    # A term of another dtype among them: each is widened to fp32 before the sum.
+    # A term of another dtype among them (after the first, or the first): each is widened to fp32
+    # before the sum.
     if terms > 1:
-        mixed = [dys[0], widened[1], *dys[2:]]
-        got = op(mixed[0], x, w, ds, EPS, mixed[1:], stats)
-        for name, e, o in zip(("dx", "dweight", "dbias"), want, got, strict=True):
-            assert torch.equal(e, o), f"{name} (mixed)"
+        for mixed in ([dys[0], widened[1], *dys[2:]], [widened[0], *dys[1:]]):
+            got = op(mixed[0], x, w, ds, EPS, mixed[1:], stats)
+            for name, e, o in zip(("dx", "dweight", "dbias"), want, got, strict=True):
+                assert torch.equal(e, o), f"{name} (mixed: {[t.dtype for t in mixed]})"
 
 
 class BackwardCalls(TorchDispatchMode):
