@@ -134,13 +134,12 @@ def main() -> int:
                 ceiling = next((ln for ln in done.stdout.splitlines() if "ceiling" in ln), "")
                 print(f"round {r} {v.name}: {time.time() - start:.0f} s; {ceiling}", flush=True)
                 runs.append((v.name, r, read_cells(os.path.join(out, "bench.csv"))))
-            # Each finished round's table, so that a run cut short still reports what it measured.
-            text = table(runs)
-            print("\n" + text, flush=True)
-            if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                with open(os.path.join(args.out, "ab.md"), "w") as f:
-                    f.write(text + "\n")
+                # The table so far after every run, so that a call cut short still reports.
+                if args.out:
+                    os.makedirs(args.out, exist_ok=True)
+                    with open(os.path.join(args.out, "ab.md"), "w") as f:
+                        f.write(table(runs) + "\n")
+            print("\n" + table(runs), flush=True)
     return 0
 
 
