@@ -4,6 +4,7 @@
 #pragma once
 
 #include "launch.h"
+#include "norm_backward_kernel.cuh"
 
 namespace normpass {
 namespace cuda {

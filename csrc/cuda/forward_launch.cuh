@@ -4,6 +4,7 @@
 #pragma once
 
 #include "launch.h"
+#include "norm_forward_kernel.cuh"
 
 namespace normpass {
 namespace cuda {

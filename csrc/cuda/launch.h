@@ -15,7 +15,7 @@
 #include <type_traits>
 
 #include "../norm.h"
-#include "norm_kernels.cuh"
+#include "norm_row.cuh"
 
 namespace normpass {
 namespace cuda {

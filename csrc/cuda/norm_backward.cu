@@ -2,6 +2,7 @@
 // kernels of each input dtype and norm are in norm_backward_<dtype>[_<dtype>grad]_{ln,rms}.cu.
 #include "../norm.h"
 #include "launch.h"
+#include "norm_backward_kernel.cuh" // kMaxGradTerms
 
 namespace normpass {
 

@@ -141,6 +141,13 @@ __device__ __forceinline__ void store_floats(O* dst, const float (&v)[N]) {
   store(dst, p);
 }
 
+// One thread's share of a row tile, packed in the storage type.
+template <typename T, int VEC, int ITEMS>
+struct Frag {
+  Pack<T, VEC> v[ITEMS];
+  __device__ __forceinline__ float operator()(int k, int e) const { return element(v[k], e); }
+};
+
 // ---------------------------------------------------------------------------
 // Where a thread's data lies. Chosen on the host (choose_layout), uniform
 // over the grid.

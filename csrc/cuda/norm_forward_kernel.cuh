@@ -1,0 +1,165 @@
+// The forward row kernel: y = norm(x) or norm(x + residual), one template
+// parametrized by centering (LayerNorm vs RMSNorm) and the fused residual add.
+// Pure CUDA: the ATen glue is in forward_launch.cuh.
+#pragma once
+
+#include <type_traits>
+
+#include "norm_row.cuh"
+
+namespace normpass {
+namespace cuda {
+
+// Vectors per thread per tile. The forward keeps its share of the row as
+// packed input, 4 x 16 bytes = 16 registers, and stays within 64 registers so
+// that 1024 threads share an SM (measured: 8 vectors at ~100 registers ran
+// 15% slower, 2 vectors at 40 registers 5-10% slower; see benchmarks/NOTES.md).
+template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 8 : 4; }
+constexpr int kFwdMaxThreads = kMaxThreads;
+constexpr int kFwdMinBlocks = 2; // CTAs of kFwdMaxThreads per SM: the register bound
+// Short forward rows run in the smallest CTAs (from one warp) of which an SM
+// still holds the warps its register bound allows (fwd_min_threads): one warp
+// where an SM takes 32 CTAs (sm_80, sm_90), as inductor's persistent
+// reductions run (ncu: 65536 x 32 threads); against CTAs of 128: bf16 RMSNorm
+// 1024-2048 +1.5-2.5%, fp32 256-1024 +2.5% (H200, 2026-12-04).
+__host__ __device__ constexpr int fwd_min_threads(int max_ctas_per_sm) {
+  int t = 32;
+  while (t / 32 * max_ctas_per_sm < kFwdMinBlocks * kFwdMaxThreads / 32) t *= 2;
+  return t;
+}
+static_assert(fwd_min_threads(32) == 32 && fwd_min_threads(16) == 64 && fwd_min_threads(24) == 64);
+// A forward row that needs a cluster is walked in two tiles by half as many
+// CTAs (measured: 65536 bf16 2.07 -> 2.33 TB/s, fp32 2.09 -> 2.56; one tile or
+// four are slower; see benchmarks/NOTES.md).
+constexpr int kFwdClusterTiles = 2;
+
+// Forward: y = (h - mean) * rstd * (w + offset) + b, h = x or round(x + r).
+// R: the residual's storage type, T's, or 16 bits beside fp32 x (widened as loaded).
+template <typename T, typename W, typename O, typename R = T>
+struct FwdArgs {
+  const T* x;
+  const R* residual; // RESIDUAL only
+  const W* weight;   // may be null
+  const W* bias;     // may be null
+  O* out;            // contiguous (rows, cols)
+  T* sum;            // RESIDUAL only, contiguous
+  float2* stats;     // (mean, rstd) per row, or null
+  int64_t x_stride, r_stride;
+  float eps; // weight offsets are folded into the weight on the host
+  RowLayout layout;
+};
+
+template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL>
+__global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) norm_fwd_kernel(const FwdArgs<T, W, O, R> a) {
+  constexpr int ITEMS = fwd_items<VEC>();
+  const RowLayout& L = a.layout;
+  const RowThread th(L);
+  __shared__ ReduceSmem sh;
+  int parity = 0;
+  const bool resident = L.tiles == 1;
+  const float inv_k = 1.f / static_cast<float>(L.stat_cols);
+
+  // The row loop, compiled for full layouts and for the rest (v24: LayerNorm
+  // and RMSNorm 16384 +2-4%, add_rms_norm from 16384 +9-14%; benchmarks/NOTES.md).
+  with_full_rows(L, [&](auto full) {
+    for (int64_t rb = blockIdx.x / L.cluster; rb < L.row_blocks; rb += gridDim.x / L.cluster) {
+      const int64_t row = rb * L.rows_per_cta + th.group;
+      // Threads of a missing row (last row block) still join the reductions.
+      const bool valid = row < L.rows;
+      const int64_t r0 = valid ? row : 0;
+      const T* x = a.x + r0 * a.x_stride;
+      const R* r = RESIDUAL ? a.residual + r0 * a.r_stride : nullptr;
+      T* sum = RESIDUAL ? a.sum + r0 * L.cols : nullptr;
+      O* out = a.out + r0 * L.cols;
+      Frag<T, VEC, ITEMS> h;
+
+      // Tile t into h. The statistics pass reads x (+ residual, rounded to T
+      // and stored to `sum`, as eager `x + residual` would); the output pass of
+      // a non-resident row re-reads that rounded sum.
+      auto load_tile = [&](int t, bool first_pass) {
+        if (!valid) return;
+        for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
+          if (RESIDUAL && !first_pass) {
+            load<false>(h.v[k], sum + j * VEC); // written by this kernel: no read-only path
+          } else if (RESIDUAL) {
+            Pack<T, VEC> xv;
+            Pack<R, VEC> rv;
+            load(xv, x + j * VEC);
+            load(rv, r + j * VEC);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e)
+              h.v[k].v[e] = from_float<T>(element(xv, e) + element(rv, e));
+            store(sum + j * VEC, h.v[k]);
+          } else {
+            load(h.v[k], x + j * VEC);
+          }
+        });
+      };
+
+      // The first tile's loads go out before the shift's, so that both wait on
+      // memory at once (ncu, v25: LayerNorm waited for the shift, then for the row).
+      load_tile(0, true);
+      const float shift = CENTER && valid ? row_shift<T, R, VEC, RESIDUAL>(x, r, L.cols) : 0.f;
+
+      // One reduction: sum (h - shift)^2 and, for LayerNorm, sum (h - shift),
+      // each tile's sums added to the row's (fewer roundings in a chain).
+      float s[CENTER ? 2 : 1] = {};
+      for (int t = 0; t < L.tiles; ++t) {
+        if (t > 0) load_tile(t, true);
+        if (!valid) continue;
+        float st[CENTER ? 2 : 1] = {};
+        auto stat = [&](int k, int e) {
+          const float d = h(k, e) - shift;
+          st[0] += d * d;
+          if constexpr (CENTER) st[1] += d;
+        };
+        with_ragged_stats<VEC, !CENTER && !full.value>(
+            L, [&](auto ragged) { for_each_stat<ITEMS, VEC, full.value>(th, L, t, ragged, stat); });
+        add_sums(s, st);
+      }
+      row_sum<false>(s, L, th, sh, parity);
+      float mean = 0.f, var = s[0] * inv_k;
+      if constexpr (CENTER) {
+        const Moments mo = shifted_moments(shift, s[1], s[0], inv_k);
+        mean = mo.mean;
+        var = mo.var;
+      }
+      const float rstd = rsqrtf(var + a.eps);
+      if (a.stats != nullptr && valid && th.first == 0) a.stats[r0] = make_float2(mean, rstd);
+
+      // Output pass, compiled once per weight/bias presence: no per-element selects.
+      auto write = [&](auto has_w, auto has_b) {
+        for (int t = 0; t < L.tiles; ++t) {
+          if (!resident) load_tile(t, false);
+          if (!valid) continue;
+          for_each_vec<ITEMS, full.value>(th, L, t, [&](int k, int j) {
+            float w[VEC], b[VEC], y[VEC];
+            if constexpr (has_w.value) load_param(w, a.weight, j * VEC);
+            if constexpr (has_b.value) load_param(b, a.bias, j * VEC);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+              y[e] = (h(k, e) - mean) * rstd;
+              if constexpr (has_w.value && has_b.value) y[e] = fmaf(y[e], w[e], b[e]);
+              else if constexpr (has_w.value) y[e] *= w[e];
+              else if constexpr (has_b.value) y[e] += b[e];
+            }
+            store_floats(out + j * VEC, y);
+          });
+        }
+      };
+      using yes = std::true_type;
+      using no = std::false_type;
+      if (a.weight != nullptr) {
+        if (a.bias != nullptr) write(yes{}, yes{});
+        else write(yes{}, no{});
+      } else {
+        if (a.bias != nullptr) write(no{}, yes{});
+        else write(no{}, no{});
+      }
+    }
+  });
+  cluster_exit_barrier(L);
+}
+
+} // namespace cuda
+} // namespace normpass
