@@ -12,21 +12,10 @@
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
 #   ab        ab_kernels.py with AB_ARGS (variants of this build by their environment, e.g.
 #             "base=. on=.:NAME=1" for a runtime switch; see benchmarks/experiments/) -> ab.log
-# Wheels in .whl/ (Liger, expecttest: nothing downloads there) are installed first.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_out}
-mkdir -p "$OUT"
-start=$(date +%s)
-left() { echo $((${BUDGET_S:-570} - ($(date +%s) - start))); }
-step() { # step NAME ESTIMATE_S: true if it fits the time left
-  if [ "$(left)" -lt "$2" ]; then echo "== $1 skipped: $(left) s left, needs ~$2"; return 1; fi
-  echo "== $1 ($(left) s left)"
-}
+source "$(dirname "$0")/device_call.sh"
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-if compgen -G ".whl/*.whl" >/dev/null; then python3 -m pip install -q --no-deps .whl/*.whl; fi
 
 step build 200 || exit 1
 if ! TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
