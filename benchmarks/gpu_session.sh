@@ -14,7 +14,7 @@
 #             "base=. on=.:NAME=1" for a runtime switch; see benchmarks/experiments/) -> ab.log
 source "$(dirname "$0")/device_call.sh"
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 step build 200 || exit 1

@@ -1,17 +1,15 @@
 #!/usr/bin/env bash
-# The experiments' A/B in one device call (see README.md here): build main with the launch
-# switches, snapshot it as the base, apply PATCH in place and rebuild only what it touches, run
-# the kernel tests on the patched build, A/B the patch and the switches, then run the full `gpu`
-# suite on the base snapshot (main; no rebuild). Each step is skipped when less than its estimate
-# is left of BUDGET_S (default 570). Logs go to $OUT.
+# An experiment's A/B in one device call (see README.md here): build main, snapshot it as the
+# base, apply PATCH in place and rebuild only what it touches, run the kernel tests on the patched
+# build, A/B the two, then run the full `gpu` suite on the base snapshot (main; no rebuild). Each
+# step is skipped when less than its estimate is left of BUDGET_S (default 570). Logs go to $OUT.
 #
-#   BUDGET_S=570 bash benchmarks/experiments/ab_one_call.sh
+#   PATCH=benchmarks/experiments/NAME.patch BUDGET_S=570 bash benchmarks/experiments/ab_one_call.sh
 source "$(dirname "$0")/../device_call.sh"
-PATCH=${PATCH:-benchmarks/experiments/bwd_fewer_instructions.patch}
+PATCH=${PATCH:?PATCH names the experiment}
 NS=${NS:-1024,4096,8192,12288,16384,65536,262144}
 
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-patch -p1 -s <benchmarks/experiments/launch_switches.patch || exit 1
 step build 200 && python3 benchmarks/ab_kernels.py --build --rounds 0 base=. >"$OUT/build.log" 2>&1 ||
   { tail -20 "$OUT/build.log"; exit 1; }
 mkdir -p .snap/base && tar -c --exclude=./.snap --exclude=./build . | tar -x -C .snap/base
@@ -24,8 +22,7 @@ step tests_new 60 && python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_
 tail -1 "$OUT/tests_new.log"
 # The A/B writes its table after every run: a run cut short by the limit still reports.
 step ab 250 && timeout $(($(left) - 130)) python3 benchmarks/ab_kernels.py --rounds 2 --dtypes bf16 \
-  --ns "$NS" --out "$OUT/ab" base=.snap/base new=. fwd0=.snap/base:NORMPASS_EXP_FWD_HALVE=0 \
-  bwd256=.snap/base:NORMPASS_EXP_BWD_MAX_THREADS=256 >"$OUT/ab.log" 2>&1
+  --ns "$NS" --out "$OUT/ab" base=.snap/base new=. >"$OUT/ab.log" 2>&1
 cat "$OUT/ab/ab.md" 2>/dev/null
 step tests_base 100 && (cd .snap/base && timeout $(($(left) - 5)) python3 -m pytest -q -m gpu \
   -p no:cacheprovider tests/ >"$OUT/tests_base.log" 2>&1)

@@ -12,6 +12,10 @@ namespace cuda {
 using at::Tensor;
 using std::optional;
 
+// Between the H100's 12.8 and the H200's 18.8 (dram_bytes_per_sm_cycle), the
+// two devices on which the forward's half-size CTAs were measured.
+constexpr double kFwdHalveBytesPerSmCycle = 16;
+
 template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL>
 void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     const optional<Tensor>& weight, const optional<Tensor>& bias,
@@ -19,12 +23,13 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     optional<Tensor>& stats) {
   auto kernel = norm_fwd_kernel<T, W, O, R, VEC, CENTER, RESIDUAL>;
   const int min_threads = fwd_min_threads(device_attribute(cudaDevAttrMaxBlocksPerMultiprocessor));
-  // A LayerNorm row of one full-size CTA runs in a half-size CTA over two
-  // tiles, the first re-read from L2 (eighteenth stop: bf16 LayerNorm 16384
-  // 3.22 -> 3.43 TB/s; the same for RMSNorm lost 2.5% at fp32 8192 and 3% at
-  // add_rms_norm 16384).
+  // Where DRAM outpaces the SMs, a LayerNorm row of one full-size CTA runs in
+  // a half-size CTA over two tiles, the first re-read from L2. bf16 LayerNorm
+  // 16384: on an H200 3.22 -> 3.43 TB/s, on an H100 2.79 -> 2.65 (-5%); the
+  // same for RMSNorm lost 2.5-3% on the H200 (see benchmarks/NOTES.md).
   const int64_t need = row_threads(x.size(1), VEC, fwd_items<VEC>());
-  const bool halve = CENTER && need > kFwdMaxThreads / 2 && need <= kFwdMaxThreads;
+  const bool halve = CENTER && dram_bytes_per_sm_cycle() > kFwdHalveBytesPerSmCycle &&
+                     need > kFwdMaxThreads / 2 && need <= kFwdMaxThreads;
   const int max_threads = halve ? kFwdMaxThreads / 2 : kFwdMaxThreads;
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
                                    max_cluster(kernel, max_threads), min_threads, max_threads,

@@ -111,6 +111,18 @@ inline int device_attribute(cudaDeviceAttr attr) {
   }, attr);
 }
 
+// Peak DRAM bytes per SM per SM clock cycle (double data rate over the memory
+// bus), the rate the SMs' loads must keep up with: about 12.8 on an H100 SXM
+// (3.35 TB/s, 132 SMs at 1.98 GHz), 18.8 on an H200 (4.9 TB/s); 0 if the
+// device does not report its clocks.
+inline double dram_bytes_per_sm_cycle() {
+  const double dram = 2e3 * device_attribute(cudaDevAttrMemoryClockRate) *
+                      (device_attribute(cudaDevAttrGlobalMemoryBusWidth) / 8);
+  const double sm = 1e3 * device_attribute(cudaDevAttrClockRate) *
+                    device_attribute(cudaDevAttrMultiProcessorCount);
+  return sm > 0 ? dram / sm : 0;
+}
+
 // A launch configuration; the cluster dimension, when there is one, is its attribute.
 struct LaunchConfig {
   cudaLaunchConfig_t cfg = {};
