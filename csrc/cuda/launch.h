@@ -112,9 +112,9 @@ inline int device_attribute(cudaDeviceAttr attr) {
 }
 
 // Peak DRAM bytes per SM per SM clock cycle (double data rate over the memory
-// bus), the rate the SMs' loads must keep up with: about 12.8 on an H100 SXM
-// (3.35 TB/s, 132 SMs at 1.98 GHz), 18.8 on an H200 (4.9 TB/s); 0 if the
-// device does not report its clocks.
+// bus), the rate the SMs' loads must keep up with: 12.8 on an H100 SXM (read
+// there: 2619 MHz x 5120 bits, 132 SMs at 1980 MHz), 18.8 on an H200 by its
+// spec (3201 MHz x 6144 bits); 0 if the device does not report its clocks.
 inline double dram_bytes_per_sm_cycle() {
   const double dram = 2e3 * device_attribute(cudaDevAttrMemoryClockRate) *
                       (device_attribute(cudaDevAttrGlobalMemoryBusWidth) / 8);
