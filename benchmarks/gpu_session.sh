@@ -11,10 +11,9 @@
 #   dtypes    bench_grad_dtype.py: outputs and gradients of another dtype than x's -> dtypes.log
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
 #   ab        ab_kernels.py with AB_ARGS (variants of this build by their environment, e.g.
-#             "base=. on=.:NAME=1" for a runtime switch; see benchmarks/experiments/) -> ab.log
+#             "base=. on=.:NAME=1" for a runtime switch; see benchmarks/experiments/) -> ab/, ab.log
 source "$(dirname "$0")/device_call.sh"
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
 step build 200 || exit 1
@@ -49,10 +48,7 @@ for name in "$@"; do
     step e2e_amp 150 && python3 benchmarks/bench_e2e.py --models llama --amp \
       --variants inductor,normpass+inductor --out "$OUT/e2e_amp" >"$OUT/e2e_amp.log" 2>&1
     tail -8 "$OUT"/e2e*.log ;;
-  ab)
-    step ab 200 && python3 benchmarks/ab_kernels.py ${AB_ARGS:?AB_ARGS names the variants} \
-      >"$OUT/ab.log" 2>&1
-    tail -40 "$OUT/ab.log" ;;
+  ab) ab ab 200 0 ${AB_ARGS:?AB_ARGS names the variants} ;;
   *) echo "unknown step $name" && exit 2 ;;
   esac
 done
