@@ -33,7 +33,7 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   const int max_threads = halve ? kFwdMaxThreads / 2 : kFwdMaxThreads;
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
                                    max_cluster(kernel, max_threads), min_threads, max_threads,
-                                   halve ? 2 : kFwdClusterTiles, /*round_to_warps=*/true);
+                                   fwd_cluster_tiles(need, max_threads), /*round_to_warps=*/true);
   FwdArgs<T, W, O, R> a{};
   a.x = ptr<T>(x);
   a.residual = ptr<R>(residual);
