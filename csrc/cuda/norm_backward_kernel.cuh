@@ -244,6 +244,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         if (from_parts) {
 #pragma unroll
           for (int k = 0; k < K; ++k) acc[k] = 0.f;
+#pragma unroll 1 // as in meet_in_memory: unrolled, it made the row loop spill
           for (int r = 0; r < L.cluster; ++r) add_sums(acc, parts[r]);
           return;
         }
@@ -341,7 +342,9 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
             prefetch_l2(a.dy + next * a.dy_stride + j * VEC);
           });
       }
-      const float c = sum_gxm * rstd * inv_k; // sum(g * xhat) / k
+      // sum(g * xhat) / k; 1/k formed here, not held across the row loop
+      // (inv_k spilled in the saved-statistics kernels, where this is its only use).
+      const float c = sum_gxm * rstd * (1.f / static_cast<float>(L.stat_cols));
 
       // Output pass, compiled with and without grad_sum and ragged statistics
       // columns: no per-element test in the usual call.

@@ -323,6 +323,9 @@ __device__ __forceinline__ void meet_in_memory(float (&v)[K], float4* parts, int
   if (threadIdx.x < 32) {
     while (load_acquire(arrived) < L.cluster) __nanosleep(32);
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    // Not unrolled (a lane rarely has two shares): the unrolled copy's hoisted
+    // 64-bit offsets were held across the backward's row loop and spilled.
+#pragma unroll 1
     for (int r = threadIdx.x; r < L.cluster; r += 32) {
       const float4 p = __ldcg(parts + r);
       s.x += p.x, s.y += p.y, s.z += p.z, s.w += p.w;
@@ -334,6 +337,7 @@ __device__ __forceinline__ void meet_in_memory(float (&v)[K], float4* parts, int
   __syncthreads();
 #pragma unroll
   for (int k = 0; k < K; ++k) v[k] = 0.f;
+#pragma unroll 1
   for (int i = 0; i < kMeetLanes && i < L.cluster; ++i) add_sums(v, lanes[i]);
 }
 
