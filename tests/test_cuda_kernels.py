@@ -30,8 +30,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # LayerNorm forward rows of 257-512 threads run in a 256-thread CTA over two tiles: fp32 5120 and
 # 8192, 16-bit 12288 (the second tile half full) and 3001 (scalar accesses, 376 threads).
 # Backward rows of 513-768 threads' worth, which 2 x 512 would leave with empty item slots, on
-# 3 x 256: fp32 12288 (768) and 16-bit 20480 (640). Forward rows that fill a cluster of 3-8
-# 512-thread CTAs walk one tile: 16-bit 49152 (3) and 65536 (4), fp32 49152 (6) and 65536 (8).
+# 3 x 256: fp32 12288 (768) and 16-bit 20480 (640). On an H100, forward rows that fill a cluster
+# of 3-8 512-thread CTAs walk one tile: 16-bit 49152 (3) and 65536 (4), fp32 49152 (6) and 65536 (8).
 NS = [1, 3, 255, 1024, 2048, 2560, 3001, 3072, 4096, 4099, 5120, 8192, 12288, 20480]
 NS += [49152, 65536, 262144, 1 << 20]  # rows of clusters, and split rows
 # Absolute slack on top of 1.25 x torch's relative error.

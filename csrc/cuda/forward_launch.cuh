@@ -12,9 +12,11 @@ namespace cuda {
 using at::Tensor;
 using std::optional;
 
-// Between the H100's 12.8 and the H200's 18.8 (dram_bytes_per_sm_cycle), the
-// two devices on which the forward's half-size CTAs were measured.
-constexpr double kFwdHalveBytesPerSmCycle = 16;
+// DRAM bytes per SM cycle (dram_bytes_per_sm_cycle) between the H100's 12.8
+// and the H200's 18.8, the two devices on which the forward's launch shapes
+// were measured: above it, LayerNorm rows of one CTA run in half-size CTAs and
+// rows of a cluster always walk two tiles (fwd_cluster_tiles).
+constexpr double kFwdFastDramBytesPerSmCycle = 16;
 
 template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL>
 void forward_launch(const Tensor& x, const optional<Tensor>& residual,
@@ -28,12 +30,13 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   // 16384: on an H200 3.22 -> 3.43 TB/s, on an H100 2.79 -> 2.65 (-5%); the
   // same for RMSNorm lost 2.5-3% on the H200 (see benchmarks/NOTES.md).
   const int64_t need = row_threads(x.size(1), VEC, fwd_items<VEC>());
-  const bool halve = CENTER && dram_bytes_per_sm_cycle() > kFwdHalveBytesPerSmCycle &&
-                     need > kFwdMaxThreads / 2 && need <= kFwdMaxThreads;
+  const bool fast_dram = dram_bytes_per_sm_cycle() > kFwdFastDramBytesPerSmCycle;
+  const bool halve = CENTER && fast_dram && need > kFwdMaxThreads / 2 && need <= kFwdMaxThreads;
   const int max_threads = halve ? kFwdMaxThreads / 2 : kFwdMaxThreads;
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
                                    max_cluster(kernel, max_threads), min_threads, max_threads,
-                                   fwd_cluster_tiles(need, max_threads), /*round_to_warps=*/true);
+                                   fwd_cluster_tiles(need, max_threads, fast_dram),
+                                   /*round_to_warps=*/true);
   FwdArgs<T, W, O, R> a{};
   a.x = ptr<T>(x);
   a.residual = ptr<R>(residual);

@@ -29,19 +29,22 @@ __host__ __device__ constexpr int fwd_min_threads(int max_ctas_per_sm) {
 }
 static_assert(fwd_min_threads(32) == 32 && fwd_min_threads(16) == 64 && fwd_min_threads(24) == 64);
 // Tiles a forward row of `need` threads walks when it needs a cluster of
-// `max_threads`-thread CTAs: one where the row fills a cluster of 3-8 CTAs
-// exactly, else two over half as many CTAs (fewer at each cluster barrier, the
-// second tile re-read from L2). H100, two tiles -> one, TB/s: bf16 RMSNorm
-// 65536 2.15 -> 2.36, add_rms_norm 131072 2.49 -> 2.71, fp32 32768 2.18 -> 2.48,
-// LayerNorm 131072 2.16 -> 2.11; two kept at a cluster of 2 (fp32 16384 2.78 vs
-// 2.59), a partly idle one of 3 (bf16 40960 2.19 vs 2.11) and one of 16 (bf16
-// LayerNorm 262144 2.10 vs 1.73). See benchmarks/NOTES.md.
-__host__ __device__ constexpr int fwd_cluster_tiles(int64_t need, int max_threads) {
+// `max_threads`-thread CTAs: two over half as many CTAs (fewer at each cluster
+// barrier, the second tile re-read from L2), or, where DRAM moves fewer bytes
+// per SM cycle (`fast_dram` false: H100, not H200), one where the row fills a
+// cluster of 3-8 CTAs exactly. Two tiles -> one, TB/s: H100 bf16 RMSNorm 65536
+// 2.15 -> 2.36, add_rms_norm 131072 2.49 -> 2.71, fp32 32768 2.18 -> 2.48,
+// LayerNorm 131072 2.16 -> 2.11; H200 bf16 RMSNorm 65536 3.08 -> 2.73, fp32
+// LayerNorm 3.04 -> 2.55. Two won on the H100 too at a cluster of 2 (fp32 16384
+// 2.78 vs 2.59), a partly idle one of 3 (bf16 40960 2.19 vs 2.11) and one of 16
+// (bf16 LayerNorm 262144 2.10 vs 1.73). See benchmarks/NOTES.md.
+__host__ __device__ constexpr int fwd_cluster_tiles(int64_t need, int max_threads, bool fast_dram) {
   const int64_t ctas = need / max_threads;
-  return need % max_threads == 0 && ctas >= 3 && ctas <= 8 ? 1 : 2;
+  return !fast_dram && need % max_threads == 0 && ctas >= 3 && ctas <= 8 ? 1 : 2;
 }
-static_assert(fwd_cluster_tiles(2048, 512) == 1 && fwd_cluster_tiles(1280, 512) == 2 &&
-              fwd_cluster_tiles(1024, 512) == 2 && fwd_cluster_tiles(8192, 512) == 2);
+static_assert(fwd_cluster_tiles(2048, 512, false) == 1 && fwd_cluster_tiles(2048, 512, true) == 2 &&
+              fwd_cluster_tiles(1280, 512, false) == 2 && fwd_cluster_tiles(1024, 512, false) == 2 &&
+              fwd_cluster_tiles(8192, 512, false) == 2);
 
 // Forward: y = (h - mean) * rstd * (w + offset) + b, h = x or round(x + r).
 // R: the residual's storage type, T's, or 16 bits beside fp32 x (widened as loaded).
