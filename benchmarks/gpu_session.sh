@@ -10,6 +10,8 @@
 #   kernels   bench_kernels.py, copy ceiling in the same run (KERNEL_ARGS) -> kernels/
 #   dtypes    bench_grad_dtype.py: outputs and gradients of another dtype than x's -> dtypes.log
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
+#   ncu       the forward of normpass, Liger and inductor under Nsight Compute at NCU_CASE
+#             ("norm N dtype", default "rms_norm 16384 bf16"), one table (ncu_kernel.py) -> ncu.md
 #   ab        ab_kernels.py with AB_ARGS (variants of this build by their environment, e.g.
 #             "base=. on=.:NAME=1" for a runtime switch; see benchmarks/experiments/) -> ab/, ab.log
 source "$(dirname "$0")/device_call.sh"
@@ -48,6 +50,16 @@ for name in "$@"; do
     step e2e_amp 150 && python3 benchmarks/bench_e2e.py --models llama --amp \
       --variants inductor,normpass+inductor --out "$OUT/e2e_amp" >"$OUT/e2e_amp.log" 2>&1
     tail -8 "$OUT"/e2e*.log ;;
+  ncu)
+    step ncu 120 || continue
+    read -r norm n dt <<<"${NCU_CASE:-rms_norm 16384 bf16}"
+    mkdir -p "$OUT/ncu"
+    for p in normpass liger inductor; do
+      ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --csv python3 benchmarks/ncu_kernel.py run \
+        "$norm" "$n" --dtype "$dt" --provider $p >"$OUT/ncu/$p.csv" 2>"$OUT/ncu/$p.err"
+    done
+    python3 benchmarks/ncu_kernel.py summary "$OUT"/ncu/{normpass,liger,inductor}.csv | tee "$OUT/ncu.md" ;;
   ab) ab ab 200 0 ${AB_ARGS:?AB_ARGS names the variants} ;;
   *) echo "unknown step $name" && exit 2 ;;
   esac

@@ -41,3 +41,60 @@ def test_stalls_ranks_instructions_and_reasons():
 def test_stalls_without_samples_is_an_error():
     with pytest.raises(ValueError, match="no samples"):
         ncu_kernel.stalls(page([("0x0", "EXIT", "0", "0", "0", "0", "0", "0")]))
+
+
+DETAILS = (
+    '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
+    '"Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"'
+)
+
+
+def details(launches):
+    """ncu's details page as --csv writes it after the profiler's own lines: a row per metric."""
+    rows = ["==PROF== Disconnected from process 7", DETAILS]
+    for launch, kernel, metrics in launches:
+        for section, name, unit, value in metrics:
+            cells = (launch, "7", "python3", "h", kernel, "1", "7", "(512, 1, 1)", "(4096, 1, 1)", "0", "9.0")
+            rows.append(",".join(f'"{v}"' for v in (*cells, section, name, unit, value)))
+    return rows
+
+
+def test_summary_keeps_each_kernels_last_launch():
+    sol, launch = "GPU Speed Of Light Throughput", "Launch Statistics"
+    runs = {
+        "normpass": details(
+            [
+                (
+                    "0",
+                    "norm_fwd_kernel",
+                    [(sol, "Duration", "us", "99.1"), (launch, "Registers Per Thread", "", "64")],
+                ),
+                (
+                    "1",
+                    "norm_fwd_kernel",
+                    [(sol, "Duration", "us", "70.2"), (sol, "DRAM Throughput", "%", "91.5")],
+                ),
+            ]
+        ),
+        "liger": details([("0", "_rms_norm_forward_kernel", [(sol, "Duration", "us", "66.0")])]),
+    }
+    assert_expected_inline(
+        ncu_kernel.summary(runs),
+        """\
+| provider | kernel | time | DRAM % | SM % | regs | block | grid | occ % | achieved % | cyc/issue |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| normpass | norm_fwd_kernel | 70.2 us | 91.5 |  |  |  |  |  |  |  |
+| liger | _rms_norm_forward_kernel | 66.0 us |  |  |  |  |  |  |  |  |""",
+    )
+
+
+def test_summary_without_a_details_page_is_an_error():
+    with pytest.raises(ValueError, match="no ncu details page"):
+        ncu_kernel.summary({"liger": ["==PROF== Disconnected from process 7"]})
+
+
+def test_run_profiles_a_peers_forward_only():
+    with pytest.raises(ValueError, match="normpass's backward op only"):
+        ncu_kernel.run("rms_norm", 1024, "bf16", backward=True, provider="liger")
+    with pytest.raises(ValueError, match="one of normpass, liger, inductor"):
+        ncu_kernel.run("rms_norm", 1024, "bf16", provider="apex")
