@@ -16,13 +16,23 @@ from norm_forms import (
     LOOKALIKES,
     FlooredRms,
     HookedLayerNorm,
+    InputUpdatedInPlace,
     NormOfExpandedInput,
     RmsNormDefaultEps,
     RoundingNoneRms,
     build,
     inputs,
 )
-from rewrite_helpers import IRS, capture, check_numerics, compact, n_normpass, op_counts, rewrite_copy
+from rewrite_helpers import (
+    IRS,
+    capture,
+    check_numerics,
+    compact,
+    n_normpass,
+    op_counts,
+    rewrite_copy,
+    rewritten_fn,
+)
 from torch import nn
 
 # symbolic_trace cannot trace T5's `if self.weight.dtype in (...)` (a Python branch on a Proxy).
@@ -593,3 +603,26 @@ def test_layer_with_a_replaced_forward_or_a_global_hook_keeps_it():
     finally:
         handle.remove()
     assert len(rep.rows) == 1 and "global module hooks are registered" in rep.rows[0].reason, str(rep)
+
+
+def test_input_updated_in_place_inside_the_norm():
+    # Export's ATen graph is functional (the update is a new tensor): there the rewrite is correct.
+    torch.manual_seed(0)
+    model, x = InputUpdatedInPlace(), torch.randn(2, 3, 8)
+    rows = []
+    with torch.no_grad():
+        want = model(x)
+        for ir in IRS:
+            fn, _, rep = rewritten_fn(model, (x,), ir)
+            got = fn(x)
+            for g, w in zip(got, want, strict=True):
+                torch.testing.assert_close(g, w)
+            rows.append(f"{ir}: " + "; ".join(r.op or f"left alone ({r.reason})" for r in rep.rows))
+    TestCase().assertExpectedInline(
+        "\n".join(rows),
+        """\
+fx: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
+dynamo: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
+export: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
+aten: normpass.rms_norm""",
+    )

@@ -8,6 +8,7 @@ is linear in the graph's size.
 
 from __future__ import annotations
 
+import operator
 import warnings
 
 from torch import fx
@@ -45,6 +46,51 @@ def _reshaped(site: Site) -> str | None:
     if before is None or after is None or meta.same_shape(before, after):
         return None
     return f"the output's shape {tuple(after)} is not the input's {tuple(before)} (a broadcast operand)"
+
+
+_INPLACE_OPERATORS = {
+    operator.setitem,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+}
+
+
+def _mutates(node: fx.Node) -> bool:
+    """Whether the node may write a tensor in place: an in-place method or function (`add_`,
+    `x[i] = v`), an op whose schema mutates an argument, an `out=` argument or an `inplace` module."""
+    target = node.target
+    if node.op == "call_module":
+        return bool(getattr(node.graph.owning_module.get_submodule(target), "inplace", False))
+    if node.op not in ("call_method", "call_function"):
+        return False
+    if target in _INPLACE_OPERATORS or "out" in node.kwargs:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+
+
+def _mutated(site: Site) -> str | None:
+    """Why the site cannot be replaced: a node between its first computation and its output writes
+    a tensor in place (the op goes in at the output, so it would read what the write left), or None."""
+    pending = {n for n in site.nodes | site.keep if n.op.startswith("call_")} - {site.output}
+    node = site.output.prev
+    while pending and node.op != "root":
+        pending.discard(node)
+        if node not in site.nodes and _mutates(node):
+            return f"{node.name} writes a tensor in place inside the norm; the fused op would read it after"
+        node = node.prev
+    return None
 
 
 def _graphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
@@ -88,7 +134,7 @@ def _run_graph(
             if site is None:
                 continue
             where, source = locate(site.output, prefix)
-            checks = (_escape, _reshaped, *pattern.checks)
+            checks = (_escape, _reshaped, _mutated, *pattern.checks)
             reason = next((r for c in checks if (r := c(site))), None)
             if reason is not None:
                 report.rows.append(Row(where, source, site.form, "left alone", None, reason, node.name))
