@@ -240,6 +240,35 @@ class TestRegisterPattern(TestCase):
         _, rep = rewrite_copy(capture(model, xs, "export"))
         self.assertEqual(rep.rows, [])  # nothing leaked out of the block
 
+    def test_ops_the_template_does_not_know_match_only_themselves(self):
+        # |x| is no canonical op (a leaf): it matches |x| in any spelling, not tanh(x) or |2x|.
+        class Stat(nn.Module):
+            def __init__(self, f):
+                super().__init__()
+                self.f, self.weight = f, nn.Parameter(torch.randn(H))
+
+            def forward(self, x):
+                return x * torch.rsqrt(self.f(x).pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+        spellings = {"torch.abs": torch.abs, "tanh": torch.tanh, "abs of 2x": lambda x: (2 * x).abs()}
+        lines = []
+        with normpass.PatternRegistry():
+            normpass.register_pattern("abs_rms", _abs_rms, kind="rms")
+            for name, f in spellings.items():
+                for ir in ("dynamo", "export"):
+                    rep = check_numerics(Stat(f), inputs("R1 llama"), ir)
+                    lines.append(f"{name}, {ir}: {[r.op for r in rep.rows]}")
+        self.assertExpectedInline(
+            "\n".join(lines),
+            """\
+torch.abs, dynamo: ['normpass.rms_norm']
+torch.abs, export: ['normpass.rms_norm']
+tanh, dynamo: []
+tanh, export: []
+abs of 2x, dynamo: []
+abs of 2x, export: []""",
+        )
+
     def test_explicit_registry_checks_and_replacement(self):
         reg = normpass.PatternRegistry()
         normpass.register_pattern(

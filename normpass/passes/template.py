@@ -37,9 +37,9 @@ class _Template:
             )
         self.name, self.kind = name, kind
         self.gm = fx.symbolic_trace(fn)
-        view = View(self.gm)
+        self.view = View(self.gm)
         out = next(n for n in self.gm.graph.nodes if n.op == "output")
-        self.root = view[out.args[0]]
+        self.root = self.view[out.args[0]]
         if self.root.op == "leaf":
             raise ValueError(
                 f"normpass.register_pattern: template {name!r} computes nothing normpass can match"
@@ -48,7 +48,7 @@ class _Template:
 
     def match(self, t: Term, m: Matcher) -> Site | None:
         binding: dict[str, Any] = {}
-        if not _unify(self.root, t, binding, m):
+        if not _unify(self.root, t, binding, m, self.view):
             raise NoMatch
         x = next((binding[n] for n in _INPUT_NAMES if n in binding), None)
         x = m.upcast_root(x)
@@ -108,7 +108,9 @@ def _placeholder(t: Term) -> str | None:
     )
 
 
-def _unify(tpl: Any, t: Any, binding: dict[str, Any], m: Matcher) -> bool:
+def _unify(tpl: Any, t: Any, binding: dict[str, Any], m: Matcher, tview: View) -> bool:
+    """Whether the graph's term t computes the template's term tpl (`tview` is the template's view),
+    extending `binding` (template argument -> graph value) and `m`'s nodes."""
     if isinstance(tpl, Term):
         name = _placeholder(tpl)
         if name is not None:
@@ -124,6 +126,8 @@ def _unify(tpl: Any, t: Any, binding: dict[str, Any], m: Matcher) -> bool:
             return True
         t = m.unalias(t)
         tpl = strip(tpl)
+        if tpl.op == "leaf":
+            return _unify_leaf(tpl, t, binding, m, tview)
         if not isinstance(t, Term) or t.op != tpl.op or len(t.args) != len(tpl.args):
             return False
         if not _same_attrs(tpl, t, binding):
@@ -133,7 +137,7 @@ def _unify(tpl: Any, t: Any, binding: dict[str, Any], m: Matcher) -> bool:
             orders.append(t.args[::-1])
         for args in orders:
             trial, sub = dict(binding), Matcher(m.view)
-            if all(_unify(a, b, trial, sub) for a, b in zip(tpl.args, args, strict=True)):
+            if all(_unify(a, b, trial, sub, tview) for a, b in zip(tpl.args, args, strict=True)):
                 binding.update(trial)
                 m.nodes.update(sub.nodes | set(t.nodes))
                 m.keep.update(sub.keep)
@@ -142,6 +146,40 @@ def _unify(tpl: Any, t: Any, binding: dict[str, Any], m: Matcher) -> bool:
     if isinstance(tpl, (int, float)) and isinstance(t, (int, float)):
         return float(tpl) == float(t)
     return tpl == t
+
+
+def _call_name(node: fx.Node) -> str | None:
+    """An op's name across spellings (`x.abs()`, `torch.abs(x)`, `aten.abs.default`), or None."""
+    if node.op == "call_method":
+        return node.target
+    if node.op != "call_function":
+        return None
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    return getattr(target, "__name__", None)
+
+
+def _unify_leaf(tpl: Term, t: Any, binding: dict[str, Any], m: Matcher, tview: View) -> bool:
+    """An op the canonical form does not know (a leaf term: no arguments of its own): the graph's
+    node must call the same op, on arguments that unify with the template's."""
+    a = tpl.node
+    b = t.node if isinstance(t, Term) and t.op == "leaf" else None
+    if b is None or _call_name(a) is None or _call_name(a) != _call_name(b):
+        return False
+    if len(a.args) != len(b.args) or a.kwargs.keys() != b.kwargs.keys():
+        return False
+    pairs = [*zip(a.args, b.args, strict=True), *((a.kwargs[k], b.kwargs[k]) for k in a.kwargs)]
+    trial, sub = dict(binding), Matcher(m.view)
+    for x, y in pairs:
+        x = tview[x] if isinstance(x, fx.Node) else x
+        y = m.view[y] if isinstance(y, fx.Node) else y
+        if not _unify(x, y, trial, sub, tview):
+            return False
+    binding.update(trial)
+    m.nodes.update(sub.nodes | {b})
+    m.keep.update(sub.keep)
+    return True
 
 
 def _same_attrs(tpl: Term, t: Term, binding: dict[str, Any]) -> bool:
