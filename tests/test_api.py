@@ -309,6 +309,10 @@ return [rms_norm_default]""",
             "does not compute RMSNorm": lambda x, weight, eps: (
                 x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * (1.0 + weight)
             ),
+            # A small literal beside eps: invisible at x of unit scale, checked at smaller ones too.
+            "does not compute RMSNorm of x": lambda x, weight, eps: (
+                x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps + 1e-8) * weight
+            ),
             "has argument\\(s\\) \\['scale'\\]": lambda x, weight, eps, scale: (
                 _abs_rms(x, weight, eps) * scale
             ),

@@ -226,29 +226,39 @@ def _check_computes_the_op(tpl: _Template, fn: Callable) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, *[6] * tpl.k, generator=g) * 2 + 0.5
     shape = x.shape[1:]
-    values = {
-        "weight": torch.randn(shape, generator=g) + 1,
-        "bias": torch.randn(shape, generator=g),
-        "eps": 0.5,
-    }
-    args = {p: x if p in _INPUT_NAMES else values[p] for p in params}
-    try:
-        got = fn(**args)
-    except Exception as e:
-        raise ValueError(f"{where} failed on example inputs: {e!r}") from e
-    if not isinstance(got, torch.Tensor) or not got.dtype.is_floating_point:
-        raise ValueError(f"{where} returns {getattr(got, 'dtype', type(got).__name__)}, not a float tensor")
-    center = tpl.kind == "layer"
-    # At the template's own output dtype (one may end in a cast to bf16): within a few of its ulps.
-    weight_bias = (args.get("weight"), args.get("bias"))
-    want = reference.norm(x, *weight_bias, 0.5, center=center, normalized_ndim=tpl.k, out_dtype=got.dtype)
-    tol = max(1e-4, 4 * torch.finfo(got.dtype).eps)
-    if not (got.shape == want.shape and torch.allclose(got.float(), want.float(), tol, tol)):
-        what = "LayerNorm" if center else "RMSNorm"
-        raise ValueError(
-            f"{where} does not compute {what} of x with its weight and bias (checked on random inputs), "
-            "so the normpass op would change the results; fix the template or give a replacement"
+    weight, bias = torch.randn(shape, generator=g) + 1, torch.randn(shape, generator=g)
+    # At three scales of x (variance about 4 s^2) with an eps of its order: a literal added next to
+    # eps (`+ eps + 1e-5`) is lost at one scale but not at all three.
+    for scale, eps in ((1.0, 0.5), (1e-3, 1e-7), (1e-6, 1e-13)):
+        values = {"weight": weight, "bias": bias, "eps": eps}
+        args = {p: x * scale if p in _INPUT_NAMES else values[p] for p in params}
+        try:
+            got = fn(**args)
+        except Exception as e:
+            raise ValueError(f"{where} failed on example inputs: {e!r}") from e
+        if not isinstance(got, torch.Tensor) or not got.dtype.is_floating_point:
+            raise ValueError(
+                f"{where} returns {getattr(got, 'dtype', type(got).__name__)}, not a float tensor"
+            )
+        center = tpl.kind == "layer"
+        # At the template's own output dtype (one may end in a cast to bf16): within a few of its ulps.
+        want = reference.norm(
+            x * scale,
+            args.get("weight"),
+            args.get("bias"),
+            eps,
+            center=center,
+            normalized_ndim=tpl.k,
+            out_dtype=got.dtype,
         )
+        tol = max(1e-4, 4 * torch.finfo(got.dtype).eps)
+        if not (got.shape == want.shape and torch.allclose(got.float(), want.float(), tol, tol)):
+            what = "LayerNorm" if center else "RMSNorm"
+            raise ValueError(
+                f"{where} does not compute {what} of x with its weight and bias (checked on random "
+                "inputs), so the normpass op would change the results; fix the template or give a "
+                "replacement"
+            )
 
 
 _TEMPLATES: dict[tuple, _Template] = {}
