@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, overload
 
@@ -20,7 +21,7 @@ from normpass.passes import manager
 from normpass.passes.match import Matcher, NoMatch, Reject, Site
 from normpass.passes.registry import CheckFn, Pattern, PatternRegistry, ReplaceFn, current_registry
 from normpass.passes.report import Report, Row
-from normpass.passes.rewriter import POLICIES, PRMS_P
+from normpass.passes.rewriter import POLICIES
 from normpass.passes.template import template_pattern
 
 __all__ = [
@@ -46,7 +47,7 @@ def rewrite(
     gm: GraphLike,
     policy: str = ...,
     *,
-    p: float = ...,
+    p: float | None = ...,
     registry: PatternRegistry | None = ...,
     example_inputs: Sequence[Any] | None = ...,
 ) -> GraphLike: ...
@@ -55,7 +56,7 @@ def rewrite(
     gm: GraphLike,
     policy: str = ...,
     *,
-    p: float = ...,
+    p: float | None = ...,
     registry: PatternRegistry | None = ...,
     example_inputs: Sequence[Any] | None = ...,
     report: bool,
@@ -66,7 +67,7 @@ def rewrite(
     gm: GraphLike,
     policy: str = "fuse",
     *,
-    p: float = PRMS_P,
+    p: float | None = None,
     registry: PatternRegistry | None = None,
     example_inputs: Sequence[Any] | None = None,
     report: bool = False,
@@ -78,6 +79,8 @@ def rewrite(
         program runs and survives torch.export.save/load, the ops being registered in C++).
     policy: "fuse" (same function, fp32 accumulation), "low_precision" (autocast LayerNorm keeps its
         half/bf16 IO), "rmsnorm" (LayerNorm -> RMSNorm), "prmsnorm" (-> partial RMSNorm with `p`).
+    p: the partial fraction of policy "prmsnorm" (default 0.0625, the RMSNorm paper's); other
+        policies take none.
     registry: the patterns to use; default: the innermost `with PatternRegistry():` or the global one.
     example_inputs: for graphs without metadata (plain symbolic_trace), fake-propagated first so that
         dtypes and shapes are known; without them dtypes are computed at run time where needed.
@@ -118,7 +121,9 @@ def _propagate(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> None:
     FakeTensorProp(gm, mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*example_inputs)
 
 
-def _rewrite_exported(ep: torch.export.ExportedProgram, policy: str, p: float, registry: PatternRegistry):
+def _rewrite_exported(
+    ep: torch.export.ExportedProgram, policy: str, p: float | None, registry: PatternRegistry
+):
     gm = ep.graph_module
     rep = manager.run(gm, policy, p, registry)
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -136,7 +141,7 @@ def explain(
     model_or_gm: torch.nn.Module | GraphLike,
     *example_inputs: Any,
     policy: str = "fuse",
-    p: float = PRMS_P,
+    p: float | None = None,
     registry: PatternRegistry | None = None,
     **example_kwargs: Any,
 ) -> Report:
@@ -157,6 +162,12 @@ def explain(
         if example_inputs and not _has_meta(gm):
             _propagate(gm, example_inputs)
     elif isinstance(model_or_gm, torch.nn.Module):
+        missing = [] if example_inputs or example_kwargs else _required_args(model_or_gm)
+        if missing:
+            raise TypeError(
+                "normpass.explain: an nn.Module is captured with torch.export, which runs it on example "
+                f"inputs: give them, as in explain(model, {', '.join(missing)})"
+            )
         ep = torch.export.export(
             model_or_gm, tuple(example_inputs), kwargs=example_kwargs or None, strict=False
         )
@@ -168,6 +179,12 @@ def explain(
         )
     _, rep = rewrite(gm, policy, p=p, registry=registry, report=True)
     return rep
+
+
+def _required_args(module: torch.nn.Module) -> list[str]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = inspect.signature(module.forward).parameters.values()
+    return [q.name for q in params if q.kind in kinds and q.default is inspect.Parameter.empty]
 
 
 def _has_meta(gm: fx.GraphModule) -> bool:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from normpass.passes.rewriter import PRMS_P, check_policy
+from normpass.passes.rewriter import check_policy
 
 log = logging.getLogger("normpass")
 
@@ -30,14 +30,14 @@ class BackendOptions:
     """What `options={...}` (or `normpass.backend(...)`) may set.
 
     policy: which rewrites are allowed (see normpass.rewrite).
-    p: the partial fraction for the "prmsnorm" policy.
+    p: the partial fraction of the "prmsnorm" policy (default: the RMSNorm paper's 0.0625).
     compiler: the inner compiler, "inductor" or any registered backend name or callable.
     registry: a PatternRegistry with user patterns, or None for the default one.
     inductor_options: inductor config patches (only with compiler="inductor").
     """
 
     policy: str = "fuse"
-    p: float = PRMS_P
+    p: float | None = None
     compiler: str | Callable = "inductor"
     registry: Any = None
     inductor_options: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -119,6 +119,12 @@ class TestRewrite(TestCase):
             normpass.rewrite(ep, example_inputs=inputs("R1 llama"))
         with self.assertRaisesRegex(ValueError, "p must be in"):
             normpass.rewrite(gm, "prmsnorm", p=0.0)
+        with self.assertRaisesRegex(ValueError, "p is the partial fraction of policy 'prmsnorm'"):
+            normpass.rewrite(gm, p=0.5)  # "fuse" would ignore it
+        with self.assertRaisesRegex(TypeError, r"give them, as in explain\(model, x\)"):
+            normpass.explain(build("R1 llama"))
+        with self.assertRaisesRegex(ValueError, "policy 'rmsnorm' has none"):
+            normpass.explain(gm, *inputs("R1 llama"), policy="rmsnorm", p=0.5)
         with self.assertRaisesRegex(TypeError, "nn.Module, use torch.fx.symbolic_trace"):
             normpass.rewrite(build("R1 llama"))
 

@@ -133,9 +133,11 @@ def test_unknown_option_lists_valid_ones():
 
 
 def test_options_merge_over_configured_backend():
-    base = BackendOptions.from_dict({"policy": "rmsnorm", "compiler": "eager"})
+    base = BackendOptions.from_dict({"policy": "prmsnorm", "compiler": "eager"})
     merged = BackendOptions.from_dict({"p": 0.25}, base=base)
-    assert (merged.policy, merged.compiler, merged.p) == ("rmsnorm", "eager", 0.25)
+    assert (merged.policy, merged.compiler, merged.p) == ("prmsnorm", "eager", 0.25)
+    with pytest.raises(ValueError, match="p is the partial fraction of policy 'prmsnorm'; policy 'rmsnorm'"):
+        BackendOptions.from_dict({"policy": "rmsnorm"}, base=merged)
     with pytest.raises(ValueError, match="inductor_options need compiler='inductor'"):
         BackendOptions.from_dict({"compiler": "eager", "inductor_options": {"max_autotune": True}})
 

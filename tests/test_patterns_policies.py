@@ -65,10 +65,12 @@ rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06, p=0.25)
 return [rms_norm_default]""",
         )
 
-    def test_fuse_policy_keeps_p(self):
+    def test_p_is_prmsnorms_alone(self):
         model, xs = build("nn.RMSNorm"), inputs("nn.RMSNorm")
-        g, _ = rewrite_copy(capture(model, xs, "export"), "fuse", p=0.25)
+        g, _ = rewrite_copy(capture(model, xs, "export"), "fuse")
         self.assertNotIn("p=", compact(g))
+        with self.assertRaisesRegex(ValueError, "policy 'fuse' has none"):  # it would be ignored
+            rewrite_copy(capture(model, xs, "export"), "fuse", p=0.25)
 
 
 class ExplicitFp32LayerNorm(nn.Module):

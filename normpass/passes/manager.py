@@ -98,8 +98,8 @@ def _graphs(gm: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
     return [(name, mod) for name, mod in gm.named_modules() if isinstance(mod, fx.GraphModule)]
 
 
-def run(gm: fx.GraphModule, policy: str, p: float, registry: PatternRegistry) -> Report:
-    check_policy(policy, p)
+def run(gm: fx.GraphModule, policy: str, p: float | None, registry: PatternRegistry) -> Report:
+    p = check_policy(policy, p)
     report = Report(policy)
     for name, sub in _graphs(gm):
         _run_graph(sub, policy, p, registry, report, prefix=f"{name}/" if name else "")

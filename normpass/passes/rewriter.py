@@ -17,12 +17,18 @@ POLICIES = ("fuse", "low_precision", "rmsnorm", "prmsnorm")
 PRMS_P = 0.0625  # the "prmsnorm" policy's default partial fraction, the RMSNorm paper's
 
 
-def check_policy(policy: str, p: float, who: str = "normpass") -> None:
-    """ValueError for an unknown policy or a partial fraction p outside (0, 1]."""
+def check_policy(policy: str, p: float | None, who: str = "normpass") -> float:
+    """The partial fraction `policy` uses (PRMS_P where p is None). ValueError for an unknown policy,
+    a p outside (0, 1], or a p given to a policy other than "prmsnorm" (which would ignore it)."""
     if policy not in POLICIES:
         raise ValueError(f"{who}: unknown policy {policy!r}; valid policies are {POLICIES}")
+    if p is None:
+        return PRMS_P
+    if policy != "prmsnorm":
+        raise ValueError(f"{who}: p is the partial fraction of policy 'prmsnorm'; policy {policy!r} has none")
     if not (0 < p <= 1):
         raise ValueError(f"{who}: p must be in (0, 1], got {p}")
+    return p
 
 
 class RewriteFailed(Exception):
