@@ -517,3 +517,13 @@ class InputUpdatedInPlace(_Norm):
         n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         x.add_(1.0)
         return n * self.weight, x
+
+
+class InputReluInPlace(InputUpdatedInPlace):
+    """The same, the write spelled as an `inplace=True` argument."""
+
+    def forward(self, x):
+        x = x.clone()
+        n = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        F.relu(x, inplace=True)
+        return n * self.weight, x

@@ -16,6 +16,7 @@ from norm_forms import (
     LOOKALIKES,
     FlooredRms,
     HookedLayerNorm,
+    InputReluInPlace,
     InputUpdatedInPlace,
     NormOfExpandedInput,
     RmsNormDefaultEps,
@@ -608,21 +609,27 @@ def test_layer_with_a_replaced_forward_or_a_global_hook_keeps_it():
 def test_input_updated_in_place_inside_the_norm():
     # Export's ATen graph is functional (the update is a new tensor): there the rewrite is correct.
     torch.manual_seed(0)
-    model, x = InputUpdatedInPlace(), torch.randn(2, 3, 8)
+    x = torch.randn(2, 3, 8)
     rows = []
     with torch.no_grad():
-        want = model(x)
-        for ir in IRS:
-            fn, _, rep = rewritten_fn(model, (x,), ir)
-            got = fn(x)
-            for g, w in zip(got, want, strict=True):
-                torch.testing.assert_close(g, w)
-            rows.append(f"{ir}: " + "; ".join(r.op or f"left alone ({r.reason})" for r in rep.rows))
+        for model in (InputUpdatedInPlace(), InputReluInPlace()):
+            want = model(x)
+            for ir in IRS:
+                fn, _, rep = rewritten_fn(model, (x,), ir)
+                got = fn(x)
+                for g, w in zip(got, want, strict=True):
+                    torch.testing.assert_close(g, w)
+                why = "; ".join(r.op or f"left alone ({r.reason})" for r in rep.rows)
+                rows.append(f"{type(model).__name__}, {ir}: {why}")
     TestCase().assertExpectedInline(
         "\n".join(rows),
         """\
-fx: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
-dynamo: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
-export: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
-aten: normpass.rms_norm""",
+InputUpdatedInPlace, fx: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
+InputUpdatedInPlace, dynamo: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
+InputUpdatedInPlace, export: left alone (add_ writes a tensor in place inside the norm; the fused op would read it after)
+InputUpdatedInPlace, aten: normpass.rms_norm
+InputReluInPlace, fx: left alone (relu writes a tensor in place inside the norm; the fused op would read it after)
+InputReluInPlace, dynamo: left alone (relu writes a tensor in place inside the norm; the fused op would read it after)
+InputReluInPlace, export: left alone (relu_ writes a tensor in place inside the norm; the fused op would read it after)
+InputReluInPlace, aten: normpass.rms_norm""",
     )

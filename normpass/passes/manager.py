@@ -65,13 +65,14 @@ _INPLACE_OPERATORS = {
 
 def _mutates(node: fx.Node) -> bool:
     """Whether the node may write a tensor in place: an in-place method or function (`add_`,
-    `x[i] = v`), an op whose schema mutates an argument, an `out=` argument or an `inplace` module."""
+    `x[i] = v`), an op whose schema mutates an argument, an `out=` or `inplace=True` argument, or an
+    `inplace` module."""
     target = node.target
     if node.op == "call_module":
         return bool(getattr(node.graph.owning_module.get_submodule(target), "inplace", False))
     if node.op not in ("call_method", "call_function"):
         return False
-    if target in _INPLACE_OPERATORS or "out" in node.kwargs:
+    if target in _INPLACE_OPERATORS or "out" in node.kwargs or node.kwargs.get("inplace") is True:
         return True
     schema = getattr(target, "_schema", None)
     if schema is not None:
