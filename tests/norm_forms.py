@@ -64,6 +64,13 @@ class R4SqrtDiv(_Norm):
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
+class R4OneOverSqrt(_Norm):
+    """1 / sqrt(...): export writes it reciprocal(sqrt(...)) * 1."""
+
+    def forward(self, x):
+        return x * (1 / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)) * self.weight
+
+
 class R4SquareMethod(_Norm):
     def forward(self, x):
         return self.weight * (x * (torch.square(x).mean(dim=(-1,), keepdim=True) + self.eps).rsqrt())
@@ -448,6 +455,7 @@ FORMS: dict[str, tuple] = {
     "R3 gemma": (R3Gemma, 0, 1),
     "R4 mul": (R4Mul, 0, 1),
     "R4 sqrt/div": (R4SqrtDiv, 0, 1),
+    "R4 1/sqrt": (R4OneOverSqrt, 0, 1),
     "R4 square/rsqrt method": (R4SquareMethod, 0, 1),
     "R4 sum/n": (R4SumOverN, 0, 1),
     "R5 no weight": (R5NoWeight, 0, 1),

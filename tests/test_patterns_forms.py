@@ -104,6 +104,7 @@ R1 llama: R1 llama upcast -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
+R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
 R4 sum/n: -
 R5 no weight: R5 no weight -> normpass.rms_norm
@@ -152,6 +153,7 @@ R2 t5: R2 t5 fp32 stats -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
+R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
 R4 sum/n: R4 no casts -> normpass.rms_norm
 R5 no weight: R5 no weight -> normpass.rms_norm
@@ -200,6 +202,7 @@ R2 t5: R4 no casts -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
+R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
 R4 sum/n: R4 no casts -> normpass.rms_norm
 R5 no weight: R5 no weight -> normpass.rms_norm
@@ -248,6 +251,7 @@ R2 t5: R1 llama upcast -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
+R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
 R4 sum/n: R4 no casts -> normpass.rms_norm
 R5 no weight: R5 no weight -> normpass.rms_norm
@@ -306,6 +310,9 @@ return [rms_norm_default]
 rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06)
 return [rms_norm_default]
 # R4 sqrt/div
+rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06)
+return [rms_norm_default]
+# R4 1/sqrt
 rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06)
 return [rms_norm_default]
 # R4 square/rsqrt method

@@ -8,7 +8,8 @@ spellings the three IRs use collapse onto it:
 - casts: `.to(dt)`, `.to(dtype=dt)`, `.float()`, `.type_as(y)`, `aten._to_copy(dtype=)`, ... -> cast(x, dtype)
   (a cast to the dtype the tensor already has is an `alias`: Dynamo keeps it, ATen drops it)
 - `x * x`, `x.pow(2)`, `x ** 2`, `torch.square(x)` -> square(x)
-- `a / b` -> mul(a, reciprocal(b)); `reciprocal(sqrt(v))`, `v ** -0.5` -> rsqrt(v); `1 / v` -> reciprocal(v)
+- `a / b` -> mul(a, reciprocal(b)); `reciprocal(sqrt(v))`, `v ** -0.5` -> rsqrt(v); `1 / v` -> reciprocal(v);
+  `x * 1` (an integer 1) -> alias(x)
 - `sum(x, d) / n` -> mean(x, d) when n is the size of the reduced dims
 - nn.LayerNorm / nn.RMSNorm call_module nodes -> layer_norm / rms_norm with their parameters
 
@@ -197,11 +198,22 @@ def _binary(op: str):
         a, b = (view.arg(x) for x in args)
         if op == "mul" and isinstance(a, Term) and a is b:
             return Term("square", (a,), node=node, nodes=(node,))
+        if op == "mul" and _times_one(a, b):  # export spells `1 / v` as reciprocal(v) * 1
+            return Term("alias", (a if isinstance(a, Term) else b,), node=node, nodes=(node,))
         if op == "div":
             return _div(view, node, a, b)
         return Term(op, (a, b), node=node, nodes=(node,))
 
     return build
+
+
+def _times_one(a: Any, b: Any) -> bool:
+    """a * b is the tensor operand itself: one side the integer 1 (which keeps any dtype)."""
+    for t, n in ((a, b), (b, a)):
+        if isinstance(t, Term) and type(n) is int and n == 1:
+            dt = meta.dtype(t.node) if t.node is not None else None
+            return dt is None or dt.is_floating_point  # (bool * 1 is an integer tensor)
+    return False
 
 
 def _div(view: View, node: fx.Node, a: Any, b: Any) -> Term:
