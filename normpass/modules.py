@@ -137,6 +137,17 @@ class _FusedNorm(nn.Module):
         self.elementwise_affine = weight is not None or bias is not None
         return self
 
+    def reset_parameters(self) -> None:
+        """Weight to ones and bias to zeros, as nn.LayerNorm's (after `to_empty`, e.g.).
+
+        Example:
+            >>> FusedRMSNorm(8, device="meta").to_empty(device="cpu").reset_parameters()
+        """
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
     def extra_repr(self) -> str:
         return (
             f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "

@@ -102,7 +102,17 @@ def _swap(model: nn.Module, convert: Converter, optimizers: Optimizers, what: st
             new_for[id(child)] = convert(child)
         if new_for[id(child)] is not None:
             parent_name, _, attr = name.rpartition(".")
-            sites.append((model.get_submodule(parent_name), attr, name, child))
+            parent = model.get_submodule(parent_name)
+            if isinstance(parent, nn.TransformerEncoderLayer):
+                # Its inference fast path (torch._transformer_encoder_layer_fwd) computes LayerNorm
+                # from norm1/norm2's weights itself: a new layer there would be skipped in eval.
+                warnings.warn(
+                    f"normpass: left {name} alone because nn.TransformerEncoderLayer's inference fast "
+                    "path computes LayerNorm from its weights without calling it",
+                    stacklevel=3,
+                )
+                continue
+            sites.append((parent, attr, name, child))
 
     if in_optimizers is not None:
         missing = [
@@ -125,6 +135,29 @@ def _swap(model: nn.Module, convert: Converter, optimizers: Optimizers, what: st
     return replaced
 
 
+_STATE_DICT_HOOKS = (
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _why_not_replaceable(layer: nn.Module) -> str | None:
+    """Why a new layer would lose what `layer` holds beyond its norm (a subclass's parameters, buffers
+    or submodules; hooks that rename checkpoint keys), or None."""
+    extra = [
+        name
+        for name, _ in (*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False))
+        if name not in ("weight", "bias")
+    ] + [name for name, _ in layer.named_children()]
+    if extra:
+        return f"it holds more than weight and bias ({', '.join(extra)}), which the new layer would drop"
+    if any(getattr(layer, h, None) for h in _STATE_DICT_HOOKS):
+        return "it has state_dict hooks registered on it, which the new layer would not have"
+    return None
+
+
 def _converter(applies: Callable[[nn.Module], bool], build: Callable[[nn.Module], nn.Module]) -> Converter:
     """A converter for modules where `applies` holds, skipping (with a warning) ones unsafe to swap."""
     warned: set[int] = set()
@@ -132,7 +165,7 @@ def _converter(applies: Callable[[nn.Module], bool], build: Callable[[nn.Module]
     def convert(m: nn.Module) -> nn.Module | None:
         if not applies(m):
             return None
-        reason = why_not_plain(m)
+        reason = why_not_plain(m) or _why_not_replaceable(m)
         if reason is not None:
             if id(m) not in warned:
                 warned.add(id(m))

@@ -237,3 +237,13 @@ def test_errors():
 
 def test_exported():
     assert {"FusedRMSNorm", "FusedLayerNorm", "PartialRMSNorm"} <= set(normpass.__all__)
+
+
+@pytest.mark.parametrize("cls", [FusedRMSNorm, FusedLayerNorm, PartialRMSNorm])
+def test_reset_parameters_after_to_empty(cls):
+    # The meta-device init flow (to_empty, then reset_parameters on every module that has it).
+    layer = cls(8, device="meta").to_empty(device="cpu")
+    layer.reset_parameters()
+    assert torch.equal(layer.weight, torch.ones(8))
+    if layer.bias is not None:
+        assert torch.equal(layer.bias, torch.zeros(8))

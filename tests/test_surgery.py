@@ -284,6 +284,15 @@ class TaggedLayerNorm(nn.LayerNorm):
     tag = "same forward"
 
 
+class ScaledLayerNorm(nn.LayerNorm):
+    """LayerNorm.forward, but state of its own that its users read: a new layer would drop it."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.gain = nn.Parameter(torch.ones(1))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+
 def test_skips_layers_it_cannot_swap_safely():
     hooked = nn.LayerNorm(8)
     hooked.register_forward_hook(lambda m, i, o: o)
@@ -291,9 +300,14 @@ def test_skips_layers_it_cannot_swap_safely():
     torch.nn.utils.parametrize.register_parametrization(parametrized, "weight", nn.Identity())
     wrapped = nn.LayerNorm(8)
     wrapped.forward = lambda x: nn.LayerNorm.forward(wrapped, x)  # as accelerate's device hooks do
+    renamed = nn.LayerNorm(8)  # a hook that maps old checkpoint keys
+    renamed._register_load_state_dict_pre_hook(lambda *args: None)
     model = nn.Sequential(CustomLayerNorm(8), TaggedLayerNorm(8), hooked, parametrized, CustomLayerNorm(8))
     model.append(wrapped)
     model.append(model[0])  # shared: warned about once
+    model.extend([ScaledLayerNorm(8), renamed])
+    # Its inference fast path computes LayerNorm from norm1/norm2's weights, not calling them.
+    model.append(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
 
     with pytest.warns(UserWarning) as record:
         replaced = normpass.apply_rms_norm(model)
@@ -304,8 +318,20 @@ def test_skips_layers_it_cannot_swap_safely():
         "normpass: left ParametrizedLayerNorm alone because it is parametrized (torch.nn.utils.parametrize)",
         "normpass: left CustomLayerNorm alone because its class CustomLayerNorm overrides LayerNorm.forward",
         "normpass: left LayerNorm alone because its forward is replaced on the instance",
+        "normpass: left ScaledLayerNorm alone because it holds more than weight and bias (gain, steps), "
+        "which the new layer would drop",
+        "normpass: left LayerNorm alone because it has state_dict hooks registered on it, which the new "
+        "layer would not have",
+        "normpass: left 9.norm1 alone because nn.TransformerEncoderLayer's inference fast path computes "
+        "LayerNorm from its weights without calling it",
+        "normpass: left 9.norm2 alone because nn.TransformerEncoderLayer's inference fast path computes "
+        "LayerNorm from its weights without calling it",
     ]
     assert [r.name for r in replaced] == ["1"]  # a subclass that keeps LayerNorm.forward is swapped
+    layer, x = model[9].eval(), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        fast = layer(x)
+    torch.testing.assert_close(fast, layer(x))  # the fast path and the Python path: the same norms
     assert record[0].filename == __file__  # the warning points at the caller
 
     with warnings.catch_warnings():
