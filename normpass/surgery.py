@@ -7,9 +7,11 @@ optimizer keeps working whether it was built before or after the swap, and the s
 the same. Every function is idempotent: a second call finds nothing to do and returns [].
 
 Rules shared by all of them:
-- Layers whose class overrides `forward` (a LayerNorm subclass with its own math), that have hooks,
-  or that are parametrized (torch.nn.utils.parametrize) are left alone with a warning: swapping them
-  would change what they compute or drop behavior.
+- Layers whose class overrides `forward` (a LayerNorm subclass with its own math), that have hooks
+  (state_dict hooks too), that hold parameters, buffers or submodules beyond weight and bias, that
+  are parametrized (torch.nn.utils.parametrize), or that sit in an nn.TransformerEncoderLayer (its
+  inference fast path computes LayerNorm from their weights) are left alone with a warning:
+  swapping them would change what they compute or drop behavior.
 - `optimizers` (one optimizer or a sequence) is optional. When given, every trainable Parameter of
   every layer about to be replaced must be in one of their param groups; otherwise nothing is changed
   and a ValueError names the missing ones (it catches a model/optimizer mix-up before training).
