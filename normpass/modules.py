@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -27,12 +28,23 @@ _ShapeLike = int | Sequence[int] | torch.Size
 
 
 def _as_shape(normalized_shape: _ShapeLike) -> tuple[int, ...]:
-    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
-    if not shape or not all(isinstance(s, int) and s > 0 for s in shape):
+    """As nn.LayerNorm takes it: an int or a sequence of them, of any integer type (numpy's too)."""
+    dims = normalized_shape if isinstance(normalized_shape, Sequence) else (normalized_shape,)
+    try:
+        shape = tuple(_dim(s) for s in dims)
+    except TypeError:
+        shape = ()
+    if not shape or min(shape) <= 0:
         raise ValueError(
             f"normalized_shape must be a non-empty sequence of positive ints, got {normalized_shape!r}"
         )
     return shape
+
+
+def _dim(s: object) -> int:
+    if isinstance(s, bool):  # an int to operator.index, but FusedRMSNorm(True) is a mistake
+        raise TypeError("bool")
+    return operator.index(s)
 
 
 def _check_param(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:

@@ -221,8 +221,9 @@ def test_errors():
         FusedLayerNorm((4, 8))(torch.randn(8))
     with pytest.raises(ValueError, match=r"p must be in \(0, 1\]"):
         PartialRMSNorm(8, p=0.0)
-    with pytest.raises(ValueError, match="normalized_shape"):
-        FusedRMSNorm([])
+    for bad in ([], True, [2, 0], 2.0, "8"):  # True is an int to Python, a mistake here
+        with pytest.raises(ValueError, match="normalized_shape must be a non-empty sequence"):
+            FusedRMSNorm(bad)
     with pytest.raises(ValueError, match="eps must be >= 0"):
         FusedLayerNorm(8, eps=-1.0)
     with pytest.raises(ValueError, match="FusedLayerNorm: eps must be a float >= 0, got None"):
@@ -247,3 +248,13 @@ def test_reset_parameters_after_to_empty(cls):
     assert torch.equal(layer.weight, torch.ones(8))
     if layer.bias is not None:
         assert torch.equal(layer.bias, torch.zeros(8))
+
+
+def test_normalized_shape_of_any_integer_type():
+    # As nn.LayerNorm takes it, numpy's integers included (a LayerNorm built with one converts too).
+    np = pytest.importorskip("numpy")
+    assert FusedRMSNorm(np.int64(8)).normalized_shape == (8,)
+    assert FusedLayerNorm([np.int32(2), 4]).normalized_shape == (2, 4)
+    assert PartialRMSNorm(torch.Size([16])).normalized_shape == (16,)
+    ln = nn.LayerNorm(np.int64(8))
+    assert FusedRMSNorm.from_layer_norm(ln).normalized_shape == (8,)
