@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
@@ -160,6 +161,10 @@ def _why_not_replaceable(layer: nn.Module) -> str | None:
     return None
 
 
+def _is_number(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
 def _converter(applies: Callable[[nn.Module], bool], build: Callable[[nn.Module], nn.Module]) -> Converter:
     """A converter for modules where `applies` holds, skipping (with a warning) ones unsafe to swap."""
     warned: set[int] = set()
@@ -193,8 +198,8 @@ def apply_rms_norm(model: nn.Module, optimizers: Optimizers = None, eps: float =
         >>> model[1].eps
         1e-08
     """
-    if eps < 0:
-        raise ValueError(f"apply_rms_norm: eps must be >= 0, got {eps}")
+    if not _is_number(eps) or eps < 0:
+        raise ValueError(f"apply_rms_norm: eps must be a float >= 0, got {eps!r}")
     build = lambda ln: FusedRMSNorm.from_layer_norm(ln, eps=eps)  # noqa: E731
     return _swap(model, _converter(_layer_norms, build), optimizers, "apply_rms_norm")
 
@@ -274,6 +279,11 @@ def apply_partial_rms_norm(
         >>> model[1].p
         0.0625
     """
+    if not _is_number(p):
+        raise TypeError(
+            f"apply_partial_rms_norm: p must be a number in (0, 1], got a {type(p).__name__} "
+            "(optimizers go in the third argument, optimizers=)"
+        )
     if not 0 < p <= 1:
         raise ValueError(f"apply_partial_rms_norm: p must be in (0, 1], got {p}")
 

@@ -253,6 +253,12 @@ def test_optimizer_check():
 
 
 def test_errors_and_skips():
+    net = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="p must be a number in \\(0, 1\\], got a SGD"):
+        normpass.apply_partial_rms_norm(net, opt)  # the optimizer where p goes
+    with pytest.raises(ValueError, match="apply_rms_norm: eps must be a float >= 0, got None"):
+        normpass.apply_rms_norm(net, eps=None)
     with pytest.raises(TypeError, match="expected an nn.Module, got dict"):
         normpass.apply_rms_norm({})
     with pytest.raises(TypeError, match="expected an nn.Module"):
@@ -265,7 +271,7 @@ def test_errors_and_skips():
         normpass.apply_low_precision_layernorm(Nested(), precision="bf16")
     with pytest.raises(ValueError, match=r"p must be in \(0, 1\]"):
         normpass.apply_partial_rms_norm(Nested(), p=1.5)
-    with pytest.raises(ValueError, match="eps must be >= 0"):
+    with pytest.raises(ValueError, match="eps must be a float >= 0, got -1.0"):
         normpass.apply_rms_norm(Nested(), eps=-1.0)
 
     for precision in ("fp32", "fp16"):
