@@ -109,11 +109,7 @@ def _swap(model: nn.Module, convert: Converter, optimizers: Optimizers, what: st
             if isinstance(parent, nn.TransformerEncoderLayer):
                 # Its inference fast path (torch._transformer_encoder_layer_fwd) computes LayerNorm
                 # from norm1/norm2's weights itself: a new layer there would be skipped in eval.
-                warnings.warn(
-                    f"normpass: left {name} alone because nn.TransformerEncoderLayer's inference fast "
-                    "path computes LayerNorm from its weights without calling it",
-                    stacklevel=3,
-                )
+                _warn_left_alone(name, _ENCODER_FAST_PATH, stacklevel=4)
                 continue
             sites.append((parent, attr, name, child))
 
@@ -161,6 +157,16 @@ def _why_not_replaceable(layer: nn.Module) -> str | None:
     return None
 
 
+_ENCODER_FAST_PATH = (
+    "nn.TransformerEncoderLayer's inference fast path computes LayerNorm from its weights without calling it"
+)
+
+
+def _warn_left_alone(what: str, reason: str, stacklevel: int) -> None:
+    """The warning for a layer the surgery skips; `stacklevel` points it at the user's call."""
+    warnings.warn(f"normpass: left {what} alone because {reason}", stacklevel=stacklevel)
+
+
 def _is_number(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -176,7 +182,7 @@ def _converter(applies: Callable[[nn.Module], bool], build: Callable[[nn.Module]
         if reason is not None:
             if id(m) not in warned:
                 warned.add(id(m))
-                warnings.warn(f"normpass: left {type(m).__name__} alone because {reason}", stacklevel=4)
+                _warn_left_alone(type(m).__name__, reason, stacklevel=5)
             return None
         return build(m).train(m.training)
 

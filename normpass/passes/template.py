@@ -227,6 +227,7 @@ def _check_computes_the_op(tpl: _Template, fn: Callable) -> None:
     x = torch.randn(3, *[6] * tpl.k, generator=g) * 2 + 0.5
     shape = x.shape[1:]
     weight, bias = torch.randn(shape, generator=g) + 1, torch.randn(shape, generator=g)
+    center = tpl.kind == "layer"
     # At three scales of x (variance about 4 s^2) with an eps of its order: a literal added next to
     # eps (`+ eps + 1e-5`) is lost at one scale but not at all three.
     for scale, eps in ((1.0, 0.5), (1e-3, 1e-7), (1e-6, 1e-13)):
@@ -240,7 +241,6 @@ def _check_computes_the_op(tpl: _Template, fn: Callable) -> None:
             raise ValueError(
                 f"{where} returns {getattr(got, 'dtype', type(got).__name__)}, not a float tensor"
             )
-        center = tpl.kind == "layer"
         # At the template's own output dtype (one may end in a cast to bf16): within a few of its ulps.
         want = reference.norm(
             x * scale,
