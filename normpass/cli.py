@@ -11,7 +11,7 @@ Also runnable as `python -m normpass ...`.
 `explain`'s FACTORY contract: a function of no arguments, defined in FILE.py, that returns either
 `model` or `(model, example_inputs)`, where example_inputs is a tensor or a tuple of positional
 inputs. When it returns only a model, `--shape` (e.g. `--shape 2,16,64`) gives the shape of one
-random input of `--dtype`.
+random input, and `--dtype` the dtype of that input and of the model.
 """
 
 from __future__ import annotations
@@ -269,7 +269,9 @@ def demo(args: argparse.Namespace) -> int:
 # ---- explain -------------------------------------------------------------------------------------------
 
 
-def _load_factory(spec: str, parser: argparse.ArgumentParser) -> Callable[[], Any]:
+def _call_factory(spec: str, parser: argparse.ArgumentParser) -> Any:
+    """Imports FILE.py and returns FACTORY(). The file's folder stays on sys.path through the call,
+    so imports the factory makes when called find the file's neighbors too."""
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name.isidentifier():
         parser.error(f"expected FILE.py:FACTORY (e.g. models.py:make_model), got {spec!r}")
@@ -280,20 +282,19 @@ def _load_factory(spec: str, parser: argparse.ArgumentParser) -> Callable[[], An
     if module_spec is None or module_spec.loader is None:
         parser.error(f"{path}: cannot import it as a Python file")
     module = importlib.util.module_from_spec(module_spec)
-    sys.path.insert(0, str(file.resolve().parent))  # so the file can import its neighbors
+    sys.path.insert(0, str(file.resolve().parent))
     try:
         module_spec.loader.exec_module(module)
+        factory = getattr(module, name, None)
+        if not callable(factory):
+            parser.error(f"{path} has no function {name!r}")
+        return factory()
     finally:
-        sys.path.pop(0)
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        parser.error(f"{path} has no function {name!r}")
-    return factory
+        sys.path.remove(str(file.resolve().parent))
 
 
 def explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    factory = _load_factory(args.spec, parser)
-    made = factory()
+    made = _call_factory(args.spec, parser)
     model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
     if not isinstance(model, torch.nn.Module):
         parser.error(
@@ -304,9 +305,18 @@ def explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(
                 f"{args.spec} returned only a model: give --shape (e.g. --shape 2,16,64) for a random input"
             )
-        inputs = (torch.randn(args.shape, dtype=DTYPES[args.dtype or "float32"]),)
-    elif isinstance(inputs, torch.Tensor):
-        inputs = (inputs,)
+        dtype = DTYPES[args.dtype or "float32"]
+        model = model.to(dtype)  # the model runs in the input's dtype, as in the demo
+        inputs = (torch.randn(args.shape, dtype=dtype),)
+    else:
+        # Silently unused flags would report on other inputs than the user asked for.
+        for flag in ("shape", "dtype"):
+            if getattr(args, flag) is not None:
+                parser.error(
+                    f"--{flag} is for a FACTORY that returns only a model; {args.spec} returns inputs too"
+                )
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
     import normpass
 
     print(normpass.explain(model, *inputs, policy=args.policy))
@@ -355,7 +365,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--shape", type=_parse_shape, help="shape of a random input, when FACTORY returns only a model"
     )
-    e.add_argument("--dtype", choices=DTYPES, help="dtype of that random input (default float32)")
+    e.add_argument(
+        "--dtype", choices=DTYPES, help="dtype of that random input and of the model (default float32)"
+    )
     e.add_argument("--policy", default="fuse", choices=POLICIES)
 
     b = sub.add_parser(

@@ -101,10 +101,25 @@ def user_file(tmp_path):
             def not_a_model():
                 return 42
 
+            class SameDtypeNet(Net):
+                def forward(self, x):
+                    if x.dtype != self.fc.weight.dtype:
+                        raise TypeError(f"input {x.dtype}, weights {self.fc.weight.dtype}")
+                    return super().forward(x)
+
+            def same_dtype():
+                return SameDtypeNet()
+
+            def imports_when_called():
+                import my_neighbor  # next to this file; imported only when the factory runs
+
+                return my_neighbor.Net()
+
             NOT_CALLABLE = 1
             """
         )
     )
+    (tmp_path / "my_neighbor.py").write_text("from my_models import Net\n")
     return path
 
 
@@ -124,6 +139,19 @@ def test_explain_model_only_needs_shape(user_file, capsys):
     assert capsys.readouterr().out.startswith("normpass report (policy=rmsnorm): 2 site(s)")
 
 
+def test_explain_model_only_runs_in_dtype(user_file, capsys):
+    # Before, --dtype cast only the input: the model stayed float32.
+    argv = ["explain", f"{user_file}:same_dtype", "--shape", "2,16", "--dtype", "bfloat16"]
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.startswith("normpass report (policy=fuse): 2 site(s)")
+
+
+def test_explain_factory_imports_its_neighbors_when_called(user_file, capsys):
+    assert cli.main(["explain", f"{user_file}:imports_when_called", "--shape", "2,16"]) == 0
+    assert capsys.readouterr().out.startswith("normpass report (policy=fuse): 2 site(s)")
+    assert str(user_file.parent) not in sys.path
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -140,6 +168,8 @@ def test_explain_model_only_needs_shape(user_file, capsys):
         (["explain", "{file}:model_only", "--shape", "2,x"], "expected comma-separated positive ints"),
         (["explain", "{file}:model_only", "--shape", "0,4"], "expected comma-separated positive ints"),
         (["explain", "{file}:with_inputs", "--policy", "fast"], "invalid choice: 'fast'"),
+        (["explain", "{file}:with_inputs", "--shape", "2,16"], "--shape is for a FACTORY that returns only"),
+        (["explain", "{file}:with_inputs", "--dtype", "float16"], "--dtype is for a FACTORY that"),
         (["demo", "--hidden", "30", "--heads", "4"], "--hidden (30) must be a multiple of --heads (4)"),
         (["demo", "--layers", "0"], "--layers must be positive"),
         (["demo", "--compiler", "tvm"], "invalid choice: 'tvm'"),
