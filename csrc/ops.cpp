@@ -8,6 +8,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -25,8 +26,11 @@ namespace {
 using at::Tensor;
 using std::optional;
 
+// ceil(p * cols) of the product shrunk by a few ulps (p = 0.07 of 100 columns is 7.000000000000001:
+// 7 columns, not 8); the same bits as normpass/reference.py's stat_cols.
 int64_t stat_cols_for(double p, int64_t cols) {
-  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(p * static_cast<double>(cols))));
+  const double k = p * static_cast<double>(cols) * (1.0 - 4 * std::numeric_limits<double>::epsilon());
+  return std::max<int64_t>(1, static_cast<int64_t>(std::ceil(k)));
 }
 
 bool is_float_dtype(at::ScalarType t) {

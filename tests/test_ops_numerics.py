@@ -466,6 +466,19 @@ def test_parity_rows_starting_far_from_their_mean(name):
     check_parity(name, x, r, w, b)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p, n, k", [(0.07, 100, 7), (0.29, 100, 29), (0.0625, 1000, 63), (0.001, 100, 1)])
+def test_partial_rms_norm_takes_ceil_p_n_columns(p, n, k, device):
+    """k = ceil(p * n) of the decimal p: 0.07 * 100 is 7.000000000000001 in floating point, which
+    took 8 columns before."""
+    assert reference.stat_cols(p, n) == k
+    x = torch.randn(4, n, dtype=torch.float64, device=device)
+    y = torch.ops.normpass.rms_norm(x, None, EPS, None, normalized_ndim=1, p=p)
+    for cols, close in ((k, True), (k + 1, False)):
+        rms = x[:, :cols].pow(2).mean(-1, keepdim=True).add(EPS).sqrt()
+        assert torch.allclose(y, x / rms, rtol=1e-12, atol=0) == close
+
+
 def test_dweight_is_deterministic():
     x, _, w, _ = make_inputs("rms_norm", (517, 33), torch.float32)
     dy = torch.randn(x.shape)
