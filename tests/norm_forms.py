@@ -125,6 +125,18 @@ class L1TwoPass(_Norm):
         return self.weight * x + self.bias
 
 
+class L1RepeatedMean(_Norm):
+    """L1 with the mean computed again inside the variance (no shared `u`)."""
+
+    def __init__(self):
+        super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        centered = x - x.mean(-1, keepdim=True)
+        s = (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True)
+        return centered / torch.sqrt(s + self.eps) * self.weight + self.bias
+
+
 class L2VarMean(_Norm):
     def __init__(self):
         super().__init__(bias=True, eps=1e-5)
@@ -253,6 +265,14 @@ class MismatchedDims(nn.Module):
         u = x.mean(-1, keepdim=True)
         s = (x - u).pow(2).mean(-2, keepdim=True)
         return (x - u) * torch.rsqrt(s + 1e-5)
+
+
+class RepeatedMeanOfAnotherDim(nn.Module):
+    """L1 spelled with two means, the variance's over another dim: not the same centering."""
+
+    def forward(self, x):
+        s = (x - x.mean(-2, keepdim=True)).pow(2).mean(-1, keepdim=True)
+        return (x - x.mean(-1, keepdim=True)) * torch.rsqrt(s + 1e-5)
 
 
 class BatchStats(nn.Module):
@@ -462,6 +482,7 @@ FORMS: dict[str, tuple] = {
     "R5 bias": (R5Bias, 0, 1),
     "R6 per-head": (R6PerHead, 0, 2),
     "L1 two-pass": (L1TwoPass, 0, 1),
+    "L1 repeated mean": (L1RepeatedMean, 0, 1),
     "L2 var_mean": (L2VarMean, 0, 1),
     "L3 var": (L3Var, 0, 1),
     "L3 upcast": (L3Upcast, 0, 1),
@@ -493,6 +514,7 @@ LOOKALIKES: dict[str, tuple] = {
     "eps outside rms": (EpsOutsideRms, 0, 0),
     "F.normalize": (NormalizeScaled, 0, 0),
     "mismatched dims": (MismatchedDims, 0, 0),
+    "repeated mean of another dim": (RepeatedMeanOfAnotherDim, 0, 0),
     "batch stats": (BatchStats, 0, 0),
     "mean used elsewhere": (MeanUsedElsewhere, 0, 0),
     "rstd used elsewhere": (RstdUsedElsewhere, 0, 0),

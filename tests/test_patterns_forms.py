@@ -111,6 +111,7 @@ R5 no weight: R5 no weight -> normpass.rms_norm
 R5 bias: R5 weight+bias -> normpass.rms_norm
 R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
+L1 repeated mean: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -139,6 +140,7 @@ annotated transformer: look-alike: eps outside the root: left alone (divides by 
 eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt + eps): eps is added outside the root, not inside it)
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
+repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,), not the trailing dims)
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
@@ -160,6 +162,7 @@ R5 no weight: R5 no weight -> normpass.rms_norm
 R5 bias: R5 weight+bias -> normpass.rms_norm
 R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
+L1 repeated mean: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -188,6 +191,7 @@ annotated transformer: look-alike: eps outside the root: left alone (divides by 
 eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt + eps): eps is added outside the root, not inside it)
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
+repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate u is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate r is also used by output; the fused op would not produce it)""",
@@ -209,6 +213,7 @@ R5 no weight: R5 no weight -> normpass.rms_norm
 R5 bias: R5 weight+bias -> normpass.rms_norm
 R6 per-head: R4 no casts -> normpass.rms_norm; R4 no casts -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
+L1 repeated mean: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -237,6 +242,7 @@ annotated transformer: look-alike: eps outside the root: left alone (divides by 
 eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt + eps): eps is added outside the root, not inside it)
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
+repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
@@ -258,6 +264,7 @@ R5 no weight: R5 no weight -> normpass.rms_norm
 R5 bias: R5 weight+bias -> normpass.rms_norm
 R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
+L1 repeated mean: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -286,6 +293,7 @@ annotated transformer: look-alike: eps outside the root: left alone (divides by 
 eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt + eps): eps is added outside the root, not inside it)
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
+repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
@@ -337,6 +345,9 @@ rms_norm_default_1 = normpass.rms_norm(transpose_1, p_k_norm_weight, 1e-06)
 add_2 = aten.add(transpose, rms_norm_default_1)
 return [add_2]
 # L1 two-pass
+layer_norm_default = normpass.layer_norm(x, p_weight, p_bias, 1e-05)
+return [layer_norm_default]
+# L1 repeated mean
 layer_norm_default = normpass.layer_norm(x, p_weight, p_bias, 1e-05)
 return [layer_norm_default]
 # L2 var_mean

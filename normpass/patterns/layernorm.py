@@ -30,8 +30,28 @@ def _same(m: Matcher, a: Any, b: Any) -> bool:
         return True
     if isinstance(a, Term) and isinstance(b, Term) and a.op == b.op == "sub":
         m.nodes.update(a.nodes + b.nodes)
-        return _same(m, a.args[0], b.args[0]) and m.unalias(a.args[1]) is m.unalias(b.args[1])
+        return _same(m, a.args[0], b.args[0]) and _same_mean(m, a.args[1], b.args[1])
     return False
+
+
+def _same_mean(m: Matcher, a: Any, b: Any) -> bool:
+    """The same node, or repeated `x.mean(...)` nodes of the same value (no casts between: a mean of
+    an upcast x is another value)."""
+    a, b = m.unalias(a), m.unalias(b)
+    if a is b:
+        return True
+    if not (isinstance(a, Term) and isinstance(b, Term) and a.op == b.op == "mean"):
+        return False
+    if not _same_mean(m, a.args[0], b.args[0]):
+        return False
+    if a.attrs != b.attrs:
+        raise Reject(
+            "look-alike: mismatched dims",
+            "x is centered by two different means of it: "
+            + " and ".join(f"over dims {t.attrs['dims']} (keepdim={t.attrs['keepdim']})" for t in (a, b)),
+        )
+    m.nodes.update(a.nodes + b.nodes)
+    return True
 
 
 def match_layernorm(t: Term, m: Matcher) -> Site | None:
