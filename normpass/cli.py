@@ -17,13 +17,14 @@ random input, and `--dtype` the dtype of that input and of the model.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import importlib.util
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -269,9 +270,20 @@ def demo(args: argparse.Namespace) -> int:
 # ---- explain -------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _importable(folder: str) -> Iterator[None]:
+    """`folder` first on sys.path, then removed again (if the code it ran has not removed it)."""
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        if folder in sys.path:
+            sys.path.remove(folder)
+
+
 def _call_factory(spec: str, parser: argparse.ArgumentParser) -> Any:
-    """Imports FILE.py and returns FACTORY(). The file's folder stays on sys.path through the call,
-    so imports the factory makes when called find the file's neighbors too."""
+    """Imports FILE.py and returns FACTORY(); the caller keeps the file's folder importable
+    (`_importable`) while it runs the factory and the model."""
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name.isidentifier():
         parser.error(f"expected FILE.py:FACTORY (e.g. models.py:make_model), got {spec!r}")
@@ -282,18 +294,22 @@ def _call_factory(spec: str, parser: argparse.ArgumentParser) -> Any:
     if module_spec is None or module_spec.loader is None:
         parser.error(f"{path}: cannot import it as a Python file")
     module = importlib.util.module_from_spec(module_spec)
-    sys.path.insert(0, str(file.resolve().parent))
-    try:
-        module_spec.loader.exec_module(module)
-        factory = getattr(module, name, None)
-        if not callable(factory):
-            parser.error(f"{path} has no function {name!r}")
-        return factory()
-    finally:
-        sys.path.remove(str(file.resolve().parent))
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        parser.error(f"{path} has no function {name!r}")
+    return factory()
 
 
 def explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    # The file's folder stays importable while the factory and the traced model run: both may
+    # import the file's neighbors when called.
+    path = Path(args.spec.rpartition(":")[0])
+    with _importable(str(path.resolve().parent)):
+        return _explain(args, parser)
+
+
+def _explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     made = _call_factory(args.spec, parser)
     model, inputs = made if isinstance(made, tuple) and len(made) == 2 else (made, None)
     if not isinstance(model, torch.nn.Module):
@@ -305,9 +321,9 @@ def explain(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             parser.error(
                 f"{args.spec} returned only a model: give --shape (e.g. --shape 2,16,64) for a random input"
             )
-        dtype = DTYPES[args.dtype or "float32"]
-        model = model.to(dtype)  # the model runs in the input's dtype, as in the demo
-        inputs = (torch.randn(args.shape, dtype=dtype),)
+        if args.dtype is not None:  # the model runs in the input's dtype, as in the demo
+            model = model.to(DTYPES[args.dtype])
+        inputs = (torch.randn(args.shape, dtype=DTYPES[args.dtype or "float32"]),)
     else:
         # Silently unused flags would report on other inputs than the user asked for.
         for flag in ("shape", "dtype"):

@@ -110,6 +110,21 @@ def user_file(tmp_path):
             def same_dtype():
                 return SameDtypeNet()
 
+            class ImportsWhenRun(Net):
+                def forward(self, x):
+                    import my_neighbor  # imported while explain traces the model
+
+                    return super().forward(x)
+
+            def imports_when_run():
+                return ImportsWhenRun()
+
+            def changes_directory():
+                import os
+
+                os.chdir(os.path.dirname(os.path.abspath(__file__)) + "/..")
+                return Net()
+
             def imports_when_called():
                 import my_neighbor  # next to this file; imported only when the factory runs
 
@@ -146,10 +161,15 @@ def test_explain_model_only_runs_in_dtype(user_file, capsys):
     assert capsys.readouterr().out.startswith("normpass report (policy=fuse): 2 site(s)")
 
 
-def test_explain_factory_imports_its_neighbors_when_called(user_file, capsys):
-    assert cli.main(["explain", f"{user_file}:imports_when_called", "--shape", "2,16"]) == 0
+@pytest.mark.parametrize("factory", ["imports_when_called", "imports_when_run", "changes_directory"])
+def test_explain_keeps_the_files_folder_importable(factory, user_file, capsys, monkeypatch):
+    monkeypatch.chdir(user_file.parent)
+    for module in ("my_neighbor", "my_models"):  # imported afresh, from the file's folder
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    path_before = list(sys.path)
+    assert cli.main(["explain", f"{user_file.name}:{factory}", "--shape", "2,16"]) == 0
     assert capsys.readouterr().out.startswith("normpass report (policy=fuse): 2 site(s)")
-    assert str(user_file.parent) not in sys.path
+    assert sys.path == path_before
 
 
 @pytest.mark.parametrize(

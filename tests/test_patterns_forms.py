@@ -18,6 +18,7 @@ from norm_forms import (
     HookedLayerNorm,
     InputReluInPlace,
     InputUpdatedInPlace,
+    MeanWrittenOut,
     NormOfExpandedInput,
     RmsNormDefaultEps,
     RoundingNoneRms,
@@ -630,14 +631,14 @@ def test_input_updated_in_place_inside_the_norm():
     x = torch.randn(2, 3, 8)
     rows = []
     with torch.no_grad():
-        for model in (InputUpdatedInPlace(), InputReluInPlace()):
+        for model in (InputUpdatedInPlace(), InputReluInPlace(), MeanWrittenOut()):
             want = model(x)
             for ir in IRS:
                 fn, _, rep = rewritten_fn(model, (x,), ir)
                 got = fn(x)
                 for g, w in zip(got, want, strict=True):
                     torch.testing.assert_close(g, w)
-                why = "; ".join(r.op or f"left alone ({r.reason})" for r in rep.rows)
+                why = "; ".join(r.op or f"left alone ({r.reason})" for r in rep.rows) or "no site"
                 rows.append(f"{type(model).__name__}, {ir}: {why}")
     TestCase().assertExpectedInline(
         "\n".join(rows),
@@ -649,5 +650,9 @@ InputUpdatedInPlace, aten: normpass.rms_norm
 InputReluInPlace, fx: left alone (relu writes a tensor in place inside the norm; the fused op would read it after)
 InputReluInPlace, dynamo: left alone (relu writes a tensor in place inside the norm; the fused op would read it after)
 InputReluInPlace, export: left alone (relu_ writes a tensor in place inside the norm; the fused op would read it after)
-InputReluInPlace, aten: normpass.rms_norm""",
+InputReluInPlace, aten: normpass.rms_norm
+MeanWrittenOut, fx: no site
+MeanWrittenOut, dynamo: no site
+MeanWrittenOut, export: no site
+MeanWrittenOut, aten: left alone (intermediate mean is also used by output; the fused op would not produce it)""",
     )

@@ -492,7 +492,9 @@ _METHODS: dict[str, Builder] = {
 
 def _canonicalize(view: View, node: fx.Node) -> Term:
     term = None
-    if node.op == "call_function":
+    if node.kwargs.get("out") is not None:  # also writes a given tensor: not a value to rewrite away
+        pass
+    elif node.op == "call_function":
         builder = _FUNCTIONS.get(node.target)
         if builder is None and isinstance(node.target, torch._ops.OpOverloadPacket):
             builder = _FUNCTIONS.get(getattr(node.target, "default", None))
