@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # An experiment's A/B in one device call (see README.md here): build main, snapshot it as the
-# base, apply PATCH in place and rebuild only what it touches, run the kernel tests on the patched
-# build, A/B the two, then run the full `gpu` suite on the base snapshot (main; no rebuild). Each
-# step is skipped when less than its estimate is left of BUDGET_S (default 570). Logs go to $OUT.
+# base, apply PATCH in place (several patches: space-separated) and rebuild only what they touch,
+# run the kernel tests on the patched build (again with SWITCH, a patch's runtime switch, set), A/B
+# the two (and the patched build with SWITCH), then run the full `gpu` suite on the base snapshot
+# (main; no rebuild). Each step is skipped when less than its estimate is left of BUDGET_S
+# (default 570). Logs go to $OUT.
 #
-#   PATCH=benchmarks/experiments/NAME.patch [DTYPES=bf16,fp32] [NS=...] BUDGET_S=570 \
-#     bash benchmarks/experiments/ab_one_call.sh
+#   PATCH="benchmarks/experiments/NAME.patch ..." [SWITCH=NORMPASS_EXP_NAME=1] [DTYPES=bf16,fp32] \
+#     [NS=...] BUDGET_S=570 bash benchmarks/experiments/ab_one_call.sh
 source "$(dirname "$0")/../device_call.sh"
 PATCH=${PATCH:?PATCH names the experiment}
 NS=${NS:-1024,4096,8192,12288,16384,65536,262144}
 DTYPES=${DTYPES:-bf16}
+SWITCH=${SWITCH:-}
 
 build_in_place base 200
 mkdir -p .snap/base && tar -c --exclude=./.snap --exclude=./build . | tar -x -C .snap/base
-patch -p1 -s <"$PATCH" || exit 1
+for p in $PATCH; do patch -p1 -s <"$p" || exit 1; done
 build_in_place new 150
 step tests_new 60 && python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_kernels.py \
   >"$OUT/tests_new.log" 2>&1
 tail -1 "$OUT/tests_new.log"
-ab ab 250 130 --rounds 2 --dtypes "$DTYPES" --ns "$NS" base=.snap/base new=.
+if [ -n "$SWITCH" ]; then
+  step tests_switch 60 && env "$SWITCH" python3 -m pytest -q -m gpu -p no:cacheprovider \
+    tests/test_cuda_kernels.py >"$OUT/tests_switch.log" 2>&1
+  tail -1 "$OUT/tests_switch.log"
+fi
+ab ab 250 130 --rounds 2 --dtypes "$DTYPES" --ns "$NS" base=.snap/base new=. ${SWITCH:+switch=.:$SWITCH}
 step tests_base 100 && (cd .snap/base && timeout $(($(left) - 5)) python3 -m pytest -q -m gpu \
   -p no:cacheprovider tests/ >"$OUT/tests_base.log" 2>&1)
 tail -1 "$OUT/tests_base.log" 2>/dev/null
