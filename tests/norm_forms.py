@@ -59,6 +59,13 @@ class R4Mul(_Norm):
         return x * torch.rsqrt(torch.mean(x * x, dim=-1, keepdim=True) + self.eps) * self.weight
 
 
+class R4WeightFirst(_Norm):
+    """The weight applied before the statistics' scale."""
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
 class R4SqrtDiv(_Norm):
     def forward(self, x):
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
@@ -135,6 +142,16 @@ class L1RepeatedMean(_Norm):
         centered = x - x.mean(-1, keepdim=True)
         s = (x - x.mean(-1, keepdim=True)).pow(2).mean(-1, keepdim=True)
         return centered / torch.sqrt(s + self.eps) * self.weight + self.bias
+
+
+class L1WeightFirst(_Norm):
+    def __init__(self):
+        super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        return self.weight * (x - u) / torch.sqrt(s + self.eps) + self.bias
 
 
 class L2VarMean(_Norm):
@@ -273,6 +290,14 @@ class RepeatedMeanOfAnotherDim(nn.Module):
     def forward(self, x):
         s = (x - x.mean(-2, keepdim=True)).pow(2).mean(-1, keepdim=True)
         return (x - x.mean(-1, keepdim=True)) * torch.rsqrt(s + 1e-5)
+
+
+class ScaledBeforeNormalizing(nn.Module):
+    """x * r * rsqrt(mean(x^2)): r (an activation of x's shape) is no weight, and the statistics
+    are x's, not x * r's."""
+
+    def forward(self, x, r):
+        return x * r * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 class BatchStats(nn.Module):
@@ -474,6 +499,7 @@ FORMS: dict[str, tuple] = {
     "R2 t5": (R2T5, 0, 1),
     "R3 gemma": (R3Gemma, 0, 1),
     "R4 mul": (R4Mul, 0, 1),
+    "R4 weight first": (R4WeightFirst, 0, 1),
     "R4 sqrt/div": (R4SqrtDiv, 0, 1),
     "R4 1/sqrt": (R4OneOverSqrt, 0, 1),
     "R4 square/rsqrt method": (R4SquareMethod, 0, 1),
@@ -483,6 +509,7 @@ FORMS: dict[str, tuple] = {
     "R6 per-head": (R6PerHead, 0, 2),
     "L1 two-pass": (L1TwoPass, 0, 1),
     "L1 repeated mean": (L1RepeatedMean, 0, 1),
+    "L1 weight first": (L1WeightFirst, 0, 1),
     "L2 var_mean": (L2VarMean, 0, 1),
     "L3 var": (L3Var, 0, 1),
     "L3 upcast": (L3Upcast, 0, 1),
@@ -515,6 +542,7 @@ LOOKALIKES: dict[str, tuple] = {
     "F.normalize": (NormalizeScaled, 0, 0),
     "mismatched dims": (MismatchedDims, 0, 0),
     "repeated mean of another dim": (RepeatedMeanOfAnotherDim, 0, 0),
+    "scaled before normalizing": (ScaledBeforeNormalizing, 1, 0),
     "batch stats": (BatchStats, 0, 0),
     "mean used elsewhere": (MeanUsedElsewhere, 0, 0),
     "rstd used elsewhere": (RstdUsedElsewhere, 0, 0),

@@ -104,6 +104,7 @@ class TestReports(TestCase):
 R1 llama: R1 llama upcast -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
+R4 weight first: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
 R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
@@ -113,6 +114,7 @@ R5 bias: R5 weight+bias -> normpass.rms_norm
 R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
 L1 repeated mean: L1 two-pass -> normpass.layer_norm
+L1 weight first: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -142,6 +144,7 @@ eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt 
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
 repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
+scaled before normalizing: look-alike: scaled input: left alone (x is multiplied by a tensor that is not a weight of the normalized shape before the statistics' scale is applied: not a norm of x)
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,), not the trailing dims)
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
@@ -155,6 +158,7 @@ R1 llama: R1 llama upcast -> normpass.rms_norm
 R2 t5: R2 t5 fp32 stats -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
+R4 weight first: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
 R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
@@ -164,6 +168,7 @@ R5 bias: R5 weight+bias -> normpass.rms_norm
 R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
 L1 repeated mean: L1 two-pass -> normpass.layer_norm
+L1 weight first: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -193,6 +198,7 @@ eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt 
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
 repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
+scaled before normalizing: look-alike: scaled input: left alone (x is multiplied by a tensor that is not a weight of the normalized shape before the statistics' scale is applied: not a norm of x)
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate u is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate r is also used by output; the fused op would not produce it)""",
@@ -206,6 +212,7 @@ R1 llama: R4 no casts -> normpass.rms_norm
 R2 t5: R4 no casts -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
+R4 weight first: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
 R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
@@ -215,6 +222,7 @@ R5 bias: R5 weight+bias -> normpass.rms_norm
 R6 per-head: R4 no casts -> normpass.rms_norm; R4 no casts -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
 L1 repeated mean: L1 two-pass -> normpass.layer_norm
+L1 weight first: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -244,6 +252,7 @@ eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt 
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
 repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
+scaled before normalizing: look-alike: scaled input: left alone (x is multiplied by a tensor that is not a weight of the normalized shape before the statistics' scale is applied: not a norm of x)
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
@@ -257,6 +266,7 @@ R1 llama: R1 llama upcast -> normpass.rms_norm
 R2 t5: R1 llama upcast -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
+R4 weight first: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
 R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
@@ -266,6 +276,7 @@ R5 bias: R5 weight+bias -> normpass.rms_norm
 R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
 L1 repeated mean: L1 two-pass -> normpass.layer_norm
+L1 weight first: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -295,6 +306,7 @@ eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt 
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
 repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
+scaled before normalizing: look-alike: scaled input: left alone (x is multiplied by a tensor that is not a weight of the normalized shape before the statistics' scale is applied: not a norm of x)
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
@@ -316,6 +328,9 @@ return [rms_norm_default]
 rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06, weight_offset=1.0)
 return [rms_norm_default]
 # R4 mul
+rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06)
+return [rms_norm_default]
+# R4 weight first
 rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06)
 return [rms_norm_default]
 # R4 sqrt/div
@@ -349,6 +364,9 @@ return [add_2]
 layer_norm_default = normpass.layer_norm(x, p_weight, p_bias, 1e-05)
 return [layer_norm_default]
 # L1 repeated mean
+layer_norm_default = normpass.layer_norm(x, p_weight, p_bias, 1e-05)
+return [layer_norm_default]
+# L1 weight first
 layer_norm_default = normpass.layer_norm(x, p_weight, p_bias, 1e-05)
 return [layer_norm_default]
 # L2 var_mean

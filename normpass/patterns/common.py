@@ -9,6 +9,7 @@ used elsewhere is kept (the op then computes that value, without the affine part
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,6 +93,21 @@ def _weight(m: Matcher, t: Any, k: int, x: fx.Node, seen: set[fx.Node]) -> tuple
     return found[0], offset, factor
 
 
+def weight_inside(m: Matcher, t: Any, is_core: Callable[[Any], bool]) -> tuple[Any, Any]:
+    """(t, None) when is_core(t); for t = a * b with is_core(a): (a, b), b a factor the model applied
+    before normalizing (`w * x * rsqrt(...)`, `w * (x - u) / sqrt(...)`), which `finish` takes as the
+    weight. Else NoMatch."""
+    if is_core(t):
+        return t, None
+    if m.is_op(t, "mul"):
+        mul = m.unalias(t)
+        for a, b in (mul.args, mul.args[::-1]):
+            if is_core(a):
+                m.take(t, "mul")
+                return a, b
+    raise NoMatch
+
+
 def finish(
     m: Matcher,
     *,
@@ -102,8 +118,10 @@ def finish(
     k: int,
     eps: float | fx.Node,
     core_dtype: meta.DtypeExpr,
+    inner_weight: Any = None,
 ) -> Site:
-    """The Site for a matched core `normalized` (a node) over input term `x`, with its epilogue."""
+    """The Site for a matched core `normalized` (a node) over input term `x`, with its epilogue.
+    `inner_weight`: a factor of the core product (`weight_inside`); it must be a weight."""
     x = m.upcast_root(x)
     xnode = Matcher.node_of(x)
     cur = Matcher.node_of(normalized)
@@ -111,6 +129,16 @@ def finish(
     weight = bias = None
     offset = 0.0
     steps: list[str] = []
+    if inner_weight is not None:
+        found = _weight(m, inner_weight, k, xnode, m.nodes | {xnode})
+        if found is None:
+            raise Reject(
+                "look-alike: scaled input",
+                "x is multiplied by a tensor that is not a weight of the normalized shape before the "
+                "statistics' scale is applied: not a norm of x",
+            )
+        weight, offset, factor = found
+        dt = meta.promote(dt, dtype_expr(factor))
     while True:
         users = real_users(cur)
         if len(users) != 1:

@@ -20,7 +20,7 @@ from typing import Any
 from normpass.passes import meta
 from normpass.passes.canonical import Term
 from normpass.passes.match import Matcher, NoMatch, Reject, Site
-from normpass.patterns.common import check_dims, dtype_expr, finish, stat_and_eps
+from normpass.patterns.common import check_dims, dtype_expr, finish, stat_and_eps, weight_inside
 
 
 def _same(m: Matcher, a: Any, b: Any) -> bool:
@@ -63,6 +63,7 @@ def _same_mean(m: Matcher, a: Any, b: Any) -> bool:
 def match_layernorm(t: Term, m: Matcher) -> Site | None:
     """Anchor: mul(x - u, rsqrt(var + eps)) with u the mean and var the biased variance of x."""
     rsqrt, centered = m.split(t, "rsqrt")
+    centered, inner = weight_inside(m, centered, lambda a: m.is_op(a, "sub"))
     centered = m.take(centered, "sub")
     h, u = centered.args
     stat, eps = stat_and_eps(m, rsqrt)
@@ -123,7 +124,9 @@ def match_layernorm(t: Term, m: Matcher) -> Site | None:
     k = check_dims(form, dims, keepdim, m.unalias(h))
     m.nodes.add(t.node)
     core = dtype_expr(m.unalias(h))  # (x - u) has x's dtype
-    return finish(m, kind="layer", form=form, normalized=t, x=h, k=k, eps=eps, core_dtype=core)
+    return finish(
+        m, kind="layer", form=form, normalized=t, x=h, k=k, eps=eps, core_dtype=core, inner_weight=inner
+    )
 
 
 def _same_dims(a: tuple | None, b: tuple | None, x: Term) -> bool | None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from normpass.passes import meta
 from normpass.passes.canonical import Term
-from normpass.passes.match import Matcher, NoMatch, Site
-from normpass.patterns.common import check_dims, dtype_expr, finish, stat_and_eps
+from normpass.passes.match import Matcher, Site
+from normpass.patterns.common import check_dims, dtype_expr, finish, stat_and_eps, weight_inside
 
 
 def match_rmsnorm(t: Term, m: Matcher) -> Site | None:
@@ -23,15 +23,18 @@ def match_rmsnorm(t: Term, m: Matcher) -> Site | None:
     mean = m.take(stat, "mean")
     sq = m.take(mean.args[0], "square")
     hs = sq.args[0]
-    if not isinstance(h, Term) or m.is_op(h, "sub"):
-        raise NoMatch  # centered: the LayerNorm pattern's
+
+    def is_core(a: object) -> bool:  # h itself; a centered h is the LayerNorm pattern's
+        return isinstance(a, Term) and not m.is_op(a, "sub") and m.upcast_root(a) is m.upcast_root(hs)
+
+    h, inner = weight_inside(m, h, is_core)
     upcast_h, upcast_stats = m.is_cast(h), m.is_cast(hs)
     core = meta.promote(dtype_expr(m.unalias(h)), dtype_expr(m.unalias(hs)))
-    if m.upcast_root(h) is not m.upcast_root(hs):
-        raise NoMatch
     k = check_dims("RMS-like", mean.attrs["dims"], mean.attrs["keepdim"], m.unalias(hs))
     m.nodes.add(t.node)
-    site = finish(m, kind="rms", form="", normalized=t, x=hs, k=k, eps=eps, core_dtype=core)
+    site = finish(
+        m, kind="rms", form="", normalized=t, x=hs, k=k, eps=eps, core_dtype=core, inner_weight=inner
+    )
     site.form = _form(site, upcast_h=upcast_h, upcast_stats=upcast_stats)
     return site
 
