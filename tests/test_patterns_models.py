@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 from rewrite_helpers import n_normpass
-from tiny_models import build, count_norm_modules, example_batch
+from tiny_models import CONFIGS, build, count_norm_modules, example_batch
 
 from normpass import api
 
-MODELS = ["llama", "gemma", "t5", "gpt2", "bert", "vit", "qwen3", "gemma3", "olmo2", "cohere", "mamba"]
+MODELS = list(CONFIGS)
 
 
 class Loss(torch.nn.Module):

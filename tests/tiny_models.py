@@ -65,6 +65,12 @@ CONFIGS = {
             num_labels=3,
         ),
     ),
+    # ConvNeXt's channels-first LayerNorm (stem and downsampling; transformers permutes to channels
+    # last around F.layer_norm) beside its blocks' channels-last ones.
+    "convnext": (
+        "ConvNextConfig",
+        dict(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, patch_size=4, num_labels=3),
+    ),
     # Further norm forms of current models: per-head q/k RMSNorm (Qwen3), sandwich norms with q/k
     # norms of weight 1 + w (Gemma3), norms after attention and MLP over the whole projection
     # (OLMo2), a LayerNorm without bias written out in fp32 (Cohere), a state-space model's RMSNorm
@@ -86,6 +92,7 @@ MODEL_CLASSES = {
     "gpt2": "GPT2LMHeadModel",
     "bert": "BertForMaskedLM",
     "vit": "ViTForImageClassification",
+    "convnext": "ConvNextForImageClassification",
     "qwen3": "Qwen3ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
@@ -107,7 +114,7 @@ def build(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch
 def example_batch(name: str, batch: int = 2, seq: int = 8, seed: int = 1) -> dict[str, torch.Tensor]:
     """Keyword inputs that make the model return a loss."""
     g = torch.Generator().manual_seed(seed)
-    if name == "vit":
+    if name in ("vit", "convnext"):
         return {
             "pixel_values": torch.randn(batch, 3, 16, 16, generator=g),
             "labels": torch.randint(0, 3, (batch,), generator=g),
