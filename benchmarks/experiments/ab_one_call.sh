@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # An experiment's A/B in one device call (see README.md here): build main, snapshot it as the
 # base, apply PATCH in place (several patches: space-separated) and rebuild only what they touch,
-# run the kernel tests on the patched build (again with SWITCH, a patch's runtime switch, set), A/B
-# the two (and the patched build with SWITCH), then run the full `gpu` suite on the base snapshot
-# (main; no rebuild). Each step is skipped when less than its estimate is left of BUDGET_S
-# (default 570). Logs go to $OUT.
+# run the kernel tests on the patched build (again with every SWITCH, the patches' runtime switches,
+# set), A/B main, the patched build, and the patched build with each switch, then run the full `gpu`
+# suite on the base snapshot (main; no rebuild). Each step is skipped when less than its estimate
+# is left of BUDGET_S (default 570). Logs go to $OUT.
 #
-#   PATCH="benchmarks/experiments/NAME.patch ..." [SWITCH=NORMPASS_EXP_NAME=1] [DTYPES=bf16,fp32] \
-#     [NS=...] BUDGET_S=570 bash benchmarks/experiments/ab_one_call.sh
+#   PATCH="benchmarks/experiments/NAME.patch ..." [SWITCH="NORMPASS_EXP_NAME=1 ..."] \
+#     [DTYPES=bf16,fp32] [NS=...] BUDGET_S=570 bash benchmarks/experiments/ab_one_call.sh
 source "$(dirname "$0")/../device_call.sh"
 PATCH=${PATCH:?PATCH names the experiment}
 NS=${NS:-1024,4096,8192,12288,16384,65536,262144}
@@ -21,12 +21,19 @@ build_in_place new 150
 step tests_new 60 && python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_kernels.py \
   >"$OUT/tests_new.log" 2>&1
 tail -1 "$OUT/tests_new.log"
+variants=(base=.snap/base new=.)
 if [ -n "$SWITCH" ]; then
-  step tests_switch 60 && env "$SWITCH" python3 -m pytest -q -m gpu -p no:cacheprovider \
+  step tests_switch 60 && env $SWITCH python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_cuda_kernels.py >"$OUT/tests_switch.log" 2>&1
   tail -1 "$OUT/tests_switch.log"
+  for s in $SWITCH; do # NORMPASS_EXP_WIDE=1 -> variant `wide`
+    name=${s%%=*}
+    name=${name#NORMPASS_EXP_}
+    name=${name#FWD_}
+    variants+=("$(echo "$name" | tr '[:upper:]' '[:lower:]')=.:$s")
+  done
 fi
-ab ab 250 130 --rounds 2 --dtypes "$DTYPES" --ns "$NS" base=.snap/base new=. ${SWITCH:+switch=.:$SWITCH}
+ab ab 250 130 --rounds 2 --dtypes "$DTYPES" --ns "$NS" "${variants[@]}"
 step tests_base 100 && (cd .snap/base && timeout $(($(left) - 5)) python3 -m pytest -q -m gpu \
   -p no:cacheprovider tests/ >"$OUT/tests_base.log" 2>&1)
 tail -1 "$OUT/tests_base.log" 2>/dev/null
