@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 
+import targets  # benchmarks/targets.py, beside this script
 import torch
 import torch.nn.functional as F
 import triton.testing
@@ -345,7 +346,7 @@ def write_outputs(out_dir, dev, ceiling, small_text, rows, residual_rows):
         for n in dict.fromkeys(n for n, _, _ in residual_rows):
             vals = {name: val for nn, name, val in residual_rows if nn == n}
             lines.append(f"| {n} | " + " | ".join(fmt(vals.get(name, "")) for name in names) + " |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n\n" + targets.verdict(rows, ceiling)
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(text)
     print("\n" + text, flush=True)

@@ -40,7 +40,8 @@ for name in "$@"; do
   kernels)
     step kernels 240 && python3 benchmarks/bench_kernels.py --out "$OUT/kernels" \
       ${KERNEL_ARGS:-} >"$OUT/kernels.log" 2>&1
-    tail -3 "$OUT/kernels.log" ;;
+    tail -1 "$OUT/kernels.log"
+    sed -n "/^### Issue #3's targets/,\$p" "$OUT/kernels/bench.md" 2>/dev/null ;;
   dtypes)
     step dtypes 120 && python3 benchmarks/bench_grad_dtype.py >"$OUT/dtypes.log" 2>&1
     tail -3 "$OUT/dtypes.log" ;;
