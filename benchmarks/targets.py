@@ -64,7 +64,8 @@ def misses(rows: Iterable[dict], ceiling: float, ours: str = "normpass") -> list
             if peers:
                 best = max(peers, key=peers.get)
                 if peers[best] > value:
-                    out.append(f"{where} {label}: {value:.2f} TB/s, {best} {peers[best]:.2f}")
+                    lead = 100 * (peers[best] / value - 1)
+                    out.append(f"{where} {label}: {value:.2f} TB/s, {best} {peers[best]:.2f} (+{lead:.1f}%)")
     return out
 
 

@@ -42,9 +42,9 @@ def test_misses_name_each_missed_target():
         "\n".join(targets.misses(TABLE, CEILING)),
         """\
 bf16 layer_norm 16384 forward: 2.60 TB/s is 87% of the ceiling (target 90%)
-bf16 layer_norm 16384 forward: 2.60 TB/s, liger 2.65
+bf16 layer_norm 16384 forward: 2.60 TB/s, liger 2.65 (+1.9%)
 bf16 layer_norm 262144 forward+backward: 1.75 TB/s is 58% of the ceiling (target 60%)
-fp32 layer_norm 8192 forward+backward: 2.70 TB/s, liger 2.80""",
+fp32 layer_norm 8192 forward+backward: 2.70 TB/s, liger 2.80 (+3.7%)""",
     )
 
 
