@@ -11,7 +11,8 @@ Also runnable as `python -m normpass ...`.
 `explain`'s FACTORY contract: a function of no arguments, defined in FILE.py, that returns either
 `model` or `(model, example_inputs)`, where example_inputs is a tensor or a tuple of positional
 inputs. When it returns only a model, `--shape` (e.g. `--shape 2,16,64`) gives the shape of one
-random input, and `--dtype` the dtype of that input and of the model.
+random input, and `--dtype` the dtype of that input and of the model (without it: a float32 input,
+the model as it is).
 """
 
 from __future__ import annotations
@@ -382,7 +383,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--shape", type=_parse_shape, help="shape of a random input, when FACTORY returns only a model"
     )
     e.add_argument(
-        "--dtype", choices=DTYPES, help="dtype of that random input and of the model (default float32)"
+        "--dtype", choices=DTYPES, help="dtype of that random input and of the model (default: float32 input)"
     )
     e.add_argument("--policy", default="fuse", choices=POLICIES)
 
