@@ -144,7 +144,7 @@ eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt 
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
 repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
-scaled before normalizing: look-alike: scaled input: left alone (x is multiplied by a tensor that is not a weight of the normalized shape before the statistics' scale is applied: not a norm of x)
+scaled before normalizing: look-alike: scaled input: left alone (x is multiplied, before the statistics' scale, by a factor that is no weight of the normalized shape (or whose shape the graph does not record: pass example_inputs))
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,), not the trailing dims)
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
@@ -198,7 +198,7 @@ eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt 
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
 repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
-scaled before normalizing: look-alike: scaled input: left alone (x is multiplied by a tensor that is not a weight of the normalized shape before the statistics' scale is applied: not a norm of x)
+scaled before normalizing: look-alike: scaled input: left alone (x is multiplied, before the statistics' scale, by a factor that is no weight of the normalized shape (or whose shape the graph does not record: pass example_inputs))
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate u is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate r is also used by output; the fused op would not produce it)""",
@@ -252,7 +252,7 @@ eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt 
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
 repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
-scaled before normalizing: look-alike: scaled input: left alone (x is multiplied by a tensor that is not a weight of the normalized shape before the statistics' scale is applied: not a norm of x)
+scaled before normalizing: look-alike: scaled input: left alone (x is multiplied, before the statistics' scale, by a factor that is no weight of the normalized shape (or whose shape the graph does not record: pass example_inputs))
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",
@@ -306,7 +306,7 @@ eps outside rms: look-alike: eps outside the root: left alone (divides by (sqrt 
 F.normalize: look-alike: F.normalize: left alone (divides by max(||x||, eps): the norm is clamped at eps, not computed with eps inside the root)
 mismatched dims: look-alike: mismatched dims: left alone (mean over dims (-1,) but variance over dims (-2,))
 repeated mean of another dim: look-alike: mismatched dims: left alone (x is centered by two different means of it: over dims (-2,) (keepdim=True) and over dims (-1,) (keepdim=True))
-scaled before normalizing: look-alike: scaled input: left alone (x is multiplied by a tensor that is not a weight of the normalized shape before the statistics' scale is applied: not a norm of x)
+scaled before normalizing: look-alike: scaled input: left alone (x is multiplied, before the statistics' scale, by a factor that is no weight of the normalized shape (or whose shape the graph does not record: pass example_inputs))
 batch stats: look-alike: RMS-like: left alone (statistics over dims (0,) include the batch dim 0 (BatchNorm-like))
 mean used elsewhere: L3 var: left alone (intermediate mean is also used by add_1; the fused op would not produce it)
 rstd used elsewhere: R4 no casts: left alone (intermediate rsqrt is also used by output; the fused op would not produce it)""",

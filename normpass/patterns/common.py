@@ -134,8 +134,8 @@ def finish(
         if found is None:
             raise Reject(
                 "look-alike: scaled input",
-                "x is multiplied by a tensor that is not a weight of the normalized shape before the "
-                "statistics' scale is applied: not a norm of x",
+                "x is multiplied, before the statistics' scale, by a factor that is no weight of the "
+                "normalized shape (or whose shape the graph does not record: pass example_inputs)",
             )
         weight, offset, factor = found
         dt = meta.promote(dt, dtype_expr(factor))
