@@ -128,7 +128,6 @@ def finish(
     dt: meta.DtypeExpr = core_dtype
     weight = bias = None
     offset = 0.0
-    steps: list[str] = []
     if inner_weight is not None:
         found = _weight(m, inner_weight, k, xnode, m.nodes | {xnode})
         if found is None:
@@ -146,7 +145,7 @@ def finish(
         t = m.view[users[0]]
         if t.op == "alias" or (t.op == "cast" and isinstance(t.attrs["dtype"], (torch.dtype, meta.DtypeOf))):
             if t.op == "cast":
-                dt, steps = t.attrs["dtype"], [*steps, "cast"]
+                dt = t.attrs["dtype"]
         elif t.op in ("mul", "add") and len(t.args) == 2:
             others = [a for a in t.args if not (isinstance(a, Term) and a.node is cur)]
             if len(others) != 1:
@@ -157,13 +156,13 @@ def finish(
                 if found is None:
                     break
                 weight, offset, factor = found
-                dt, steps = meta.promote(dt, dtype_expr(factor)), [*steps, "weight"]
+                dt = meta.promote(dt, dtype_expr(factor))
             elif t.op == "add" and bias is None:
                 found = m.param(others[0], k, xnode, seen)
                 if found is None:
                     break
                 bias, term = found
-                dt, steps = meta.promote(dt, dtype_expr(term)), [*steps, "bias"]
+                dt = meta.promote(dt, dtype_expr(term))
             else:
                 break
         else:
