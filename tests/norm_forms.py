@@ -66,6 +66,17 @@ class R4WeightFirst(_Norm):
         return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 
 
+class R4BroadcastWeight(_Norm):
+    """A weight stored with leading 1s, (1, 1, n): it broadcasts to the same output as (n,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 1, H))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
 class R4SqrtDiv(_Norm):
     def forward(self, x):
         return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
@@ -147,6 +158,20 @@ class L1RepeatedMean(_Norm):
 class L1WeightFirst(_Norm):
     def __init__(self):
         super().__init__(bias=True, eps=1e-5)
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        return self.weight * (x - u) / torch.sqrt(s + self.eps) + self.bias
+
+
+class L1BroadcastParams(_Norm):
+    """Weight (1, 1, n) before the scale, bias (1, n)."""
+
+    def __init__(self):
+        super().__init__(eps=1e-5)
+        self.weight = nn.Parameter(torch.randn(1, 1, H))
+        self.bias = nn.Parameter(torch.randn(1, H))
 
     def forward(self, x):
         u = x.mean(-1, keepdim=True)
@@ -500,6 +525,7 @@ FORMS: dict[str, tuple] = {
     "R3 gemma": (R3Gemma, 0, 1),
     "R4 mul": (R4Mul, 0, 1),
     "R4 weight first": (R4WeightFirst, 0, 1),
+    "R4 broadcast weight": (R4BroadcastWeight, 0, 1),
     "R4 sqrt/div": (R4SqrtDiv, 0, 1),
     "R4 1/sqrt": (R4OneOverSqrt, 0, 1),
     "R4 square/rsqrt method": (R4SquareMethod, 0, 1),
@@ -510,6 +536,7 @@ FORMS: dict[str, tuple] = {
     "L1 two-pass": (L1TwoPass, 0, 1),
     "L1 repeated mean": (L1RepeatedMean, 0, 1),
     "L1 weight first": (L1WeightFirst, 0, 1),
+    "L1 broadcast weight and bias": (L1BroadcastParams, 0, 1),
     "L2 var_mean": (L2VarMean, 0, 1),
     "L3 var": (L3Var, 0, 1),
     "L3 upcast": (L3Upcast, 0, 1),

@@ -39,9 +39,10 @@ from torch import nn
 
 # symbolic_trace cannot trace T5's `if self.weight.dtype in (...)` (a Python branch on a Proxy).
 FX_UNTRACEABLE = {"R2 t5"}
-# sum(x^2) / n is a mean only when n is provably the reduced size: symbolic_trace graphs without
-# metadata cannot tell (test_api checks it matches once example_inputs are given).
-FX_NEEDS_META = {"R4 sum/n"}
+# sum(x^2) / n is a mean only when n is provably the reduced size, and a (1, 1, n) weight before the
+# scale is a weight only when it provably adds no dim to x's: symbolic_trace graphs without metadata
+# cannot tell (test_api checks the first matches once example_inputs are given).
+FX_NEEDS_META = {"R4 sum/n", "L1 broadcast weight and bias"}
 
 
 def _cases(forms):
@@ -105,6 +106,7 @@ R1 llama: R1 llama upcast -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
 R4 weight first: R4 no casts -> normpass.rms_norm
+R4 broadcast weight: R5 no weight -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
 R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
@@ -115,6 +117,7 @@ R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.r
 L1 two-pass: L1 two-pass -> normpass.layer_norm
 L1 repeated mean: L1 two-pass -> normpass.layer_norm
 L1 weight first: L1 two-pass -> normpass.layer_norm
+L1 broadcast weight and bias: look-alike: scaled input: left alone (x is multiplied, before the statistics' scale, by a factor that is no weight of the normalized shape (or whose shape the graph does not record: pass example_inputs))
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -159,6 +162,7 @@ R2 t5: R2 t5 fp32 stats -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
 R4 weight first: R4 no casts -> normpass.rms_norm
+R4 broadcast weight: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
 R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
@@ -169,6 +173,7 @@ R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.r
 L1 two-pass: L1 two-pass -> normpass.layer_norm
 L1 repeated mean: L1 two-pass -> normpass.layer_norm
 L1 weight first: L1 two-pass -> normpass.layer_norm
+L1 broadcast weight and bias: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -213,6 +218,7 @@ R2 t5: R4 no casts -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
 R4 weight first: R4 no casts -> normpass.rms_norm
+R4 broadcast weight: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
 R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
@@ -223,6 +229,7 @@ R6 per-head: R4 no casts -> normpass.rms_norm; R4 no casts -> normpass.rms_norm
 L1 two-pass: L1 two-pass -> normpass.layer_norm
 L1 repeated mean: L1 two-pass -> normpass.layer_norm
 L1 weight first: L1 two-pass -> normpass.layer_norm
+L1 broadcast weight and bias: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -267,6 +274,7 @@ R2 t5: R1 llama upcast -> normpass.rms_norm
 R3 gemma: R3 gemma 1+w -> normpass.rms_norm
 R4 mul: R4 no casts -> normpass.rms_norm
 R4 weight first: R4 no casts -> normpass.rms_norm
+R4 broadcast weight: R4 no casts -> normpass.rms_norm
 R4 sqrt/div: R4 no casts -> normpass.rms_norm
 R4 1/sqrt: R4 no casts -> normpass.rms_norm
 R4 square/rsqrt method: R4 no casts -> normpass.rms_norm
@@ -277,6 +285,7 @@ R6 per-head: R1 llama upcast -> normpass.rms_norm; R1 llama upcast -> normpass.r
 L1 two-pass: L1 two-pass -> normpass.layer_norm
 L1 repeated mean: L1 two-pass -> normpass.layer_norm
 L1 weight first: L1 two-pass -> normpass.layer_norm
+L1 broadcast weight and bias: L1 two-pass -> normpass.layer_norm
 L2 var_mean: L2 var_mean -> normpass.layer_norm
 L3 var: L3 var -> normpass.layer_norm
 L3 upcast: L3 var -> normpass.layer_norm
@@ -333,6 +342,10 @@ return [rms_norm_default]
 # R4 weight first
 rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06)
 return [rms_norm_default]
+# R4 broadcast weight
+reshape_default = aten.reshape(p_weight, [8])
+rms_norm_default = normpass.rms_norm(x, reshape_default, 1e-06)
+return [rms_norm_default]
 # R4 sqrt/div
 rms_norm_default = normpass.rms_norm(x, p_weight, 1e-06)
 return [rms_norm_default]
@@ -368,6 +381,11 @@ layer_norm_default = normpass.layer_norm(x, p_weight, p_bias, 1e-05)
 return [layer_norm_default]
 # L1 weight first
 layer_norm_default = normpass.layer_norm(x, p_weight, p_bias, 1e-05)
+return [layer_norm_default]
+# L1 broadcast weight and bias
+reshape_default = aten.reshape(p_weight, [8])
+reshape_default_1 = aten.reshape(p_bias, [8])
+layer_norm_default = normpass.layer_norm(x, reshape_default, reshape_default_1, 1e-05)
 return [layer_norm_default]
 # L2 var_mean
 layer_norm_default = normpass.layer_norm(x, p_weight, p_bias, 1e-05)

@@ -153,13 +153,18 @@ class Matcher:
         if dt is not None and not dt.is_floating_point:
             return None
         shape, xshape = meta.shape(t.node), meta.shape(x)
-        if shape is None or len(shape) != k:
+        if shape is None or len(shape) < k:
             return None
         if xshape is not None:
-            if not meta.same_shape(shape, xshape[len(xshape) - k :]):
+            # Leading 1s broadcast to the same output (a (1, 1, n) weight of (b, t, n) rows; the
+            # rewrite reshapes it), as long as they add no dims to x's.
+            lead = shape[: len(shape) - k]
+            if len(shape) > len(xshape) or any(s != 1 for s in lead):
                 return None
-        elif not all(isinstance(s, int) and s > 1 for s in shape):  # no metadata: the op checks at run time
-            return None
+            if not meta.same_shape(shape[len(shape) - k :], xshape[len(xshape) - k :]):
+                return None
+        elif len(shape) != k or not all(isinstance(s, int) and s > 1 for s in shape):
+            return None  # no metadata: the op checks at run time
         self.keep.update(probe.nodes)
         return t.node, t
 

@@ -155,6 +155,7 @@ class Rewriter:
 
         weight = self.graph.get_attr(site.weight) if isinstance(site.weight, str) else site.weight
         bias = self.graph.get_attr(site.bias) if isinstance(site.bias, str) else site.bias
+        weight, bias = (self._normalized_shape(t, site, key) for t in (weight, bias))
         input = site.low_precision_input if pl.low_precision else site.input
         kw: dict[str, Any] = {}
         if site.normalized_ndim != 1:
@@ -181,6 +182,14 @@ class Rewriter:
         new = self._insert(operator.getitem, (fused, 0), like=like, key=key)
         total = self._insert(operator.getitem, (fused, 1), like=like, key=key)
         return new, total, str(target.overloadpacket)
+
+    def _normalized_shape(self, param: fx.Node | None, site: Site, key: str | None) -> fx.Node | None:
+        """param, reshaped to its last normalized_ndim dims when it has leading 1s (Matcher.param)."""
+        shape = meta.shape(param) if param is not None else None
+        if shape is None or len(shape) == site.normalized_ndim:
+            return param
+        trailing = list(shape[len(shape) - site.normalized_ndim :])
+        return self._insert(torch.ops.aten.reshape.default, (param, trailing), like=site.output, key=key)
 
     def _undo_build(self, existing: set[fx.Node], error: Exception) -> None:
         """Erase the nodes a failed build added, newest first; re-raise `error` if the build also
