@@ -692,3 +692,26 @@ MeanWrittenOut, dynamo: no site
 MeanWrittenOut, export: no site
 MeanWrittenOut, aten: left alone (intermediate mean is also used by output; the fused op would not produce it)""",
     )
+
+
+class _WeightDifferenceFirst(torch.nn.Module):
+    """(w - b) * (x - u) / sqrt(var + eps): of the product's two differences, x - u is centered."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = (torch.nn.Parameter(torch.randn(8)) for _ in range(2))
+
+    def forward(self, x):
+        u = x.mean(-1, keepdim=True)
+        s = (x - u).pow(2).mean(-1, keepdim=True)
+        return (self.w - self.b) * (x - u) / torch.sqrt(s + 1e-5)
+
+
+def test_centered_factor_found_beside_another_difference():
+    torch.manual_seed(0)
+    model, x = _WeightDifferenceFirst(), torch.randn(2, 3, 8)
+    for ir in IRS:
+        kw = {"example_inputs": (x,)} if ir == "fx" else {}  # the shape of w - b, for plain fx
+        fn, _, rep = rewritten_fn(model, (x,), ir, **kw)
+        assert [r.op for r in rep.rows] == ["normpass.layer_norm"], (ir, str(rep))
+        torch.testing.assert_close(fn(x), model(x))

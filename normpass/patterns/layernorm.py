@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from normpass.passes import meta
-from normpass.passes.canonical import Term
+from normpass.passes.canonical import Term, strip
 from normpass.passes.match import Matcher, NoMatch, Reject, Site
 from normpass.patterns.common import check_dims, dtype_expr, finish, stat_and_eps, weight_inside
 
@@ -63,7 +63,12 @@ def _same_mean(m: Matcher, a: Any, b: Any) -> bool:
 def match_layernorm(t: Term, m: Matcher) -> Site | None:
     """Anchor: mul(x - u, rsqrt(var + eps)) with u the mean and var the biased variance of x."""
     rsqrt, centered = m.split(t, "rsqrt")
-    centered, inner = weight_inside(m, centered, lambda a: m.is_op(a, "sub"))
+
+    # x - u with u a mean (or var_mean's): of two differences in a product, the centered one
+    def is_centered(a: Any) -> bool:
+        return m.is_op(a, "sub") and m.is_op(strip(a).args[1], "mean", "getitem")
+
+    centered, inner = weight_inside(m, centered, is_centered)
     centered = m.take(centered, "sub")
     h, u = centered.args
     stat, eps = stat_and_eps(m, rsqrt)
