@@ -1,6 +1,6 @@
 """Hand-written LayerNorm (PATTERNS.md L1-L4), one pattern over the canonical view.
 
-    y = (x - mean(x)) * rsqrt(var(x) + eps)     [then casts, weight, bias]
+    y = (x - mean(x)) * rsqrt(var(x) + eps)     [then casts, weight, bias; or w * (x - mean(x)) * ...]
 
 where the biased variance is spelled `mean((x - u)^2)` (L1), `var_mean(..., correction=0)` (L2) or
 `var(..., unbiased=False)` (L3). Mean and variance must reduce the same trailing dims; an unbiased

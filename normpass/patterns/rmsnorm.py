@@ -2,6 +2,8 @@
 
     y = x * rsqrt(mean(x^2, trailing dims, keepdim) + eps)     [then casts, weight or (1 + w), bias]
 
+(the weight may also come first: `w * x * rsqrt(...)`).
+
 The canonical view already folds the spellings (pow/square/x*x, sqrt+div vs rsqrt+mul, .to/.float/
 .type_as, methods vs functions), so R1 (Llama upcast/downcast), R2 (T5: statistics on the fp32 copy,
 product with the original), R3 (Gemma's 1 + w in fp32), R4 (no casts), R5 (no weight, or a bias) and
