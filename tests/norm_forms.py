@@ -165,18 +165,13 @@ class L1WeightFirst(_Norm):
         return self.weight * (x - u) / torch.sqrt(s + self.eps) + self.bias
 
 
-class L1BroadcastParams(_Norm):
+class L1BroadcastParams(L1WeightFirst):
     """Weight (1, 1, n) before the scale, bias (1, n)."""
 
     def __init__(self):
-        super().__init__(eps=1e-5)
+        super().__init__()
         self.weight = nn.Parameter(torch.randn(1, 1, H))
         self.bias = nn.Parameter(torch.randn(1, H))
-
-    def forward(self, x):
-        u = x.mean(-1, keepdim=True)
-        s = (x - u).pow(2).mean(-1, keepdim=True)
-        return self.weight * (x - u) / torch.sqrt(s + self.eps) + self.bias
 
 
 class L2VarMean(_Norm):

@@ -180,7 +180,7 @@ class TestExplain(TestCase):
 normpass report (policy=fuse): 2 site(s), 2 rewritten, 0 left alone
 where                    form                  decision                              reason
 norm (norm_forms.py:35)  R1 llama upcast       rewritten -> normpass.add_rms_norm    same function, fp32 accumulation; residual add fused (h = x + r used downstream takes the op's sum)
-ln (norm_forms.py:369)   call:aten.layer_norm  rewritten -> normpass.add_layer_norm  same function, fp32 accumulation; residual add fused (h = x + r used downstream takes the op's sum)""",
+ln (norm_forms.py:364)   call:aten.layer_norm  rewritten -> normpass.add_layer_norm  same function, fp32 accumulation; residual add fused (h = x + r used downstream takes the op's sum)""",
         )
         self.assertIsInstance(report.rows[0], api.Row)
         self.assertEqual(report.rows[0].where, "norm")

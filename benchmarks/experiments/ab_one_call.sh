@@ -26,11 +26,9 @@ if [ -n "$SWITCH" ]; then
   step tests_switch 60 && env $SWITCH python3 -m pytest -q -m gpu -p no:cacheprovider \
     tests/test_cuda_kernels.py >"$OUT/tests_switch.log" 2>&1
   tail -1 "$OUT/tests_switch.log"
-  for s in $SWITCH; do # NORMPASS_EXP_WIDE=1 -> variant `wide`
+  for s in $SWITCH; do # NORMPASS_EXP_FWD_WIDE=1 -> variant `fwd_wide`
     name=${s%%=*}
-    name=${name#NORMPASS_EXP_}
-    name=${name#FWD_}
-    variants+=("$(echo "$name" | tr '[:upper:]' '[:lower:]')=.:$s")
+    variants+=("$(echo "${name#NORMPASS_EXP_}" | tr '[:upper:]' '[:lower:]')=.:$s")
   done
 fi
 ab ab 250 130 --rounds 2 --dtypes "$DTYPES" --ns "$NS" "${variants[@]}"

@@ -490,9 +490,43 @@ _METHODS: dict[str, Builder] = {
 }
 
 
+_INPLACE_OPERATORS = {
+    operator.setitem,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+}
+
+
+def writes_in_place(node: fx.Node) -> bool:
+    """Whether the node may write a tensor in place: an in-place method or function (`add_`,
+    `x[i] = v`), an op whose schema mutates an argument, an `out=` or `inplace=True` argument, or an
+    `inplace` module."""
+    target = node.target
+    if node.op == "call_module":
+        return bool(getattr(node.graph.owning_module.get_submodule(target), "inplace", False))
+    if node.op not in ("call_method", "call_function"):
+        return False
+    kw = node.kwargs
+    if target in _INPLACE_OPERATORS or kw.get("out") is not None or kw.get("inplace") is True:
+        return True
+    schema = getattr(target, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
+
+
 def _canonicalize(view: View, node: fx.Node) -> Term:
     term = None
-    if node.kwargs.get("out") is not None:  # also writes a given tensor: not a value to rewrite away
+    if writes_in_place(node):  # not a value a rewrite may take away (`mean(x, out=buf)`)
         pass
     elif node.op == "call_function":
         builder = _FUNCTIONS.get(node.target)

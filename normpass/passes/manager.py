@@ -8,13 +8,12 @@ is linear in the graph's size.
 
 from __future__ import annotations
 
-import operator
 import warnings
 
 from torch import fx
 
 from normpass.passes import meta
-from normpass.passes.canonical import View
+from normpass.passes.canonical import View, writes_in_place
 from normpass.passes.match import Matcher, NoMatch, Reject, Site, is_check, real_users
 from normpass.passes.registry import PatternRegistry
 from normpass.passes.report import Report, Row, locate
@@ -48,39 +47,6 @@ def _reshaped(site: Site) -> str | None:
     return f"the output's shape {tuple(after)} is not the input's {tuple(before)} (a broadcast operand)"
 
 
-_INPLACE_OPERATORS = {
-    operator.setitem,
-    operator.iadd,
-    operator.isub,
-    operator.imul,
-    operator.itruediv,
-    operator.ifloordiv,
-    operator.imod,
-    operator.ipow,
-    operator.iand,
-    operator.ior,
-    operator.ixor,
-}
-
-
-def _mutates(node: fx.Node) -> bool:
-    """Whether the node may write a tensor in place: an in-place method or function (`add_`,
-    `x[i] = v`), an op whose schema mutates an argument, an `out=` or `inplace=True` argument, or an
-    `inplace` module."""
-    target = node.target
-    if node.op == "call_module":
-        return bool(getattr(node.graph.owning_module.get_submodule(target), "inplace", False))
-    if node.op not in ("call_method", "call_function"):
-        return False
-    if target in _INPLACE_OPERATORS or "out" in node.kwargs or node.kwargs.get("inplace") is True:
-        return True
-    schema = getattr(target, "_schema", None)
-    if schema is not None:
-        return schema.is_mutable
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    return name == "__setitem__" or (name.endswith("_") and not name.endswith("__"))
-
-
 def _mutated(site: Site) -> str | None:
     """Why the site cannot be replaced: a node between its first computation and its output writes
     a tensor in place (the op goes in at the output, so it would read what the write left), or None."""
@@ -88,7 +54,7 @@ def _mutated(site: Site) -> str | None:
     node = site.output.prev
     while pending and node.op != "root":
         pending.discard(node)
-        if node not in site.nodes and _mutates(node):
+        if node not in site.nodes and writes_in_place(node):
             return f"{node.name} writes a tensor in place inside the norm; the fused op would read it after"
         node = node.prev
     return None
