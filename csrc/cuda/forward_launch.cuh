@@ -32,7 +32,8 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   const int64_t need = row_threads(x.size(1), VEC, fwd_items<VEC>());
   const bool fast_dram = dram_bytes_per_sm_cycle() > kFwdFastDramBytesPerSmCycle;
   const bool halve = CENTER && fast_dram && need > kFwdMaxThreads / 2 && need <= kFwdMaxThreads;
-  const int max_threads = halve ? kFwdMaxThreads / 2 : kFwdMaxThreads;
+  const bool wide = fwd_wide(need, CENTER, fast_dram);
+  const int max_threads = wide ? kFwdWideThreads : halve ? kFwdMaxThreads / 2 : kFwdMaxThreads;
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
                                    max_cluster(kernel, max_threads), min_threads, max_threads,
                                    fwd_cluster_tiles(need, max_threads, fast_dram),

@@ -17,6 +17,19 @@ namespace cuda {
 template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 8 : 4; }
 constexpr int kFwdMaxThreads = kMaxThreads;
 constexpr int kFwdMinBlocks = 2; // CTAs of kFwdMaxThreads per SM: the register bound
+// A wide CTA: the launch bound (1024, 1) gives the same 64 registers as (512, 2).
+constexpr int kFwdWideThreads = 1024;
+// An RMSNorm row of exactly kFwdWideThreads threads runs resident in one wide
+// CTA, not in a kFwdMaxThreads CTA over two tiles (the second re-read from L2),
+// where DRAM moves fewer bytes per SM cycle (H100). Measured there, TB/s: fp32
+// RMSNorm 16384 2.75 -> 2.85, bf16 add_rms_norm 32768 2.83 -> 2.88; LayerNorm
+// flat or lost (bf16 32768 2.64 -> 2.56), so did rows of 513-1023 threads
+// (fp32 12288 -5.5%): one CTA per SM idles DRAM through each row's barrier.
+__host__ __device__ constexpr bool fwd_wide(int64_t need, bool center, bool fast_dram) {
+  return !center && !fast_dram && need == kFwdWideThreads;
+}
+static_assert(fwd_wide(1024, false, false) && !fwd_wide(768, false, false) &&
+              !fwd_wide(1024, true, false) && !fwd_wide(1024, false, true));
 // Short forward rows run in the smallest CTAs (from one warp) of which an SM
 // still holds the warps its register bound allows (fwd_min_threads): one warp
 // where an SM takes 32 CTAs (sm_80, sm_90), as inductor's persistent
@@ -63,11 +76,11 @@ struct FwdArgs {
 };
 
 template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL>
-__global__ void __launch_bounds__(kFwdMaxThreads, kFwdMinBlocks) norm_fwd_kernel(const FwdArgs<T, W, O, R> a) {
+__global__ void __launch_bounds__(kFwdWideThreads, kFwdMinBlocks * kFwdMaxThreads / kFwdWideThreads) norm_fwd_kernel(const FwdArgs<T, W, O, R> a) {
   constexpr int ITEMS = fwd_items<VEC>();
   const RowLayout& L = a.layout;
   const RowThread th(L);
-  __shared__ ReduceSmem sh;
+  __shared__ ReduceSmemOf<kFwdWideThreads / 32> sh;
   int parity = 0;
   const bool resident = L.tiles == 1;
   const float inv_k = 1.f / static_cast<float>(L.stat_cols);

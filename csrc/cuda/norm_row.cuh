@@ -193,10 +193,12 @@ struct RowThread {
 // rewritten only two reductions later, after every reader has passed the
 // barrier in between.
 constexpr int kMaxSums = 4;
-struct ReduceSmem {
-  float4 warp[2][kMaxWarps]; // a warp's K <= 4 sums, read back as one vector
+template <int WARPS>
+struct ReduceSmemOf {
+  float4 warp[2][WARPS]; // a warp's K <= 4 sums, read back as one vector
   float cta[2][kMaxSums];
 };
+using ReduceSmem = ReduceSmemOf<kMaxWarps>;
 
 // K <= 4 sums as one float4 (the rest 0), and added back from one.
 template <int K>
@@ -239,9 +241,9 @@ __device__ __forceinline__ void row_barrier(int group, int threads) {
 // (the backward; in the forward, whose rows per CTA are at most 2, the switch
 // made LayerNorm spill, so it was not measured there). Each row's warps write
 // their own slots of sh.warp, so the alternating buffers stay safe.
-template <bool ROW_BARRIERS, int K>
+template <bool ROW_BARRIERS, int K, int WARPS>
 __device__ __forceinline__ void row_sum(float (&v)[K], const RowLayout& L, const RowThread& th,
-                                        ReduceSmem& sh, int& parity) {
+                                        ReduceSmemOf<WARPS>& sh, int& parity) {
   static_assert(K <= kMaxSums, "row_sum: too many values");
   // The butterfly unrolled, each level skipped (uniformly) past the row's
   // width: 6 instructions per level, where a loop over the width took 9.
