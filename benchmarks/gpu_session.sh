@@ -12,6 +12,9 @@
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
 #   ncu       the forward of normpass, Liger and inductor under Nsight Compute at NCU_CASE
 #             ("norm N dtype", default "rms_norm 16384 bf16"), one table (ncu_kernel.py) -> ncu.md
+#   stalls    where one normpass kernel's warps wait: ncu's per-instruction stall samples of its
+#             second launch at NCU_CASE (default "layer_norm 262144 bf16"), the backward unless
+#             STALLS_KERNEL=fwd (ncu_kernel.py stalls)                  -> stalls.md, stalls.ncu-rep
 #   ab        ab_kernels.py with AB_ARGS (variants of this build by their environment, e.g.
 #             "base=. on=.:NAME=1" for a runtime switch; see benchmarks/experiments/) -> ab/, ab.log
 source "$(dirname "$0")/device_call.sh"
@@ -61,6 +64,17 @@ for name in "$@"; do
         "$norm" "$n" --dtype "$dt" --provider $p >"$OUT/ncu/$p.csv" 2>"$OUT/ncu/$p.err"
     done
     python3 benchmarks/ncu_kernel.py summary "$OUT"/ncu/{normpass,liger,inductor}.csv | tee "$OUT/ncu.md" ;;
+  stalls)
+    step stalls 120 || continue
+    read -r norm n dt <<<"${NCU_CASE:-layer_norm 262144 bf16}"
+    kernel=${STALLS_KERNEL:-bwd}
+    backward=$([ "$kernel" = bwd ] && echo --backward)
+    ncu --clock-control none --kernel-name "regex:norm_$kernel" --launch-skip 1 --launch-count 1 \
+      --section WarpStateStats --section SourceCounters -f -o "$OUT/stalls" python3 \
+      benchmarks/ncu_kernel.py run "$norm" "$n" --dtype "$dt" $backward \
+      >"$OUT/stalls.log" 2>&1
+    ncu -i "$OUT/stalls.ncu-rep" --page source --csv --print-source sass >"$OUT/stalls.csv" &&
+      python3 benchmarks/ncu_kernel.py stalls "$OUT/stalls.csv" | tee "$OUT/stalls.md" ;;
   ab) ab ab 200 0 ${AB_ARGS:?AB_ARGS names the variants} ;;
   *) echo "unknown step $name" && exit 2 ;;
   esac
