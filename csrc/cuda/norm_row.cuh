@@ -19,7 +19,7 @@
 namespace normpass {
 namespace cuda {
 
-constexpr int kMaxThreads = 512; // per CTA; the kernels' launch bound
+constexpr int kMaxThreads = 512; // per CTA, but for the forward's wide CTA (kFwdWideThreads)
 constexpr int kMaxWarps = kMaxThreads / 32;
 
 // ---------------------------------------------------------------------------
