@@ -14,8 +14,8 @@ using std::optional;
 
 // DRAM bytes per SM cycle (dram_bytes_per_sm_cycle) between the H100's 12.8
 // and the H200's 18.8, the two devices on which the forward's launch shapes
-// were measured: above it, LayerNorm rows of one CTA run in half-size CTAs and
-// rows of a cluster always walk two tiles (fwd_cluster_tiles).
+// were measured: the forward's CTA width (fwd_max_threads) and tiles
+// (fwd_cluster_tiles) follow it.
 constexpr double kFwdFastDramBytesPerSmCycle = 16;
 
 template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL>
@@ -25,15 +25,9 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     optional<Tensor>& stats) {
   auto kernel = norm_fwd_kernel<T, W, O, R, VEC, CENTER, RESIDUAL>;
   const int min_threads = fwd_min_threads(device_attribute(cudaDevAttrMaxBlocksPerMultiprocessor));
-  // Where DRAM outpaces the SMs, a LayerNorm row of one full-size CTA runs in
-  // a half-size CTA over two tiles, the first re-read from L2. bf16 LayerNorm
-  // 16384: on an H200 3.22 -> 3.43 TB/s, on an H100 2.79 -> 2.65 (-5%); the
-  // same for RMSNorm lost 2.5-3% on the H200 (see benchmarks/NOTES.md).
   const int64_t need = row_threads(x.size(1), VEC, fwd_items<VEC>());
   const bool fast_dram = dram_bytes_per_sm_cycle() > kFwdFastDramBytesPerSmCycle;
-  const bool halve = CENTER && fast_dram && need > kFwdMaxThreads / 2 && need <= kFwdMaxThreads;
-  const bool wide = fwd_wide(need, CENTER, fast_dram);
-  const int max_threads = wide ? kFwdWideThreads : halve ? kFwdMaxThreads / 2 : kFwdMaxThreads;
+  const int max_threads = fwd_max_threads(need, CENTER, fast_dram);
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, fwd_items<VEC>(),
                                    max_cluster(kernel, max_threads), min_threads, max_threads,
                                    fwd_cluster_tiles(need, max_threads, fast_dram),

@@ -19,17 +19,30 @@ constexpr int kFwdMaxThreads = kMaxThreads;
 constexpr int kFwdMinBlocks = 2; // CTAs of kFwdMaxThreads per SM: the register bound
 // A wide CTA: the launch bound (1024, 1) gives the same 64 registers as (512, 2).
 constexpr int kFwdWideThreads = 1024;
-// An RMSNorm row of exactly kFwdWideThreads threads runs resident in one wide
-// CTA, not in a kFwdMaxThreads CTA over two tiles (the second re-read from L2),
-// where DRAM moves fewer bytes per SM cycle (H100). Measured there, TB/s: fp32
-// RMSNorm 16384 2.75 -> 2.85, bf16 add_rms_norm 32768 2.83 -> 2.88; LayerNorm
-// flat or lost (bf16 32768 2.64 -> 2.56), so did rows of 513-1023 threads
-// (fp32 12288 -5.5%): one CTA per SM idles DRAM through each row's barrier.
-__host__ __device__ constexpr bool fwd_wide(int64_t need, bool center, bool fast_dram) {
-  return !center && !fast_dram && need == kFwdWideThreads;
+// The widest CTA a forward row of `need` threads may take, by norm and by
+// whether DRAM moves more bytes per SM cycle than the SMs keep up with
+// (`fast_dram`: H200, not H100); kFwdMaxThreads but for two rules:
+// - fast_dram: a LayerNorm row of one full-size CTA runs in a half-size CTA
+//   over two tiles, the first re-read from L2. bf16 LayerNorm 16384: on an
+//   H200 3.22 -> 3.43 TB/s, on an H100 2.79 -> 2.65 (-5%); the same for
+//   RMSNorm lost 2.5-3% on the H200.
+// - not fast_dram: an RMSNorm row of exactly kFwdWideThreads threads runs
+//   resident in one wide CTA, not in a full-size CTA over two tiles. H100,
+//   TB/s: fp32 RMSNorm 16384 2.75 -> 2.85, bf16 add_rms_norm 32768 2.83 ->
+//   2.88; LayerNorm flat or lost (bf16 32768 2.64 -> 2.56), so did rows of
+//   513-1023 threads (fp32 12288 -5.5%): one CTA per SM idles DRAM through
+//   each row's barrier.
+// See benchmarks/NOTES.md.
+__host__ __device__ constexpr int fwd_max_threads(int64_t need, bool center, bool fast_dram) {
+  if (center && fast_dram && need > kFwdMaxThreads / 2 && need <= kFwdMaxThreads)
+    return kFwdMaxThreads / 2;
+  if (!center && !fast_dram && need == kFwdWideThreads) return kFwdWideThreads;
+  return kFwdMaxThreads;
 }
-static_assert(fwd_wide(1024, false, false) && !fwd_wide(768, false, false) &&
-              !fwd_wide(1024, true, false) && !fwd_wide(1024, false, true));
+static_assert(fwd_max_threads(512, true, true) == 256 && fwd_max_threads(512, true, false) == 512 &&
+              fwd_max_threads(256, true, true) == 512 && fwd_max_threads(512, false, true) == 512 &&
+              fwd_max_threads(1024, false, false) == 1024 && fwd_max_threads(768, false, false) == 512 &&
+              fwd_max_threads(1024, true, false) == 512 && fwd_max_threads(1024, false, true) == 512);
 // Short forward rows run in the smallest CTAs (from one warp) of which an SM
 // still holds the warps its register bound allows (fwd_min_threads): one warp
 // where an SM takes 32 CTAs (sm_80, sm_90), as inductor's persistent
