@@ -4,7 +4,7 @@
 # and the steps the scripts share.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-gpu_out}
+OUT=$(realpath -m "${OUT:-gpu_out}") # absolute: steps may run in another tree (.snap/base)
 mkdir -p "$OUT"
 start=$(date +%s)
 left() { echo $((${BUDGET_S:-570} - ($(date +%s) - start))); }
@@ -31,4 +31,20 @@ ab() { # ab NAME ESTIMATE_S RESERVE_S ab_kernels.py-arguments...: RESERVE_S left
   timeout $(($(left) - reserve)) python3 benchmarks/ab_kernels.py --out "$OUT/$name" "$@" \
     >"$OUT/$name.log" 2>&1
   cat "$OUT/$name/ab.md" 2>/dev/null
+}
+
+memcheck() { # memcheck NAME ESTIMATE_S "K1;K2;...": compute-sanitizer memcheck of this tree's kernel tests,
+  # one process per pytest -k expression (so memory one group holds cannot fail another) -> NAME.log
+  # (NAME_2.log, ...), and each test's CUDA memory (cuda_memory_report.py) -> NAME_memory.log
+  local name=$1 estimate=$2 groups i=0 log
+  IFS=';' read -ra groups <<<"$3"
+  for k in "${groups[@]}"; do
+    i=$((i + 1))
+    log=$name$([ $i -gt 1 ] && echo "_$i")
+    step "$log ($k)" "$estimate" || return 0
+    NORMPASS_NO_PROFILER=1 CUDA_MEMORY_LOG="$OUT/${name}_memory.log" PYTHONPATH=benchmarks \
+      timeout $(($(left) - 5)) compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q \
+      -p no:cacheprovider -p cuda_memory_report tests/test_cuda_kernels.py -k "$k" >"$OUT/$log.log" 2>&1
+    grep -E "ERROR SUMMARY|passed|failed" "$OUT/$log.log" | tail -3
+  done
 }

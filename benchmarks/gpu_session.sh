@@ -6,8 +6,8 @@
 #   bash benchmarks/gpu_session.sh tests memcheck kernels e2e
 #
 #   tests     the `gpu` tests (TESTS_K: a pytest -k expression)          -> tests.log
-#   memcheck  compute-sanitizer memcheck of the kernel tests in MEMCHECK_K -> memcheck.log, each
-#             test's CUDA memory (cuda_memory_report.py)              -> memcheck_memory.log
+#   memcheck  compute-sanitizer memcheck of the kernel tests in MEMCHECK_K ("K1;K2": a process for
+#             each), each test's CUDA memory (cuda_memory_report.py) -> memcheck*.log
 #   kernels   bench_kernels.py, copy ceiling in the same run (KERNEL_ARGS) -> kernels/
 #   dtypes    bench_grad_dtype.py: outputs and gradients of another dtype than x's -> dtypes.log
 #   e2e       bench_e2e.py, the Llama step in bf16 and under autocast       -> e2e/, e2e_amp/
@@ -36,12 +36,7 @@ for name in "$@"; do
     step tests 120 && python3 -m pytest -q -m gpu -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} \
       tests/ >"$OUT/tests.log" 2>&1
     tail -5 "$OUT/tests.log" ;;
-  memcheck)
-    step memcheck 150 && NORMPASS_NO_PROFILER=1 CUDA_MEMORY_LOG="$OUT/memcheck_memory.log" PYTHONPATH=benchmarks \
-      compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider \
-      -p cuda_memory_report tests/test_cuda_kernels.py -k "${MEMCHECK_K:-16_bit or extra_grad_outs}" \
-      >"$OUT/memcheck.log" 2>&1
-    grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -3 ;;
+  memcheck) memcheck memcheck 150 "${MEMCHECK_K:-16_bit or extra_grad_outs}" ;;
   kernels)
     step kernels 240 && python3 benchmarks/bench_kernels.py --out "$OUT/kernels" \
       ${KERNEL_ARGS:-} >"$OUT/kernels.log" 2>&1
