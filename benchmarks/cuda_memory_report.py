@@ -12,11 +12,13 @@ import gc
 import os
 import sys
 
+import pytest
 import torch
 
 GiB = 2**30
 
 
+@pytest.hookimpl(trylast=True)  # after the fixtures' teardown, so what they held is gone
 def pytest_runtest_teardown(item, nextitem) -> None:
     if not torch.cuda.is_initialized():
         return

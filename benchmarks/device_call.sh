@@ -36,7 +36,7 @@ ab() { # ab NAME ESTIMATE_S RESERVE_S ab_kernels.py-arguments...: RESERVE_S left
 memcheck() { # memcheck NAME ESTIMATE_S "K1;K2;...": compute-sanitizer memcheck of this tree's kernel tests,
   # one process per pytest -k expression (so memory one group holds cannot fail another) -> NAME.log
   # (NAME_2.log, ...), and each test's CUDA memory (cuda_memory_report.py) -> NAME_memory.log
-  local name=$1 estimate=$2 groups i=0 log
+  local name=$1 estimate=$2 groups k i=0 log
   IFS=';' read -ra groups <<<"$3"
   for k in "${groups[@]}"; do
     i=$((i + 1))
