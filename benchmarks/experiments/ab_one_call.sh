@@ -3,11 +3,12 @@
 # base, apply PATCH in place (several patches: space-separated) and rebuild only what they touch,
 # run the kernel tests on the patched build (again with every SWITCH, the patches' runtime switches,
 # set), A/B main, the patched build, and the patched build with each switch, then run the full `gpu`
-# suite on the base snapshot (main; no rebuild), and memcheck there if MEMCHECK_K is set. Each step
-# is skipped when less than its estimate is left of BUDGET_S (default 570). Logs go to $OUT.
+# suite on the base snapshot (main; no rebuild; BASE_TESTS=0 skips it), and memcheck there if
+# MEMCHECK_K is set. Each step is skipped when less than its estimate is left of BUDGET_S (default
+# 570). Logs go to $OUT.
 #
 #   PATCH="benchmarks/experiments/NAME.patch ..." [SWITCH="NORMPASS_EXP_NAME=1 ..."] \
-#     [DTYPES=bf16,fp32] [NS=...] [MEMCHECK_K="K1;K2"] BUDGET_S=570 \
+#     [DTYPES=bf16,fp32] [NS=...] [MEMCHECK_K="K1;K2"] [BASE_TESTS=0] BUDGET_S=570 \
 #     bash benchmarks/experiments/ab_one_call.sh
 source "$(dirname "$0")/../device_call.sh"
 PATCH=${PATCH:?PATCH names the experiment}
@@ -33,8 +34,8 @@ if [ -n "$SWITCH" ]; then
   done
 fi
 ab ab 250 130 --rounds 2 --dtypes "$DTYPES" --ns "$NS" "${variants[@]}"
-step tests_base 100 && (cd .snap/base && timeout $(($(left) - 5)) python3 -m pytest -q -m gpu \
-  -p no:cacheprovider tests/ >"$OUT/tests_base.log" 2>&1)
+[ "${BASE_TESTS:-1}" = 1 ] && step tests_base 100 && (cd .snap/base && timeout $(($(left) - 5)) \
+  python3 -m pytest -q -m gpu -p no:cacheprovider tests/ >"$OUT/tests_base.log" 2>&1)
 tail -1 "$OUT/tests_base.log" 2>/dev/null
 # MEMCHECK_K="K1;K2": memcheck of main (the base snapshot) too, a process for each expression.
 [ -n "${MEMCHECK_K:-}" ] && (cd .snap/base && memcheck memcheck 60 "$MEMCHECK_K")
