@@ -235,6 +235,22 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
           }
         }
       };
+      // The next row block's first tile of x and dy is asked into L2 while this
+      // one is written, so its loads wait on L2, not on DRAM (v22, bf16
+      // forward+backward +2-4% at N 1024-8192 and LayerNorm 65536); a row that
+      // meets in memory asks before its sums, whose wait on the row's slowest
+      // CTA would otherwise leave DRAM idle (H100, LayerNorm 262144 +5% in bf16
+      // and fp32; bf16 131072 -2.5%). Not for MORE: its step-shape calls lost
+      // 2 µs with it. Split rows in two launches were not tried.
+      auto prefetch_next = [&] {
+        if (MORE || (L.split && !meet) || rb + clusters >= L.row_blocks) return;
+        const int64_t next = (rb + clusters) * L.rows_per_cta + th.group;
+        if (next < L.rows)
+          for_each_vec<ITEMS, full.value>(th, L, 0, [&](int k, int j) {
+            prefetch_l2(a.x + next * a.x_stride + j * VEC);
+            prefetch_l2(a.dy + next * a.dy_stride + j * VEC);
+          });
+      };
       // The row's sums, over its threads; for a split row phase 1 stores this
       // CTA's share, and phase 2 adds the shares in rank order (the same bits in
       // every CTA of the row).
@@ -251,6 +267,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         // Row barriers in LayerNorm's backward only: RMSNorm's rows drift apart
         // less (barrier stalls 3.5% of samples against 9.6%), and its kernel lost
         // 1.5-5% to the switch's convergence checks at rows of one CTA (N >= 8192).
+        if (meet) prefetch_next();
         row_sum<CENTER>(acc, L, th, sh, parity);
         if (meet) meet_in_memory(acc, parts, a.arrived + r0, L, th, meet_lanes);
         if (sums_only && valid && threadIdx.x % L.tpr == 0) parts[th.rank] = pack_sums(acc);
@@ -329,19 +346,7 @@ __global__ void __launch_bounds__(kBwdMaxThreads, 1) norm_bwd_kernel(const BwdAr
         rstd = rsqrtf(var + a.eps);
       }
       if (sums_only) continue;
-      // The next row block's first tile of x and dy is asked into L2 while this
-      // one is written, so its loads wait on L2, not on DRAM (v22, bf16
-      // forward+backward +2-4% at N 1024-8192 and LayerNorm 65536). Not for MORE:
-      // its step-shape calls lost 2 µs with it. Split rows in two launches were
-      // not tried; in one (meet) they are resident rows.
-      if (!MORE && (!L.split || meet) && rb + clusters < L.row_blocks) {
-        const int64_t next = (rb + clusters) * L.rows_per_cta + th.group;
-        if (next < L.rows)
-          for_each_vec<ITEMS, full.value>(th, L, 0, [&](int k, int j) {
-            prefetch_l2(a.x + next * a.x_stride + j * VEC);
-            prefetch_l2(a.dy + next * a.dy_stride + j * VEC);
-          });
-      }
+      if (!meet) prefetch_next();
       // sum(g * xhat) / k; 1/k formed here, not held across the row loop
       // (inv_k spilled in the saved-statistics kernels, where this is its only use).
       const float c = sum_gxm * rstd * (1.f / static_cast<float>(L.stat_cols));
