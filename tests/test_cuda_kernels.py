@@ -228,8 +228,8 @@ def test_weight_offset_and_grad_sum(dtype, n):
 # Statistics columns that end inside a 16-byte vector (p = 0.1 mostly) take the vector kernels'
 # per-element column test. Backward rows: 16384 in one 512-thread CTA (bf16) or a cluster of two
 # (fp32); 32768 in a cluster of two 512-thread CTAs (bf16) or of eight 256-thread CTAs (fp32); 65536
-# and 262144 in clusters of 256-thread CTAs. Forward rows of 1024 threads (fp32 16384, bf16 32768):
-# one 1024-thread CTA on an H100 (`fwd_max_threads`), a 512-thread CTA over two tiles elsewhere.
+# and 262144 in clusters of 256-thread CTAs. Forward RMSNorm rows of 1024 threads (fp32 16384, bf16
+# 32768): one 1024-thread CTA on an H100 (`fwd_max_threads`), a 512-thread CTA over two tiles elsewhere.
 @pytest.mark.parametrize("n", [7, 1000, 4096, 16384, 32768, 65536, 262144])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -381,6 +381,23 @@ def test_rows_starting_far_from_their_mean(residual, n):
     # The first element 6 standard deviations out. LayerNorm's one-pass moments are shifted by the
     # mean of the row's first 8 elements; a shift by x[0] alone lost 37x the sums' rounding error.
     run_case(rows_for(n), n, torch.float32, True, first=6.0, residual=residual)
+
+
+# LayerNorm forward rows of exactly 1024 threads at 4 vectors run on an H100 in one 512-thread CTA
+# at 8 vectors (`fwd_row_deep`), elsewhere over two tiles: fp32 16384 and 16-bit 32768 full, fp32
+# 16380 and 16-bit 32760 with the last thread's vectors ragged.
+@pytest.mark.parametrize(
+    "dtype, n",
+    [(torch.float32, 16384), (torch.float32, 16380), (torch.bfloat16, 32768), (torch.float16, 32760)],
+    ids=str,
+)
+def test_layer_norm_rows_of_two_ctas(dtype, n):
+    m = rows_for(n)
+    run_case(m, n, dtype, True)
+    run_case(m, n, dtype, True, param_dtype=torch.float32, strided=True)
+    run_case(m, n, dtype, True, weight=False, x_mean=3.0)
+    if dtype != torch.float32:
+        run_case(m, n, dtype, True, out_dtype=torch.float32)
 
 
 # Backward rows: 16384 in one 512-thread CTA, 32768 in a cluster of two, 65536 in a cluster of eight

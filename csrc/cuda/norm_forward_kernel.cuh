@@ -13,7 +13,8 @@ namespace cuda {
 // Vectors per thread per tile. The forward keeps its share of the row as
 // packed input, 4 x 16 bytes = 16 registers, and stays within 64 registers so
 // that 1024 threads share an SM (measured: 8 vectors at ~100 registers ran
-// 15% slower, 2 vectors at 40 registers 5-10% slower; see benchmarks/NOTES.md).
+// 15% slower, 2 vectors at 40 registers 5-10% slower; see benchmarks/NOTES.md),
+// but for the rows of fwd_row_deep.
 template <int VEC> __host__ __device__ constexpr int fwd_items() { return VEC == 1 ? 8 : 4; }
 constexpr int kFwdMaxThreads = kMaxThreads;
 constexpr int kFwdMinBlocks = 2; // CTAs of kFwdMaxThreads per SM: the register bound
@@ -43,6 +44,18 @@ static_assert(fwd_max_threads(512, true, true) == 256 && fwd_max_threads(512, tr
               fwd_max_threads(256, true, true) == 512 && fwd_max_threads(512, false, true) == 512 &&
               fwd_max_threads(1024, false, false) == 1024 && fwd_max_threads(768, false, false) == 512 &&
               fwd_max_threads(1024, true, false) == 512 && fwd_max_threads(1024, false, true) == 512);
+// A LayerNorm row of exactly two full-size CTAs at fwd_items, where DRAM is not
+// fast (H100), runs resident in one full-size CTA at twice the vectors per
+// thread (a kernel bounded to 128 registers, one CTA per SM: the row in
+// registers, as Liger runs it), not over two tiles with the first re-read from
+// L2. H100, forward TB/s: fp32 LayerNorm 16384 2.78 -> 2.88, bf16 32768 2.63 ->
+// 2.67; rows of 768 threads lost 1% (fp32 12288). Not measured on the H200,
+// nor with the residual add (not taken there). See benchmarks/NOTES.md.
+__host__ __device__ constexpr bool fwd_row_deep(int64_t need, bool center, bool fast_dram) {
+  return center && !fast_dram && need == 2 * kFwdMaxThreads;
+}
+static_assert(fwd_row_deep(1024, true, false) && !fwd_row_deep(768, true, false) &&
+              !fwd_row_deep(1024, false, false) && !fwd_row_deep(1024, true, true));
 // Short forward rows run in the smallest CTAs (from one warp) of which an SM
 // still holds the warps its register bound allows (fwd_min_threads): one warp
 // where an SM takes 32 CTAs (sm_80, sm_90), as inductor's persistent
@@ -88,9 +101,11 @@ struct FwdArgs {
   RowLayout layout;
 };
 
-template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL>
-__global__ void __launch_bounds__(kFwdWideThreads, kFwdMinBlocks * kFwdMaxThreads / kFwdWideThreads) norm_fwd_kernel(const FwdArgs<T, W, O, R> a) {
-  constexpr int ITEMS = fwd_items<VEC>();
+// ITEMS: fwd_items, or twice that (fwd_row_deep) in full-size CTAs at 128 registers.
+template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL,
+          int ITEMS>
+__global__ void __launch_bounds__(ITEMS > fwd_items<VEC>() ? kFwdMaxThreads : kFwdWideThreads,
+                                  ITEMS > fwd_items<VEC>() ? 1 : kFwdMinBlocks * kFwdMaxThreads / kFwdWideThreads) norm_fwd_kernel(const FwdArgs<T, W, O, R> a) {
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmemOf<kFwdWideThreads / 32> sh;
