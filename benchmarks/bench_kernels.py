@@ -34,15 +34,31 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # "events": do_bench, L2 flushed before each call and each call timed by CUDA events around it, so
 # a host slower than the GPU shows in calls that launch their kernels from Python (the peers' cells
 # moved by up to 2x between runs, benchmarks/NOTES.md). "cudagraph": the calls replayed from one
-# CUDA graph, no host in the timing, L2 not flushed.
-TIMERS = ("events", "cudagraph")
+# CUDA graph, no host in the timing, L2 not flushed, so a call may find its inputs left in L2 by the
+# one before (Liger's bf16 RMSNorm 2048 forward read 3.07 TB/s on an H100, above that size's copy at
+# 2.965). "cudagraph-flush": the graph replays an L2 flush before each call, as do_bench flushes,
+# and the flushes' own time is taken off: no host and no reuse across calls.
+TIMERS = ("events", "cudagraph", "cudagraph-flush")
 timer = "events"
+_l2_flush_buffer: torch.Tensor | None = None
 
 
 def bench_ms(fn, rep_ms: int) -> float:
     """Median milliseconds per call of fn, by the chosen timer."""
     if timer == "cudagraph":
         return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+    if timer == "cudagraph-flush":
+        global _l2_flush_buffer
+        if _l2_flush_buffer is None:  # do_bench's flush: 256 MiB written, several times any L2
+            _l2_flush_buffer = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+        flush = _l2_flush_buffer.zero_
+
+        def flushed():
+            flush()
+            fn()
+
+        both = triton.testing.do_bench_cudagraph(flushed, rep=rep_ms, return_mode="median")
+        return both - triton.testing.do_bench_cudagraph(flush, rep=rep_ms, return_mode="median")
     return triton.testing.do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, return_mode="median")
 
 
@@ -53,7 +69,8 @@ def copy_ceiling(nbytes: int = 1 << 30) -> float:
     # Captured in a CUDA graph, copy_ becomes a memcpy node, which the copy engines run (2.77 TB/s on
     # the H200 against 4.24 from the SMs): the graph timer copies with an elementwise kernel. The
     # default timer keeps copy_, the ceiling ANCHORS.md measured.
-    copy = (lambda: torch.bitwise_or(src, 0, out=dst)) if timer == "cudagraph" else (lambda: dst.copy_(src))
+    graph = timer.startswith("cudagraph")
+    copy = (lambda: torch.bitwise_or(src, 0, out=dst)) if graph else (lambda: dst.copy_(src))
     ms = bench_ms(copy, 200)
     return 2 * src.numel() * src.element_size() / ms / 1e9  # TB/s
 
