@@ -15,6 +15,7 @@ PATCH=${PATCH:?PATCH names the experiment}
 NS=${NS:-1024,4096,8192,12288,16384,65536,262144}
 DTYPES=${DTYPES:-bf16}
 SWITCH=${SWITCH:-}
+BASE_TESTS=${BASE_TESTS:-1}
 
 build_in_place base 200
 mkdir -p .snap/base && tar -c --exclude=./.snap --exclude=./build . | tar -x -C .snap/base
@@ -36,9 +37,9 @@ fi
 # The A/B's estimate by its cells: ~1 s each (variant x dtype x N x round, norms together) plus
 # start-up (an H100: 84 cells in 94 s, 24 in 53 s); what follows keeps 130 s unless skipped.
 cells=$((${#variants[@]} * $(echo "$DTYPES" | tr ',' ' ' | wc -w) * $(echo "$NS" | tr ',' ' ' | wc -w) * 2))
-reserve=$([ "${BASE_TESTS:-1}" = 1 ] && echo 130 || echo 5)
+reserve=$([ "$BASE_TESTS" = 1 ] && echo 130 || echo 5)
 ab ab $((40 + 3 * cells / 2)) "$reserve" --rounds 2 --dtypes "$DTYPES" --ns "$NS" "${variants[@]}"
-[ "${BASE_TESTS:-1}" = 1 ] && step tests_base 100 && (cd .snap/base && timeout $(($(left) - 5)) \
+[ "$BASE_TESTS" = 1 ] && step tests_base 100 && (cd .snap/base && timeout $(($(left) - 5)) \
   python3 -m pytest -q -m gpu -p no:cacheprovider tests/ >"$OUT/tests_base.log" 2>&1)
 tail -1 "$OUT/tests_base.log" 2>/dev/null
 # MEMCHECK_K="K1;K2": memcheck of main (the base snapshot) too, a process for each expression.

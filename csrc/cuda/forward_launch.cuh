@@ -17,7 +17,6 @@ using std::optional;
 // were measured: the forward's CTA width (fwd_max_threads) and tiles
 // (fwd_cluster_tiles) follow it.
 constexpr double kFwdFastDramBytesPerSmCycle = 16;
-inline bool fwd_fast_dram() { return dram_bytes_per_sm_cycle() > kFwdFastDramBytesPerSmCycle; }
 
 template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL,
           int ITEMS = fwd_items<VEC>()>
@@ -25,10 +24,16 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
                     const optional<Tensor>& weight, const optional<Tensor>& bias,
                     const NormParams& p, Tensor& out, optional<Tensor>& sum,
                     optional<Tensor>& stats) {
+  const int64_t need = row_threads(x.size(1), VEC, ITEMS);
+  const bool fast_dram = dram_bytes_per_sm_cycle() > kFwdFastDramBytesPerSmCycle;
+  // The deep kernel is compiled only where fwd_row_deep may take it.
+  if constexpr (CENTER && !RESIDUAL && VEC > 1 && ITEMS == fwd_items<VEC>()) {
+    if (fwd_row_deep(need, CENTER, fast_dram))
+      return forward_launch<T, W, O, R, VEC, CENTER, RESIDUAL, 2 * ITEMS>(x, residual, weight, bias,
+                                                                         p, out, sum, stats);
+  }
   auto kernel = norm_fwd_kernel<T, W, O, R, VEC, CENTER, RESIDUAL, ITEMS>;
   const int min_threads = fwd_min_threads(device_attribute(cudaDevAttrMaxBlocksPerMultiprocessor));
-  const int64_t need = row_threads(x.size(1), VEC, ITEMS);
-  const bool fast_dram = fwd_fast_dram();
   const int max_threads = fwd_max_threads(need, CENTER, fast_dram);
   const auto shape = choose_layout(x.size(0), x.size(1), p.stat_cols, VEC, ITEMS,
                                    max_cluster(kernel, max_threads), min_threads, max_threads,
@@ -71,17 +76,9 @@ void forward_typed(const Tensor& x, const optional<Tensor>& residual,
   auto typed = [&](auto r_tag) {
     using R = typename decltype(r_tag)::type;
     dispatch_flags<kVec>(vec, residual.has_value(), [&](auto v, auto res) {
-      constexpr int V = decltype(v)::value;
-      constexpr bool RES = decltype(res)::value;
-      if constexpr (std::is_same_v<R, T> || RES) {
-        if constexpr (CENTER && !RES && V > 1) {
-          const int64_t need = row_threads(x.size(1), V, fwd_items<V>());
-          if (fwd_row_deep(need, CENTER, fwd_fast_dram()))
-            return forward_launch<T, W, O, R, V, CENTER, RES, 2 * fwd_items<V>()>(
-                x, residual, weight, bias, p, out, sum, stats);
-        }
-        forward_launch<T, W, O, R, V, CENTER, RES>(x, residual, weight, bias, p, out, sum, stats);
-      }
+      if constexpr (std::is_same_v<R, T> || decltype(res)::value)
+        forward_launch<T, W, O, R, decltype(v)::value, CENTER, decltype(res)::value>(
+            x, residual, weight, bias, p, out, sum, stats);
     });
   };
   if constexpr (std::is_same_v<T, float>) {
