@@ -383,21 +383,22 @@ def test_rows_starting_far_from_their_mean(residual, n):
     run_case(rows_for(n), n, torch.float32, True, first=6.0, residual=residual)
 
 
-# LayerNorm forward rows of exactly 1024 threads at 4 vectors run on an H100 in one 512-thread CTA
-# at 8 vectors (`fwd_row_deep`), elsewhere over two tiles: fp32 16384 and 16-bit 32768 full, fp32
-# 16380 and 16-bit 32760 with the last thread's vectors ragged.
+# Forward rows of exactly 1024 threads at 4 vectors run on an H100 in one 512-thread CTA at 8 vectors
+# (`fwd_row_deep`), elsewhere over two tiles (LayerNorm) or in one 1024-thread CTA (RMSNorm): fp32
+# 16384 and 16-bit 32768 full, fp32 16380 and 16-bit 32760 with the last thread's vectors ragged.
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
 @pytest.mark.parametrize(
     "dtype, n",
     [(torch.float32, 16384), (torch.float32, 16380), (torch.bfloat16, 32768), (torch.float16, 32760)],
     ids=str,
 )
-def test_layer_norm_rows_of_two_ctas(dtype, n):
+def test_rows_of_two_ctas(dtype, n, center):
     m = rows_for(n)
-    run_case(m, n, dtype, True)
-    run_case(m, n, dtype, True, param_dtype=torch.float32, strided=True)
-    run_case(m, n, dtype, True, weight=False, x_mean=3.0)
+    run_case(m, n, dtype, center)
+    run_case(m, n, dtype, center, param_dtype=torch.float32, strided=True)
+    run_case(m, n, dtype, center, weight=False, x_mean=3.0)
     if dtype != torch.float32:
-        run_case(m, n, dtype, True, out_dtype=torch.float32)
+        run_case(m, n, dtype, center, out_dtype=torch.float32)
 
 
 # Backward rows: 16384 in one 512-thread CTA, 32768 in a cluster of two, 65536 in a cluster of eight

@@ -32,7 +32,8 @@ constexpr int kFwdWideThreads = 1024;
 //   TB/s: fp32 RMSNorm 16384 2.75 -> 2.85, bf16 add_rms_norm 32768 2.83 ->
 //   2.88; LayerNorm flat or lost (bf16 32768 2.64 -> 2.56), so did rows of
 //   513-1023 threads (fp32 12288 -5.5%): one CTA per SM idles DRAM through
-//   each row's barrier.
+//   each row's barrier. Without the residual add, fwd_row_deep takes these
+//   rows first.
 // See benchmarks/NOTES.md.
 __host__ __device__ constexpr int fwd_max_threads(int64_t need, bool center, bool fast_dram) {
   if (center && fast_dram && need > kFwdMaxThreads / 2 && need <= kFwdMaxThreads)
@@ -44,18 +45,19 @@ static_assert(fwd_max_threads(512, true, true) == 256 && fwd_max_threads(512, tr
               fwd_max_threads(256, true, true) == 512 && fwd_max_threads(512, false, true) == 512 &&
               fwd_max_threads(1024, false, false) == 1024 && fwd_max_threads(768, false, false) == 512 &&
               fwd_max_threads(1024, true, false) == 512 && fwd_max_threads(1024, false, true) == 512);
-// A LayerNorm row of exactly two full-size CTAs at fwd_items, where DRAM is not
+// A forward row of exactly two full-size CTAs at fwd_items, where DRAM is not
 // fast (H100), runs resident in one full-size CTA at twice the vectors per
 // thread (a kernel bounded to 128 registers, one CTA per SM: the row in
 // registers, as Liger runs it), not over two tiles with the first re-read from
-// L2. H100, forward TB/s: fp32 LayerNorm 16384 2.78 -> 2.88, bf16 32768 2.63 ->
-// 2.67; rows of 768 threads lost 1% (fp32 12288). Not measured on the H200,
-// nor with the residual add (not taken there). See benchmarks/NOTES.md.
-__host__ __device__ constexpr bool fwd_row_deep(int64_t need, bool center, bool fast_dram) {
-  return center && !fast_dram && need == 2 * kFwdMaxThreads;
+// L2 (LayerNorm) nor in one 1024-thread CTA (RMSNorm). H100, forward TB/s:
+// fp32 LayerNorm 16384 2.78 -> 2.88, bf16 32768 2.63 -> 2.67; fp32 RMSNorm
+// 16384 2.85 -> 2.92, bf16 32768 2.68 -> 2.79; rows of 768 threads lost 1%
+// (fp32 12288). Not measured on the H200, nor with the residual add (not
+// taken there). See benchmarks/NOTES.md.
+__host__ __device__ constexpr bool fwd_row_deep(int64_t need, bool fast_dram) {
+  return !fast_dram && need == 2 * kFwdMaxThreads;
 }
-static_assert(fwd_row_deep(1024, true, false) && !fwd_row_deep(768, true, false) &&
-              !fwd_row_deep(1024, false, false) && !fwd_row_deep(1024, true, true));
+static_assert(fwd_row_deep(1024, false) && !fwd_row_deep(768, false) && !fwd_row_deep(1024, true));
 // Short forward rows run in the smallest CTAs (from one warp) of which an SM
 // still holds the warps its register bound allows (fwd_min_threads): one warp
 // where an SM takes 32 CTAs (sm_80, sm_90), as inductor's persistent
