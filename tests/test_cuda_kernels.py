@@ -228,8 +228,8 @@ def test_weight_offset_and_grad_sum(dtype, n):
 # Statistics columns that end inside a 16-byte vector (p = 0.1 mostly) take the vector kernels'
 # per-element column test. Backward rows: 16384 in one 512-thread CTA (bf16) or a cluster of two
 # (fp32); 32768 in a cluster of two 512-thread CTAs (bf16) or of eight 256-thread CTAs (fp32); 65536
-# and 262144 in clusters of 256-thread CTAs. Forward RMSNorm rows of 1024 threads (fp32 16384, bf16
-# 32768): one 1024-thread CTA on an H100 (`fwd_max_threads`), a 512-thread CTA over two tiles elsewhere.
+# and 262144 in clusters of 256-thread CTAs. Forward rows of 1024 threads (fp32 16384, bf16 32768):
+# one 512-thread CTA at 8 vectors on an H100 (`fwd_row_deep`), a 512-thread CTA over two tiles elsewhere.
 @pytest.mark.parametrize("n", [7, 1000, 4096, 16384, 32768, 65536, 262144])
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.999])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
