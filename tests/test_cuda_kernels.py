@@ -445,6 +445,56 @@ def test_dweight_deterministic(center, n):
             assert torch.equal(a, b), "backward is not bitwise deterministic"
 
 
+# Rows past 2^31 elements (and past 2^31 bytes): their offsets need 64 bits. 4096: rows of one
+# 128-thread CTA; 1 << 20: split rows. The rows around each boundary and the last rows against
+# float64; dweight and dbias, sums over every row, against a float64 sum taken in chunks.
+@pytest.mark.parametrize("center", [False, True], ids=["rms", "ln"])
+@pytest.mark.parametrize("n", [4096, 1 << 20])
+def test_past_2_31_elements(center, n):
+    if torch.cuda.mem_get_info()[0] < 48 << 30:
+        pytest.skip("needs 48 GiB of free GPU memory")
+    dtype = torch.bfloat16
+    m = (1 << 31) // n + 3
+    x = torch.randn(m, n, device="cuda", dtype=dtype)
+    dy = torch.randn_like(x)
+    w = (1 + 0.5 * torch.randn(n, device="cuda")).to(dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if center else None
+    kw = dict(normalized_ndim=1, weight_offset=0.0)
+    y, _, stats = ops.norm_with_stats(x, None, w, b, EPS, center=center, p=1.0, out_dtype=None, **kw)
+    backward = ops.layer_norm_backward if center else ops.rms_norm_backward
+    dx, dw, db = backward(
+        dy, x, w, None, EPS, None, stats, has_bias=center, **kw, **({} if center else {"p": 1.0})
+    )
+    assert x.numel() > 1 << 31 and y.shape == x.shape
+
+    edges = [(1 << 30) // n, (1 << 31) // n]
+    rows = sorted({0, m - 1, m - 2} | {e + d for e in edges for d in (-1, 0, 1)})
+    rows = torch.tensor(rows, device="cuda")
+    xs, dys = x[rows], dy[rows]
+    y_ref, _, dx_ref, _, _ = reference(xs, None, w, b, dys, None, EPS, center, n, 0.0)
+    y_t, dx_t, _, _ = torch_side(xs, None, w, b, dys, None, EPS, center, n, 0.0, native=True)
+    check("y", y[rows], y_t, y_ref, dtype)
+    check("dx", dx[rows], dx_t, dx_ref, dtype)
+    del y, dx
+
+    dw_ref, dw_terms = torch.zeros(n, device="cuda", dtype=torch.float64), 0
+    db_ref, db_terms = torch.zeros_like(dw_ref), 0
+    chunk = max(1, (1 << 25) // n)
+    for i in range(0, m, chunk):
+        dy64 = dy[i : i + chunk].double()
+        g = dy64 * norm_math(x[i : i + chunk].double(), None, None, EPS, center, n, 0.0)
+        dw_ref, dw_terms = dw_ref + g.sum(0), dw_terms + g.abs().sum(0)
+        db_ref, db_terms = db_ref + dy64.sum(0), db_terms + dy64.abs().sum(0)
+    # torch's parameter gradients alone, so that it holds no dx of its own
+    wl, bl = w.detach().requires_grad_(), b.detach().requires_grad_() if center else None
+    y_t = F.layer_norm(x, (n,), wl, bl, EPS) if center else F.rms_norm(x, (n,), wl, EPS)
+    dw_t, *db_t = torch.autograd.grad(y_t, [t for t in (wl, bl) if t is not None], dy)
+    del y_t
+    check("dweight", dw, dw_t, dw_ref, dtype, terms=dw_terms)
+    if center:
+        check("dbias", db, db_t[0], db_ref, dtype, terms=db_terms)
+
+
 # 262144: LayerNorm's rows split over CTAs (one cooperative launch)
 @pytest.mark.parametrize("n, m", [(4096, 512), (262144, 16)])
 def test_cuda_graph_capture(n, m):
