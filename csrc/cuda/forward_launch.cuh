@@ -27,7 +27,7 @@ void forward_launch(const Tensor& x, const optional<Tensor>& residual,
   const int64_t need = row_threads(x.size(1), VEC, ITEMS);
   const bool fast_dram = dram_bytes_per_sm_cycle() > kFwdFastDramBytesPerSmCycle;
   // The deep kernel is compiled only where fwd_row_deep may take it.
-  if constexpr (!RESIDUAL && VEC > 1 && ITEMS == fwd_items<VEC>()) {
+  if constexpr (!RESIDUAL && VEC > 1 && !fwd_deep<VEC, ITEMS>) {
     if (fwd_row_deep(need, fast_dram))
       return forward_launch<T, W, O, R, VEC, CENTER, RESIDUAL, 2 * ITEMS>(x, residual, weight, bias,
                                                                          p, out, sum, stats);

@@ -58,6 +58,8 @@ __host__ __device__ constexpr bool fwd_row_deep(int64_t need, bool fast_dram) {
   return !fast_dram && need == 2 * kFwdMaxThreads;
 }
 static_assert(fwd_row_deep(1024, false) && !fwd_row_deep(768, false) && !fwd_row_deep(1024, true));
+// Whether a kernel of ITEMS vectors per thread is fwd_row_deep's.
+template <int VEC, int ITEMS> constexpr bool fwd_deep = ITEMS > fwd_items<VEC>();
 // Short forward rows run in the smallest CTAs (from one warp) of which an SM
 // still holds the warps its register bound allows (fwd_min_threads): one warp
 // where an SM takes 32 CTAs (sm_80, sm_90), as inductor's persistent
@@ -106,8 +108,10 @@ struct FwdArgs {
 // ITEMS: fwd_items, or twice that (fwd_row_deep) in full-size CTAs at 128 registers.
 template <typename T, typename W, typename O, typename R, int VEC, bool CENTER, bool RESIDUAL,
           int ITEMS>
-__global__ void __launch_bounds__(ITEMS > fwd_items<VEC>() ? kFwdMaxThreads : kFwdWideThreads,
-                                  ITEMS > fwd_items<VEC>() ? 1 : kFwdMinBlocks * kFwdMaxThreads / kFwdWideThreads) norm_fwd_kernel(const FwdArgs<T, W, O, R> a) {
+__global__ void __launch_bounds__(
+    fwd_deep<VEC, ITEMS> ? kFwdMaxThreads : kFwdWideThreads,
+    fwd_deep<VEC, ITEMS> ? 1 : kFwdMinBlocks * kFwdMaxThreads / kFwdWideThreads)
+    norm_fwd_kernel(const FwdArgs<T, W, O, R> a) {
   const RowLayout& L = a.layout;
   const RowThread th(L);
   __shared__ ReduceSmemOf<kFwdWideThreads / 32> sh;
